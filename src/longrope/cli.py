@@ -1,0 +1,115 @@
+"""Command line: thin recipes over the package. Bad input -> one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import models
+from . import scaling as sc
+from .errors import UsageError
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def parse_length(text: str) -> int:
+    """'65536', '64k', '2m', '2048k' -> tokens (k = 1024)."""
+    t = str(text).strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a length: {text!r} (use e.g. 65536 or 64k)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"length must be positive, got {text!r}")
+    return value
+
+
+def resolve_scaling(spec: str | None, method: str | None, target_length: int | None,
+                    info: models.RopeInfo) -> sc.Scaling:
+    """--scaling (a file or preset name) or --method with --target-length, checked against the model."""
+    if spec:
+        preset = PRESETS / f"{spec}.json"
+        path = preset if not Path(spec).exists() and preset.is_file() else Path(spec)
+        if not path.is_file():
+            raise UsageError(f"--scaling {spec}: no such file or preset (presets: "
+                             f"{', '.join(p.stem for p in sorted(PRESETS.glob('*.json'))) or 'none'})")
+        return sc.load(path, info.dim)
+    if method is None:
+        raise UsageError("give --scaling FILE or --method METHOD with --target-length N")
+    return sc.make(method, info.original_length, target_length, dim=info.dim, base=info.base)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder, .gguf file, or a name (smollm2-135m)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+
+
+def add_scaling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scaling", help="scaling JSON (transformers rope-parameters form) or a preset name")
+    p.add_argument("--method", choices=sc.METHODS, help="scaling method, with --target-length")
+    p.add_argument("--target-length", type=parse_length, help="context to extend to, e.g. 64k")
+
+
+def device_and_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    return device, getattr(torch, dtype)
+
+
+def cmd_export(args) -> int:
+    device, dtype = device_and_dtype(args)
+    model, tokenizer = models.load(args.model, dtype=dtype, device=device)
+    info = models.rope_info(model.config)
+    scaling = resolve_scaling(args.scaling, args.method, args.target_length, info)
+    models.attach(model, scaling)
+    if scaling.n_hat:
+        print(f"note: n_hat={scaling.n_hat} cannot be expressed in transformers' config; it is stored in "
+              f"{models.SIDECAR} and restored by longrope.load(), plain transformers ignores it")
+    out = models.export(model, tokenizer, scaling, args.out, force=args.force)
+    print(f"wrote {out} ({scaling.rope_type}, max_position_embeddings={scaling.target_length or info.original_length})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longrope", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint carrying a scaling")
+    add_model_args(p)
+    add_scaling_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the end-to-end demo (make demo)")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--model", default="smollm2-135m")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"longrope: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

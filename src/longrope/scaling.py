@@ -1,0 +1,480 @@
+"""RoPE scaling value types: one small frozen dataclass per method, one registry.
+
+A scaling knows how to turn a (rotary dim, rope base) into inverse frequencies, which attention
+factor it applies, how to validate itself, and how to round-trip through JSON and a Hugging Face
+config. It knows nothing of torch modules or models.
+
+Inverse frequencies are computed in float64: at millions of positions the angle n·θ_i/λ_i needs
+more than float32's 24 bits (see `rotary.py`), and rounding θ_i to float32 already costs
+2M · 6e-8 ≈ 0.12 rad at position 2M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import UsageError
+
+
+class ScalingError(UsageError):
+    """An invalid scaling; the message names the offending field and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by several methods (pure float64 math)
+
+
+def rope_inv_freq(dim: int, base: float) -> torch.Tensor:
+    """Unscaled inverse frequencies θ_i = base^(-2i/d), i = 0..d/2-1, in float64."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    return 1.0 / (float(base) ** exponent)
+
+
+def ntk_base(base: float, factor: float, dim: int) -> float:
+    """NTK-aware base b·s^(d/(d−2)) (bloc97): the lowest frequency is stretched by exactly s."""
+    return float(base) * float(factor) ** (dim / (dim - 2))
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float,
+                          original_length: int, truncate: bool = True) -> tuple[float, float]:
+    """Dimension indices where YaRN's ramp starts and ends (the pairs that rotate β times in L)."""
+
+    def dim_for_rotations(rotations: float) -> float:
+        return dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for_rotations(beta_fast), dim_for_rotations(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn_ramp(dim: int, base: float, original_length: int, beta_fast: float = 32.0,
+              beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """Per-pair interpolation weight in [0, 1]: 0 = keep the original frequency, 1 = divide by s."""
+    low, high = yarn_correction_range(beta_fast, beta_slow, dim, base, original_length, truncate)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)
+    return ramp.clamp(0.0, 1.0)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _check_factor(factor: Any) -> float:
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor):
+        raise ScalingError(f"factor: must be a finite number, got {factor!r}")
+    if factor <= 1:
+        raise ScalingError(f"factor: must be > 1 (target length above the original context), got {factor}; "
+                           "use method 'none' for no scaling")
+    return float(factor)
+
+
+def _check_length(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ScalingError(f"{name}: must be a positive integer, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# the value types
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Base of every scaling. Subclasses set `rope_type` and override `_scaled_inv_freq`."""
+
+    rope_type: ClassVar[str] = ""
+    rope_theta: float | None = field(default=None, kw_only=True)  # None: take the model's base
+
+    # -- behaviour -------------------------------------------------------------------------
+    def inv_freq(self, dim: int, base: float, seq_len: int | None = None) -> torch.Tensor:
+        """float64 inverse frequencies (d/2,) for sequences of `seq_len` tokens (used by dynamic
+        methods and by LongRoPE's short/long choice)."""
+        return self._scaled_inv_freq(dim, float(self.rope_theta or base), seq_len)
+
+    def _scaled_inv_freq(self, dim: int, base: float, seq_len: int | None) -> torch.Tensor:
+        return rope_inv_freq(dim, base)
+
+    def attention_factor(self, seq_len: int | None = None) -> float:
+        """Multiplier applied to cos and sin (so attention logits scale by its square)."""
+        return 1.0
+
+    @property
+    def n_hat(self) -> int:
+        """Leading positions that keep the original frequencies (LongRoPE only)."""
+        return 0
+
+    @property
+    def target_length(self) -> int | None:
+        factor = getattr(self, "factor", None)
+        original = getattr(self, "original_max_position_embeddings", None)
+        return None if factor is None or original is None else int(round(factor * original))
+
+    def validate(self, dim: int | None = None) -> "Scaling":
+        """Raise ScalingError naming the field at fault; `dim` is the model's rotary dimension."""
+        if self.rope_theta is not None and not (isinstance(self.rope_theta, (int, float))
+                                                and math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ScalingError(f"rope_theta: must be a finite number > 1, got {self.rope_theta!r}")
+        self._validate(dim)
+        return self
+
+    def _validate(self, dim: int | None) -> None:
+        pass
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' rope-parameters form (plus our keys only where it has none)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def replace(self, **changes: Any) -> "Scaling":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class NoScaling(Scaling):
+    rope_type: ClassVar[str] = "default"
+
+
+@dataclass(frozen=True)
+class LinearScaling(Scaling):
+    """Position interpolation (Chen et al. 2023): every frequency divided by s."""
+
+    rope_type: ClassVar[str] = "linear"
+    factor: float
+    original_max_position_embeddings: int | None = None
+
+    def _scaled_inv_freq(self, dim, base, seq_len):
+        return rope_inv_freq(dim, base) / self.factor
+
+    def _validate(self, dim):
+        _check_factor(self.factor)
+
+
+@dataclass(frozen=True)
+class NTKScaling(Scaling):
+    """Fixed NTK-aware scaling: the base becomes b·s^(d/(d−2))."""
+
+    rope_type: ClassVar[str] = "ntk"
+    factor: float
+    original_max_position_embeddings: int | None = None
+
+    def _scaled_inv_freq(self, dim, base, seq_len):
+        return rope_inv_freq(dim, ntk_base(base, self.factor, dim))
+
+    def _validate(self, dim):
+        _check_factor(self.factor)
+
+
+@dataclass(frozen=True)
+class DynamicNTKScaling(Scaling):
+    """Dynamic NTK: the NTK base grows with the current length beyond the original context."""
+
+    rope_type: ClassVar[str] = "dynamic"
+    factor: float
+    original_max_position_embeddings: int
+
+    def _scaled_inv_freq(self, dim, base, seq_len):
+        original = self.original_max_position_embeddings
+        seq_len = max(seq_len or original, original)
+        grown = (self.factor * seq_len / original) - (self.factor - 1)
+        return rope_inv_freq(dim, base * grown ** (dim / (dim - 2)))
+
+    def _validate(self, dim):
+        _check_factor(self.factor)
+        _check_length("original_max_position_embeddings", self.original_max_position_embeddings)
+
+
+@dataclass(frozen=True)
+class YarnScaling(Scaling):
+    """YaRN (Peng et al. 2023): NTK-by-parts ramp between β_fast and β_slow, plus 0.1·ln s + 1."""
+
+    rope_type: ClassVar[str] = "yarn"
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor_value: float | None = None  # serialised as "attention_factor"
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def _scaled_inv_freq(self, dim, base, seq_len):
+        ramp = yarn_ramp(dim, base, self.original_max_position_embeddings, self.beta_fast,
+                         self.beta_slow, self.truncate)
+        theta = rope_inv_freq(dim, base)
+        return theta / self.factor * ramp + theta * (1 - ramp)
+
+    def attention_factor(self, seq_len=None):
+        if self.attention_factor_value is not None:
+            return float(self.attention_factor_value)
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    def _validate(self, dim):
+        _check_factor(self.factor)
+        _check_length("original_max_position_embeddings", self.original_max_position_embeddings)
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ScalingError(f"beta_fast/beta_slow: need beta_fast > beta_slow > 0, "
+                               f"got {self.beta_fast}/{self.beta_slow}")
+
+    def to_dict(self):
+        out = super().to_dict()
+        if "attention_factor_value" in out:
+            out["attention_factor"] = out.pop("attention_factor_value")
+        return out
+
+
+@dataclass(frozen=True)
+class Llama3Scaling(Scaling):
+    """Llama 3.1: low frequencies divided by s, high kept, a smooth blend in between."""
+
+    rope_type: ClassVar[str] = "llama3"
+    factor: float
+    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def _scaled_inv_freq(self, dim, base, seq_len):
+        theta = rope_inv_freq(dim, base)
+        original = self.original_max_position_embeddings
+        wavelen = 2 * math.pi / theta
+        low_freq_wavelen = original / self.low_freq_factor
+        high_freq_wavelen = original / self.high_freq_factor
+        scaled = torch.where(wavelen > low_freq_wavelen, theta / self.factor, theta)
+        smooth = (original / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(medium, blended, scaled)
+
+    def _validate(self, dim):
+        _check_factor(self.factor)
+        _check_length("original_max_position_embeddings", self.original_max_position_embeddings)
+        if not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ScalingError("low_freq_factor/high_freq_factor: need high_freq_factor > low_freq_factor > 0")
+
+
+def longrope_attention_factor(kind: str | float, factor: float, original_length: int) -> float:
+    """"su" = sqrt(1 + ln s / ln L) (LongRoPE, Phi-3), "yarn" = 0.1·ln s + 1, or a number."""
+    if isinstance(kind, (int, float)) and not isinstance(kind, bool):
+        return float(kind)
+    if kind == "su":
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original_length))
+    if kind == "yarn":
+        return yarn_mscale(factor)
+    raise ScalingError(f"attention_factor: must be 'su', 'yarn' or a number, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class LongRoPEScaling(Scaling):
+    """LongRoPE (Ding et al. 2024): a searched rescale factor λ_i per frequency pair.
+
+    Positions < n_hat keep the original frequencies and no attention factor; the rest use
+    `long_factor` when the sequence exceeds the original context, `short_factor` otherwise
+    (chosen, as transformers does, from the largest position in the batch).
+    """
+
+    rope_type: ClassVar[str] = "longrope"
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    factor: float
+    short_factor: tuple[float, ...] | None = None  # None: all 1.0
+    attention_factor_value: float | str = "su"  # serialised as "attention_factor"
+    n_hat: int = 0
+
+    def __post_init__(self):
+        # lists from JSON become tuples so the value stays hashable and immutable
+        for name in ("long_factor", "short_factor"):
+            value = getattr(self, name)
+            if isinstance(value, (list, torch.Tensor)) or (value is not None and not isinstance(value, tuple)):
+                value = tuple(float(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
+                object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_target(cls, long_factor, original_length: int, target_length: int, **kw) -> "LongRoPEScaling":
+        return cls(long_factor=long_factor, original_max_position_embeddings=original_length,
+                   factor=target_length / original_length, **kw)
+
+    def is_long(self, seq_len: int | None) -> bool:
+        return bool(seq_len) and seq_len > self.original_max_position_embeddings
+
+    def factors(self, seq_len: int | None) -> tuple[float, ...]:
+        if self.is_long(seq_len):
+            return self.long_factor
+        return self.short_factor or (1.0,) * len(self.long_factor)
+
+    def _scaled_inv_freq(self, dim, base, seq_len):
+        lam = torch.tensor(self.factors(seq_len), dtype=torch.float64)
+        return rope_inv_freq(dim, base) / lam
+
+    def attention_factor(self, seq_len=None):
+        return longrope_attention_factor(self.attention_factor_value, self.factor,
+                                         self.original_max_position_embeddings)
+
+    def _validate(self, dim):
+        _check_factor(self.factor)
+        original = _check_length("original_max_position_embeddings", self.original_max_position_embeddings)
+        for name in ("long_factor", "short_factor"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if dim is not None and len(values) != dim // 2:
+                raise ScalingError(f"{name}: has {len(values)} values but the model's rotary dimension {dim} "
+                                   f"needs {dim // 2} (one per frequency pair)")
+            if not all(math.isfinite(v) for v in values):
+                raise ScalingError(f"{name}: contains a non-finite value (nan or inf)")
+            if name == "long_factor" and min(values) < 1:
+                raise ScalingError(f"long_factor: every rescale factor must be >= 1, got min {min(values)}")
+            if name == "short_factor" and min(values) <= 0:
+                raise ScalingError(f"short_factor: every rescale factor must be > 0, got min {min(values)}")
+        if self.short_factor is not None and len(self.short_factor) != len(self.long_factor):
+            raise ScalingError("short_factor: must have as many values as long_factor")
+        if not isinstance(self.n_hat, int) or isinstance(self.n_hat, bool) or not 0 <= self.n_hat < original:
+            raise ScalingError(f"n_hat: must be an integer in [0, original_max_position_embeddings={original}), "
+                               f"got {self.n_hat!r}")
+        a = self.attention_factor()
+        if not (math.isfinite(a) and a > 0):
+            raise ScalingError(f"attention_factor: must be a positive finite number, got {a}")
+
+    def to_dict(self):
+        out = super().to_dict()
+        # write the resolved number so the object is valid transformers rope parameters as it stands
+        out.pop("attention_factor_value", None)
+        out["attention_factor"] = self.attention_factor()
+        out["short_factor"] = list(self.factors(None))
+        if not self.n_hat:
+            out.pop("n_hat", None)
+        return out
+
+
+SCALINGS: dict[str, type[Scaling]] = {
+    cls.rope_type: cls
+    for cls in (NoScaling, LinearScaling, NTKScaling, DynamicNTKScaling, YarnScaling, Llama3Scaling, LongRoPEScaling)
+}
+# names users type on the command line, and legacy config spellings, mapped to registry keys
+ALIASES = {"none": "default", "pi": "linear", "su": "longrope", "ntk-aware": "ntk"}
+METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+
+
+def canonical_type(name: str) -> str:
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in SCALINGS:
+        raise ScalingError(f"rope_type: unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# construction
+
+
+def from_dict(data: dict[str, Any], dim: int | None = None) -> Scaling:
+    """Build and validate a scaling from transformers' rope-parameters form (v5 or legacy v4 keys)."""
+    if not isinstance(data, dict):
+        raise ScalingError(f"scaling: expected a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("rope_type", None) or data.pop("type", None)
+    data.pop("type", None)
+    if name is None:
+        raise ScalingError("rope_type: missing; add e.g. \"rope_type\": \"longrope\"")
+    cls = SCALINGS[canonical_type(name)]
+    for hf_key, ours in (("attention_factor", "attention_factor_value"),):
+        if hf_key in data and "attention_factor_value" in {f.name for f in dataclasses.fields(cls)}:
+            data[ours] = data.pop(hf_key)
+    if cls is LongRoPEScaling and "factor" not in data and "max_position_embeddings" in data:
+        data["factor"] = data["max_position_embeddings"] / data["original_max_position_embeddings"]
+    known = {f.name for f in dataclasses.fields(cls)}
+    # keys transformers writes that carry no information for us
+    ignored = {"max_position_embeddings", "partial_rotary_factor", "attention_factor"}
+    unknown = set(data) - known - ignored
+    if unknown:
+        raise ScalingError(f"{sorted(unknown)[0]}: unknown key for rope_type {cls.rope_type!r}; "
+                           f"allowed: {', '.join(sorted(known))}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ScalingError(f"{missing[0]}: missing for rope_type {cls.rope_type!r}")
+    kwargs = {k: v for k, v in data.items() if k in known}
+    try:
+        scaling = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ScalingError(f"scaling: {exc}") from None
+    return scaling.validate(dim)
+
+
+def from_json(text: str, dim: int | None = None) -> Scaling:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ScalingError(f"scaling file: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return from_dict(data, dim)
+
+
+def load(path, dim: int | None = None) -> Scaling:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ScalingError(f"scaling file: cannot read {path}: {exc.strerror}") from None
+    return from_json(text, dim)
+
+
+def make(method: str, original_length: int, target_length: int | None = None, *, dim: int | None = None,
+         base: float | None = None, **options: Any) -> Scaling:
+    """A scaling of `method` that extends `original_length` to `target_length` tokens.
+
+    For `longrope`, the factors default to YaRN's ramp (the usual starting individual of the
+    search) with the "su" attention factor; pass `long_factor=` to choose them.
+    """
+    key = canonical_type(method)
+    if key == "default":
+        return NoScaling()
+    if target_length is None:
+        raise ScalingError(f"target_length: required for method {method!r}")
+    if not isinstance(target_length, int) or target_length <= original_length:
+        raise ScalingError(f"target_length: must be greater than the model's context {original_length}, "
+                           f"got {target_length}")
+    factor = target_length / original_length
+    if key == "longrope":
+        if "long_factor" not in options:
+            if dim is None or base is None:
+                raise ScalingError("long_factor: needed (or give dim and base to start from YaRN's factors)")
+            options["long_factor"] = yarn_factors(dim, base, original_length, factor).tolist()
+        return LongRoPEScaling(original_max_position_embeddings=original_length, factor=factor,
+                               **options).validate(dim)
+    return from_dict({"rope_type": key, "factor": factor, "original_max_position_embeddings": original_length,
+                      **options}, dim)
+
+
+def equivalent_factors(scaling: Scaling, dim: int, base: float, seq_len: int | None = None) -> torch.Tensor:
+    """Per-pair rescale factors λ_i = θ_i / θ'_i that reproduce `scaling` as a LongRoPE factor vector."""
+    return rope_inv_freq(dim, base) / scaling.inv_freq(dim, base, seq_len)
+
+
+def pi_factors(dim: int, base: float, factor: float) -> torch.Tensor:
+    return equivalent_factors(LinearScaling(factor=factor), dim, base)
+
+
+def ntk_factors(dim: int, base: float, factor: float) -> torch.Tensor:
+    return equivalent_factors(NTKScaling(factor=factor), dim, base)
+
+
+def yarn_factors(dim: int, base: float, original_length: int, factor: float) -> torch.Tensor:
+    return equivalent_factors(YarnScaling(factor=factor, original_max_position_embeddings=original_length),
+                              dim, base)
