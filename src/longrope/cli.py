@@ -76,16 +76,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from . import demo
-
-    return demo.main(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longrope", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register_export(sub) -> None:
     p = sub.add_parser("export", help="write a Hugging Face checkpoint carrying a scaling")
     add_model_args(p)
     add_scaling_args(p)
@@ -93,11 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the end-to-end demo (make demo)")
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--model", default="smollm2-135m")
-    p.set_defaults(func=cmd_demo)
+
+# each recipe module owns its subcommand: register(subparsers) adds it with set_defaults(func=...)
+RECIPES = ("eval", "search", "pretrain", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="longrope", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_export(sub)
+    for name in RECIPES:
+        try:
+            module = importlib.import_module(f".recipes.{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.recipes.{name}":
+                raise
+            continue  # recipe not written yet
+        module.register(sub)
     return parser
 
 
