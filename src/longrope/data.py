@@ -1,0 +1,396 @@
+"""Data: documents from files or the bundled sample, a tokenisation cache, reproducible selection.
+
+`--data` accepts a .txt/.md file (one document), a folder of them, .jsonl/.jsonl.gz with a `text`
+field, .parquet with a `text` column (needs pyarrow), or the name `bundled`.
+
+Tokenised documents are cached under $XDG_CACHE_HOME/longrope (default ~/.cache/longrope), keyed
+by a hash of the tokenizer (its serialized form and the special tokens it adds) and of the
+source's bytes, so a second run does not tokenise again and any change to either invalidates it.
+
+Nothing here knows about models: a tokenizer is anything with the transformers call interface.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+
+BUNDLED = Path(__file__).parent / "bundled" / "bundled.jsonl.gz"
+TEXT_SUFFIXES = (".txt", ".md")
+CACHE_VERSION = 1
+PIECE_CHARS = 200_000  # long documents are tokenised in pieces of about this many characters
+_CHECK_CHARS = 256  # characters either side of a cut that are re-tokenised to verify it
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    id: str
+    tokens: np.ndarray  # int64 token ids, with the special tokens the tokenizer adds (BOS)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [start, end) of a document, scoring targets at window positions >= score_from."""
+
+    start: int
+    end: int
+    score_from: int = 1
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - self.start - max(1, self.score_from)
+
+
+# --------------------------------------------------------------------------------------------
+# reading documents
+
+
+def _source_path(source: str | os.PathLike) -> Path:
+    if str(source) == "bundled":
+        return BUNDLED
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"--data {source}: no such file or folder; give a .txt/.md file, a folder of them, "
+                         ".jsonl(.gz), .parquet or 'bundled'")
+    return path
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--data {path}: cannot read it ({exc.strerror}); check the path and permissions") from None
+
+
+def _folder_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise UsageError(f"--data {path}: folder holds no .txt or .md files")
+    return files
+
+
+def _decode(path: Path, raw: bytes, what: str = "") -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--data {path}{what}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+
+
+def _jsonl_documents(path: Path, raw: bytes) -> list[Document]:
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"--data {path}: not a valid gzip file ({exc})") from None
+    docs = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--data {path}: line {lineno} is not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UsageError(f"--data {path}: line {lineno} has no \"text\" string field; every line needs one")
+        doc_id = record.get("id")
+        docs.append(Document(str(doc_id) if doc_id is not None else f"{path.name}:{lineno}", record["text"]))
+    return docs
+
+
+def _parquet_documents(path: Path) -> list[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(f"--data {path}: reading .parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own exception types
+        raise UsageError(f"--data {path}: cannot read parquet ({exc})") from None
+    if "text" not in table.column_names:
+        raise UsageError(f"--data {path}: no 'text' column (columns: {', '.join(table.column_names)})")
+    texts = table.column("text").to_pylist()
+    ids = table.column("id").to_pylist() if "id" in table.column_names else list(range(len(texts)))
+    docs = []
+    for row, (doc_id, text) in enumerate(zip(ids, texts)):
+        if not isinstance(text, str):
+            raise UsageError(f"--data {path}: row {row} has no text")
+        docs.append(Document(str(doc_id), text))
+    return docs
+
+
+def _parse(path: Path, raw: bytes, name: str | None = None) -> list[Document]:
+    lower = path.name.lower()
+    if lower.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+        return _jsonl_documents(path, raw)
+    if lower.endswith(".parquet"):
+        return _parquet_documents(path)
+    if lower.endswith(TEXT_SUFFIXES):
+        return [Document(name or path.name, _decode(path, raw))]
+    raise UsageError(f"--data {path}: unknown file type; use .txt, .md, .jsonl, .jsonl.gz or .parquet")
+
+
+def _check_nonempty(source, docs: list[Document]) -> list[Document]:
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise UsageError(f"--data {source}: no text found (empty file or documents); give a file with text")
+    return docs
+
+
+def read_documents(source: str | os.PathLike) -> list[Document]:
+    """All non-empty documents of `source`, in file order."""
+    path = _source_path(source)
+    if path.is_dir():
+        docs = []
+        for f in _folder_files(path):
+            docs += _parse(f, _read_bytes(f), name=str(f.relative_to(path)))
+        return _check_nonempty(source, docs)
+    return _check_nonempty(source, _parse(path, _read_bytes(path)))
+
+
+def source_digest(source: str | os.PathLike) -> str:
+    """sha256 of the source's content (for a folder: of its files' names and contents)."""
+    path = _source_path(source)
+    h = hashlib.sha256()
+    files = [(str(f.relative_to(path)), f) for f in _folder_files(path)] if path.is_dir() else [("", path)]
+    for name, f in files:
+        data = _read_bytes(f)
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# tokenisation
+
+
+def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the token ids the tokenizer adds around a text by default (e.g. [BOS], [])."""
+    probe = "Hello world, this is a probe."
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what determines the token ids: the serialized tokenizer (or its vocabulary) and
+    the special tokens it adds."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    prefix, suffix = special_tokens_added(tokenizer)
+    h.update(json.dumps({"prefix": prefix, "suffix": suffix}).encode())
+    return h.hexdigest()
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _cut_points(text: str, piece_chars: int) -> list[int]:
+    """Candidate cuts, about every `piece_chars` characters, just before a ' word' (a space between
+    a non-space and a letter): where pre-tokenizers split anyway."""
+    cuts = []
+    pos = piece_chars
+    pattern = re.compile(r"(?<=\S) (?=[A-Za-z])")
+    while pos < len(text) - _CHECK_CHARS:
+        m = pattern.search(text, pos, min(len(text) - _CHECK_CHARS, pos + 10_000))
+        if m is None:
+            pos += piece_chars
+            continue
+        cuts.append(m.start())
+        pos = m.start() + piece_chars
+    return cuts
+
+
+def tokenize_text(tokenizer, text: str, piece_chars: int = PIECE_CHARS, specials=None) -> list[int]:
+    """The ids `tokenizer(text)` gives (special tokens included), computed in pieces for long texts.
+
+    A long text is cut before ' word' boundaries; each cut is kept only if re-tokenising the
+    text around it gives the same ids as the two sides separately (tokenizers that treat the
+    start of a text specially, like SentencePiece's dummy prefix, fail this and are tokenised
+    whole). The pieces are encoded as one batch (in parallel by fast tokenizers).
+    """
+    prefix, suffix = specials if specials is not None else special_tokens_added(tokenizer)
+    cuts = []
+    for cut in _cut_points(text, piece_chars):
+        left, right = text[cut - _CHECK_CHARS:cut], text[cut:cut + _CHECK_CHARS]
+        whole, (a, b) = _encode(tokenizer, [left + right])[0], _encode(tokenizer, [left, right])
+        if whole == a + b:
+            cuts.append(cut)
+    bounds = [0] + cuts + [len(text)]
+    pieces = [text[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    ids = [t for piece in _encode(tokenizer, pieces) for t in piece]
+    return list(prefix) + ids + list(suffix)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "longrope"
+
+
+def _write_atomic(path: Path, docs: list[TokenizedDocument]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    tokens = np.concatenate([d.tokens for d in docs]) if docs else np.zeros(0, dtype=np.int64)
+    dtype = np.uint32 if tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2 ** 32) else np.int64
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, tokens=tokens.astype(dtype), lengths=lengths,
+                     ids=np.array([d.id for d in docs], dtype=str), version=np.array(CACHE_VERSION))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_cache(path: Path) -> list[TokenizedDocument] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != CACHE_VERSION:
+                return None
+            tokens, lengths, ids = z["tokens"].astype(np.int64), z["lengths"], z["ids"]
+    except Exception:  # a damaged or foreign file: tokenise again
+        return None
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [TokenizedDocument(str(ids[i]), tokens[offsets[i]:offsets[i + 1]]) for i in range(len(ids))]
+
+
+def cache_path(source: str | os.PathLike, tokenizer, root: str | os.PathLike | None = None) -> Path:
+    key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}:{source_digest(source)}".encode()).hexdigest()
+    return Path(root or cache_dir()) / "tokens" / f"{key[:32]}.npz"
+
+
+def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
+                   root: str | os.PathLike | None = None, progress: bool = False) -> list[TokenizedDocument]:
+    """Tokenised documents of `source` (with the tokenizer's BOS/EOS), from the cache when present."""
+    path = cache_path(source, tokenizer, root) if cache else None
+    if path is not None and path.is_file():
+        docs = _read_cache(path)
+        if docs is not None:
+            return docs
+    texts = read_documents(source)
+    specials = special_tokens_added(tokenizer)
+    iterator: Iterable[Document] = texts
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(texts, desc="tokenising", unit="doc")
+    docs = [TokenizedDocument(d.id, np.asarray(tokenize_text(tokenizer, d.text, specials=specials), dtype=np.int64))
+            for d in iterator]
+    if path is not None:
+        try:
+            _write_atomic(path, docs)
+        except OSError as exc:
+            print(f"note: could not write the token cache {path}: {exc.strerror}")
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# selection and windows
+
+
+def _priority(seed: int, index: int, doc_id: str) -> str:
+    return hashlib.sha256(f"{seed}\0{doc_id}\0{index}".encode()).hexdigest()
+
+
+def select(docs: Sequence[TokenizedDocument], min_tokens: int, n: int, seed: int = 0) -> list[TokenizedDocument]:
+    """Up to `n` documents with at least `min_tokens` tokens, chosen reproducibly for `seed`.
+
+    Each document gets a seeded pseudo-random rank from its id; the n best-ranked long-enough
+    documents are returned in rank order. So the choice does not depend on the file order and,
+    across lengths, the same documents are chosen where they are long enough.
+    """
+    if not docs:
+        raise UsageError("no documents to choose from")
+    eligible = [(i, d) for i, d in enumerate(docs) if len(d) >= min_tokens]
+    if not eligible:
+        longest = max(docs, key=len)
+        raise UsageError(f"no document has {min_tokens} tokens: the longest ({longest.id}) has {len(longest)}; "
+                         f"use a length of at most {len(longest)} or longer documents")
+    eligible.sort(key=lambda item: _priority(seed, item[0], item[1].id))
+    return [d for _, d in eligible[:n]]
+
+
+def truncate_window(n_tokens: int, length: int) -> list[Window]:
+    """The first `length` tokens as one window (LongRoPE's search protocol, YaRN's --truncate)."""
+    return [Window(0, min(length, n_tokens), 1)]
+
+
+def sliding_windows(n_tokens: int, length: int, stride: int) -> list[Window]:
+    """Windows of `length` tokens every `stride` tokens; each scores only the tokens that no earlier
+    window scored, so every token 1..n-1 is scored once, with up to length-1 tokens of context."""
+    if stride < 1 or stride > length:
+        raise UsageError(f"--stride {stride}: must be between 1 and the window length {length}")
+    windows, prev_end, start = [], 1, 0
+    while True:
+        end = min(start + length, n_tokens)
+        windows.append(Window(start, end, prev_end - start))
+        prev_end = end
+        if end >= n_tokens:
+            return windows
+        start += stride
+
+
+def windows(n_tokens: int, length: int, mode: str = "truncate", stride: int | None = None,
+            max_tokens: int | None = None) -> list[Window]:
+    """Evaluation windows over a document of `n_tokens` (capped at `max_tokens` in sliding mode)."""
+    if mode == "truncate":
+        return truncate_window(n_tokens, length)
+    if mode == "sliding":
+        return sliding_windows(min(n_tokens, max_tokens or n_tokens), length, stride or length)
+    raise UsageError(f"--mode {mode}: choose truncate or sliding")
+
+
+def haystack_text(documents: Sequence[Document], n_chars: int, seed: int = 0) -> str:
+    """About `n_chars` characters of real text: documents in a seeded order, joined by blank lines,
+    starting at a seeded offset of the first."""
+    import random
+
+    if not documents:
+        raise UsageError("no documents for a data haystack")
+    rng = random.Random(seed)
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    parts, total = [], 0
+    first = documents[order[0]].text
+    start = rng.randrange(max(1, len(first) - n_chars)) if len(first) > n_chars else 0
+    i = 0
+    while total < n_chars:
+        text = documents[order[i % len(order)]].text
+        if i == 0:
+            text = text[start:]
+        parts.append(text)
+        total += len(text) + 2
+        i += 1
+    return "\n\n".join(parts)[:n_chars]

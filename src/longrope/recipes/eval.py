@@ -1,0 +1,302 @@
+"""`longrope eval ppl` and `longrope eval passkey`: thin recipes over data, evaluate and report."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import data, evaluate, models, report
+from .. import scaling as sc
+from ..cli import PRESETS, add_model_args, device_and_dtype, parse_length, resolve_scaling
+from ..errors import UsageError
+
+METHOD_HELP = """\
+Scaling methods (all evaluated on the same documents / prompts):
+  --method M            one method: none, linear (PI), ntk, dynamic, yarn, llama3, longrope
+  --scaling S.json      one scaling file (or preset name), used as is at every length
+  --compare A,B,...     several, each a method name or a scaling file, e.g. none,linear,ntk,yarn,S.json
+
+Target length: with --target-length N every method is configured to extend the model's context
+to N tokens. Without it, each method is configured for the length it is evaluated at: at lengths
+above the model's context the target is that length; at or below the context no scaling is
+needed and every method equals 'none'. Scaling files are always used as they are.
+"""
+
+
+def parse_lengths(text: str) -> list[int]:
+    values = [parse_length(t) for t in str(text).split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no lengths in {text!r} (use e.g. 8k,16k,32k)")
+    return sorted(dict.fromkeys(values))
+
+
+def parse_depths(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of depths: {text!r} (use e.g. 0,0.25,0.5,0.75,1)") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
+    return sorted(dict.fromkeys(values))
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    method: str | None = None  # a method name, configured per length
+    scaling: sc.Scaling | None = None  # or a fixed scaling (from a file)
+
+
+def _is_method(name: str) -> bool:
+    try:
+        sc.canonical_type(name)
+        return True
+    except sc.ScalingError:
+        return False
+
+
+def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
+    given = [bool(args.compare), bool(args.scaling), bool(args.method)]
+    if sum(given) > 1:
+        raise UsageError("give only one of --compare, --scaling and --method")
+    if args.scaling:
+        return [MethodSpec(Path(args.scaling).stem, scaling=resolve_scaling(args.scaling, None, None, info))]
+    entries = [e.strip() for e in args.compare.split(",") if e.strip()] if args.compare else [args.method or "none"]
+    if not entries:
+        raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
+    specs, labels = [], set()
+    for entry in entries:
+        if _is_method(entry):
+            spec = MethodSpec(entry.lower(), method=entry)
+        elif Path(entry).exists() or (PRESETS / f"{entry}.json").is_file():
+            spec = MethodSpec(Path(entry).stem, scaling=resolve_scaling(entry, None, None, info))
+        else:
+            raise UsageError(f"method {entry!r}: not a known method ({', '.join(sc.METHODS)}) "
+                             "nor an existing scaling file")
+        name = spec.label
+        for i in range(2, 100):
+            if name not in labels:
+                break
+            name = f"{spec.label}-{i}"
+        labels.add(name)
+        specs.append(MethodSpec(name, spec.method, spec.scaling))
+    return specs
+
+
+def scaling_at(spec: MethodSpec, length: int, info: models.RopeInfo, target_length: int | None) -> sc.Scaling:
+    """The scaling `spec` uses when evaluated at `length` tokens (see METHOD_HELP)."""
+    if spec.scaling is not None:
+        return spec.scaling
+    target = target_length or (length if length > info.original_length else None)
+    if target is None or sc.canonical_type(spec.method) == "default":
+        return sc.NoScaling()
+    return sc.make(spec.method, info.original_length, target, dim=info.dim, base=info.base)
+
+
+# --------------------------------------------------------------------------------------------
+# shared plumbing
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 8k,16k,32k")
+    p.add_argument("--method", help="one scaling method (none, linear, ntk, dynamic, yarn, llama3, longrope)")
+    p.add_argument("--scaling", help="scaling JSON file or preset name, used as is")
+    p.add_argument("--compare", help="comma-separated methods and/or scaling files, e.g. none,linear,ntk,yarn,S.json")
+    p.add_argument("--target-length", type=parse_length,
+                   help="configure every method for this context (default: the length evaluated, see above)")
+    p.add_argument("--seed", type=int, default=0, help="document selection / passkey keys (default 0)")
+    p.add_argument("--out", help="folder for results.json, results.csv, table.md and plots (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _check_out(args) -> None:
+    if args.out and Path(args.out).exists() and not args.force:
+        raise UsageError(f"--out {args.out} already exists; choose another folder or pass --force")
+
+
+def _setup(args):
+    _check_out(args)
+    if args.compare and not [e for e in args.compare.split(",") if e.strip()]:
+        raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
+    for entry in ([args.method] if args.method else []):
+        sc.canonical_type(entry)  # unknown method: fail before loading anything
+    device, dtype = device_and_dtype(args)
+    model, tokenizer = models.load(args.model, dtype=dtype, device=device)
+    info = models.rope_info(model.config)
+    specs = method_specs(args, info)
+    for spec in specs:  # configuration errors surface before any evaluation
+        for length in args.lengths:
+            scaling_at(spec, length, info, args.target_length).validate(info.dim)
+    return model, tokenizer, info, specs, device
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None, dynamic_ncols=True)
+
+
+def _config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _finish(args, results: dict) -> int:
+    print(report.table(results))
+    if args.out:
+        out = report.write_results(args.out, results, force=args.force)
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# eval ppl
+
+
+def cmd_ppl(args) -> int:
+    if args.docs < 1:
+        raise UsageError(f"--docs {args.docs}: must be at least 1")
+    if args.mode == "sliding" and args.stride is not None and args.stride > min(args.lengths):
+        raise UsageError(f"--stride {args.stride}: must not exceed the shortest length {min(args.lengths)}")
+    model, tokenizer, info, specs, device = _setup(args)
+    docs = data.load_tokenized(args.data, tokenizer, progress=True)
+    chosen = {n: data.select(docs, n, args.docs, args.seed) for n in args.lengths}  # errors before work
+    impls = ["lean", "stock"] if args.stock else ["lean"]
+    records = []
+    bar = _progress(sum(len(c) for c in chosen.values()) * len(specs) * len(impls), "perplexity")
+    for length in args.lengths:
+        for spec in specs:
+            scaling = scaling_at(spec, length, info, args.target_length)
+            models.attach(model, scaling)
+            for impl in impls:
+                per_doc, started = [], time.perf_counter()
+                with evaluate.peak_memory(device) as peak:
+                    for doc in chosen[length]:
+                        spans = data.windows(len(doc), length, args.mode, args.stride or length, args.max_tokens)
+                        s, c = evaluate.nll_windows(model, evaluate.document_windows(doc.tokens, spans),
+                                                    chunk_size=args.chunk_size, stock=impl == "stock")
+                        per_doc.append({"id": doc.id, "doc_tokens": len(doc), "n_windows": len(spans),
+                                        "nll_sum": s, "n_tokens": c})
+                        bar.update(1)
+                total = sum(d["nll_sum"] for d in per_doc)
+                count = sum(d["n_tokens"] for d in per_doc)
+                records.append({"method": spec.label, "impl": impl, "length": length, "mode": args.mode,
+                                "stride": (args.stride or length) if args.mode == "sliding" else None,
+                                "ppl": evaluate.perplexity_from(total, count), "nll_sum": total, "n_tokens": count,
+                                "n_docs": len(per_doc), "peak_memory_bytes": peak.bytes,
+                                "seconds": time.perf_counter() - started, "scaling": scaling.to_dict(),
+                                "docs": per_doc})
+    bar.close()
+    models.attach(model, sc.NoScaling())
+    results = {"command": "ppl", "config": _config(args), "model": asdict(info) | {"spec": args.model},
+               "environment": report.environment(device), "records": records}
+    return _finish(args, results)
+
+
+# --------------------------------------------------------------------------------------------
+# eval passkey
+
+
+def _trial_rng(seed: int, length: int, depth: float, trial: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{length}:{depth}:{trial}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def cmd_passkey(args) -> int:
+    if args.trials < 1:
+        raise UsageError(f"--trials {args.trials}: must be at least 1")
+    if args.haystack == "data" and not args.data:
+        raise UsageError("--haystack data needs --data (a file, folder or 'bundled')")
+    texts = data.read_documents(args.data) if args.haystack == "data" else None
+    model, tokenizer, info, specs, device = _setup(args)
+    # prompts first (they do not depend on the method): every method sees the same ones
+    prompts = {}
+    for length in args.lengths:
+        for depth in args.depths:
+            for trial in range(args.trials):
+                rng = _trial_rng(args.seed, length, depth, trial)
+                key = evaluate.random_key(rng)
+                haystack = (data.haystack_text(texts, 8 * length + 2048, seed=rng.randrange(1 << 30))
+                            if texts is not None else None)
+                try:
+                    prompts[length, depth, trial] = evaluate.passkey_prompt(tokenizer, length, depth, key, haystack)
+                except ValueError as exc:
+                    raise UsageError(f"--lengths {length}: {exc}") from None
+    records = []
+    bar = _progress(len(prompts) * len(specs), "passkey")
+    for length in args.lengths:
+        for spec in specs:
+            scaling = scaling_at(spec, length, info, args.target_length)
+            models.attach(model, scaling)
+            for depth in args.depths:
+                trials, started = [], time.perf_counter()
+                with evaluate.peak_memory(device) as peak:
+                    for trial in range(args.trials):
+                        t = evaluate.passkey_trial(model, tokenizer, prompts[length, depth, trial],
+                                                   max_new_tokens=args.max_new_tokens)
+                        trials.append(t)
+                        bar.update(1)
+                trials = [{"key": t.key, "answer": t.answer, "correct": t.correct,
+                           "actual_length": t.actual_length} for t in trials]
+                n_correct = sum(t["correct"] for t in trials)
+                actual = [t["actual_length"] for t in trials]
+                records.append({"method": spec.label, "length": length, "depth": depth,
+                                "haystack": args.haystack, "accuracy": n_correct / len(trials),
+                                "n_correct": n_correct, "n_trials": len(trials),
+                                "nominal_length": length, "actual_length_min": min(actual),
+                                "actual_length_max": max(actual), "peak_memory_bytes": peak.bytes,
+                                "seconds": time.perf_counter() - started, "scaling": scaling.to_dict(),
+                                "trials": trials})
+    bar.close()
+    models.attach(model, sc.NoScaling())
+    results = {"command": "passkey", "config": _config(args), "model": asdict(info) | {"spec": args.model},
+               "environment": report.environment(device), "records": records}
+    return _finish(args, results)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="measure long-context quality: perplexity and passkey retrieval")
+    evals = p.add_subparsers(dest="eval_command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    ppl = evals.add_parser("ppl", help="perplexity of long documents at several lengths", formatter_class=fmt,
+                           description="Token-weighted perplexity over --docs documents at each length.\n\n"
+                                       "Modes: truncate scores the first L tokens of each document (one window, "
+                                       "LongRoPE's search protocol);\nsliding moves a window of L tokens by "
+                                       "--stride over the document, scoring only new tokens.\n\n" + METHOD_HELP)
+    _add_common(ppl)
+    ppl.add_argument("--data", required=True, help="a .txt/.md file, a folder of them, .jsonl(.gz), .parquet or 'bundled'")
+    ppl.add_argument("--docs", type=int, default=10, help="documents per length (default 10)")
+    ppl.add_argument("--mode", choices=["truncate", "sliding"], default="truncate")
+    ppl.add_argument("--stride", type=parse_length, help="sliding mode: window step (default: the length)")
+    ppl.add_argument("--max-tokens", type=parse_length, help="sliding mode: score at most this many tokens per document")
+    ppl.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK,
+                     help="positions projected through lm_head at a time (default 4096)")
+    ppl.add_argument("--stock", action="store_true",
+                     help="also evaluate the plain transformers way (model(ids, labels=ids)) for comparison")
+    ppl.set_defaults(func=cmd_ppl)
+
+    pk = evals.add_parser("passkey", help="passkey retrieval accuracy at several lengths and depths",
+                          formatter_class=fmt,
+                          description="Hide 'The pass key is K. Remember it. K is the pass key.' at each depth of a "
+                                      "haystack\n(the standard filler or real text from --data), ask for it, decode "
+                                      "greedily, score the 5 digits.\n\n" + METHOD_HELP)
+    _add_common(pk)
+    pk.add_argument("--depths", type=parse_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                    help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    pk.add_argument("--trials", type=int, default=5, help="random keys per (length, depth) (default 5)")
+    pk.add_argument("--haystack", choices=["filler", "data"], default="filler")
+    pk.add_argument("--data", help="text for --haystack data")
+    pk.add_argument("--max-new-tokens", type=int, default=10, help="tokens decoded after the question (default 10)")
+    pk.set_defaults(func=cmd_passkey)

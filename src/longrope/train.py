@@ -1,0 +1,653 @@
+"""Training: pretraining the small bundled base model from scratch at a short context.
+
+`pretrain(config, documents, out)` trains a transformers Llama (LlamaConfig/LlamaForCausalLM, SDPA
+attention) with the byte-level tokenizer on random `context`-token windows of the documents, mixed
+with a share of synthetic passkey samples, and writes a Hugging Face folder that
+`longrope.models.load(out)` loads. Checkpoints (model, optimizer, RNG, step) are written atomically
+every `checkpoint_every` steps to `out/checkpoint.pt`; `resume=True` continues from there and gives
+bit-identical results to an uninterrupted run (every batch is a pure function of (seed, step)).
+
+Long-context fine-tuning (FSDP2 + context parallel) belongs here too, later.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import gzip
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .tokenization import VOCAB_SIZE, byte_tokenizer
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+BYTE_OFFSET = 3  # token id = byte + 3
+MIN_CONTEXT = 32
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+RECORD = "pretrain.json"
+
+# --------------------------------------------------------------------------------------------
+# documents and tokens (a small loader; data.py's can replace it: all that is used is `.text`)
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+def load_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], ids: Iterable[str] | None = None,
+                   exclude_ids: Iterable[str] | None = None) -> list[Document]:
+    """Documents from .txt files (one document each; id = file name without suffix), folders of
+    .txt (sorted, recursive) and .jsonl / .jsonl.gz (one JSON object a line with a `text` field and
+    optionally `id`; id defaults to `<file>:<line>`). `ids` keeps only those ids (all must exist),
+    `exclude_ids` drops those."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    docs: list[Document] = []
+    for spec in paths:
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise UsageError(f"--data {spec}: folder holds no .txt files")
+            docs.extend(_read_txt(p, p.relative_to(path).with_suffix("").as_posix()) for p in files)
+        elif path.is_file():
+            name = path.name.lower()
+            if name.endswith((".jsonl", ".jsonl.gz")):
+                docs.extend(_read_jsonl(path))
+            elif name.endswith(".txt"):
+                docs.append(_read_txt(path, path.stem))
+            else:
+                raise UsageError(f"--data {spec}: expected a .txt file, a folder of .txt or a .jsonl/.jsonl.gz file")
+        else:
+            raise UsageError(f"--data {spec}: no such file or folder")
+    if ids is not None:
+        wanted = list(dict.fromkeys(ids))
+        by_id = {d.id: d for d in docs}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            known = ", ".join(list(by_id)[:8]) + (" ..." if len(by_id) > 8 else "")
+            raise UsageError(f"--data-ids: no document with id {', '.join(missing)} (ids: {known})")
+        docs = [by_id[i] for i in wanted]
+    if exclude_ids is not None:
+        drop = set(exclude_ids)
+        docs = [d for d in docs if d.id not in drop]
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise UsageError("--data: no non-empty documents left to train on")
+    return docs
+
+
+def _read_txt(path: Path, doc_id: str) -> Document:
+    return Document(doc_id, path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    docs = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"--data {path}: line {n} is not JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise UsageError(f"--data {path}: line {n} has no string field 'text'")
+                docs.append(Document(str(record.get("id", f"{path.name}:{n}")), record["text"]))
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"--data {path}: cannot read ({exc})") from None
+    return docs
+
+
+def encode(text: str | bytes) -> np.ndarray:
+    """Byte-level token ids (no BOS): every UTF-8 byte + 3, as int64."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+
+
+def token_stream(documents: Sequence[Document]) -> np.ndarray:
+    """All documents' tokens, each followed by EOS, as one uint16 array."""
+    parts = []
+    for doc in documents:
+        parts.append((np.frombuffer(doc.text.encode("utf-8"), dtype=np.uint8).astype(np.uint16) + BYTE_OFFSET))
+        parts.append(np.array([EOS_ID], dtype=np.uint16))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+# --------------------------------------------------------------------------------------------
+# passkey samples (the standard wording, which evaluate's passkey test also uses)
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_needle(key: int | str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    ids: tuple[int, ...]  # BOS + bytes + 3: exactly `context` tokens, ending with the key's digits
+    key: str
+    needle_start: int  # index in ids of the needle's first token ("The pass key is ...")
+    answer_start: int  # index in ids of the key's first digit after the question
+    filler_tokens: int  # filler bytes in all (before + after the needle)
+    depth: float  # filler before the needle / all filler (the requested depth, rounded to a byte)
+
+
+def passkey_fixed_tokens(intro: bool = True, key_digits: int = 5) -> int:
+    """Tokens of a passkey sample that are not filler (BOS included)."""
+    needle = len(passkey_needle("0" * key_digits).encode())
+    fixed = 1 + needle + 1 + len(PASSKEY_QUESTION.encode()) + 1 + key_digits
+    if intro:
+        fixed += len(PASSKEY_INTRO.encode()) + 1
+    return fixed
+
+
+def passkey_sample(context: int, key: int | str, depth: float, filler: str | bytes | None = None,
+                   intro: bool = True) -> PasskeySample:
+    """One passkey prompt of exactly `context` byte tokens (BOS first):
+
+        <intro> <filler…> The pass key is K. Remember it. K is the pass key. <filler…> What is the pass key? The pass key is K
+
+    `depth` in [0, 1] is the share of the filler placed before the needle. The filler is `filler`
+    (real text) cycled to the needed length, or the standard "The grass is green. ..." repeated;
+    each filler stretch ends with a space so words stay separated. Pure: no randomness inside.
+    """
+    key = str(key)
+    if not key.isdigit():
+        raise UsageError(f"passkey: key must be digits, got {key!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise UsageError(f"passkey: depth must be in [0, 1], got {depth}")
+    fixed = passkey_fixed_tokens(intro, len(key))
+    n_filler = context - fixed
+    if n_filler < 0:
+        raise UsageError(f"passkey: a context of {context} tokens is too short for the prompt "
+                         f"({fixed} tokens without filler{'; try intro=False' if intro else ''})")
+    source = filler if filler is not None else PASSKEY_FILLER + " "
+    source_bytes = source.encode("utf-8") if isinstance(source, str) else bytes(source)
+    if n_filler and not source_bytes:
+        raise UsageError("passkey: empty filler text")
+    reps = -(-n_filler // max(1, len(source_bytes)))
+    stream = (source_bytes * reps)[:n_filler]
+    n_before = int(round(depth * n_filler))
+    before, after = _end_with_space(stream[:n_before]), _end_with_space(stream[n_before:])
+    head = (PASSKEY_INTRO + " ").encode() if intro else b""
+    needle = (passkey_needle(key) + " ").encode()
+    tail = f"{PASSKEY_QUESTION} {key}".encode()
+    data = head + before + needle + after + tail
+    ids = (BOS_ID, *(b + BYTE_OFFSET for b in data))
+    assert len(ids) == context, (len(ids), context)
+    needle_start = 1 + len(head) + len(before)
+    return PasskeySample(ids=ids, key=key, needle_start=needle_start, answer_start=context - len(key),
+                         filler_tokens=n_filler, depth=(n_before / n_filler) if n_filler else 0.0)
+
+
+def _end_with_space(chunk: bytes) -> bytes:
+    return chunk[:-1] + b" " if chunk and chunk[-1:] not in (b" ", b"\n") else chunk
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    # model
+    context: int = 256
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int | None = None  # None: Llama's rule, 8/3·d_model rounded up to a multiple of 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None  # None: 5% of the steps
+    schedule: str = "cosine"  # or "linear"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # data
+    passkey_share: float = 0.1
+    seed: int = 0
+    # run (may differ between a run and its resumption)
+    device: str = "cpu"
+    dtype: str = "float32"  # autocast dtype: bfloat16 or float32
+    compile: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 10
+    save_dtype: str = "float16"
+
+    RUN_FIELDS = ("device", "dtype", "compile", "checkpoint_every", "log_every", "save_dtype")
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return 256 * -(-int(8 * self.d_model / 3) // 256)
+
+    @property
+    def warmup_steps(self) -> int:
+        w = max(1, self.steps // 20) if self.warmup is None else self.warmup
+        return min(w, self.steps)
+
+    def validate(self) -> "PretrainConfig":
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UsageError(message)
+
+        need(self.context >= MIN_CONTEXT, f"--context must be at least {MIN_CONTEXT}, got {self.context}")
+        for name in ("d_model", "layers", "heads", "kv_heads", "head_dim", "steps", "batch_size",
+                     "checkpoint_every", "log_every"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        need(self.head_dim % 2 == 0, f"--head-dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        need(self.heads % self.kv_heads == 0,
+             f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
+        need(self.intermediate_size is None or self.intermediate_size >= 1, "--intermediate-size must be positive")
+        need(self.rope_theta > 1, f"--rope-theta must be > 1, got {self.rope_theta}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        need(self.schedule in ("cosine", "linear"), f"--schedule must be cosine or linear, got {self.schedule!r}")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
+        need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
+        need(0 <= self.passkey_share <= 1, f"--passkey-share must be in [0, 1], got {self.passkey_share}")
+        if self.passkey_share > 0:
+            shortest = passkey_fixed_tokens(intro=False)
+            need(self.context >= shortest, f"--passkey-share > 0 needs --context >= {shortest} (the passkey prompt "
+                                           f"alone is that long); use a longer context or --passkey-share 0")
+        need(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        need(self.save_dtype in ("float16", "bfloat16", "float32"),
+             f"--save-dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["intermediate_size"] = self.ffn_size
+        d["warmup"] = self.warmup_steps
+        return d
+
+
+def llama_config(cfg: PretrainConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.context,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        hidden_act="silu", rms_norm_eps=1e-5, initializer_range=0.02, attention_bias=False, mlp_bias=False,
+        attention_dropout=0.0, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, attn_implementation="sdpa")
+
+
+def build_model(cfg: PretrainConfig):
+    """A freshly initialised LlamaForCausalLM (float32) from the config's seed."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(llama_config(cfg))
+    return model
+
+
+def parameter_count(cfg: PretrainConfig) -> int:
+    d, f, L, v = cfg.d_model, cfg.ffn_size, cfg.layers, VOCAB_SIZE
+    attn = d * cfg.heads * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
+    per_layer = attn + 3 * d * f + 2 * d
+    return v * d * (1 if cfg.tie_embeddings else 2) + L * per_layer + d
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    """Learning rate for optimizer step `step` (1-based): linear warm-up, then cosine or linear
+    decay to lr·min_lr_ratio at the last step."""
+    warm = cfg.warmup_steps
+    if warm and step <= warm:
+        return cfg.lr * step / warm
+    span = max(1, cfg.steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    low = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - low) * progress
+    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------
+# batches: a pure function of (seed, step)
+
+
+def make_batch(stream: np.ndarray, cfg: PretrainConfig, step: int) -> torch.Tensor:
+    """[batch_size, context] int64 token ids for optimizer step `step`: random windows of the
+    stream (BOS first), with a share of passkey samples (filler: real text or the standard one;
+    the intro sentence when it fits, half of the time)."""
+    rng = np.random.default_rng([cfg.seed, step, 0x10C0])
+    B, T = cfg.batch_size, cfg.context
+    share = cfg.passkey_share * B
+    n_pk = int(share) + int(rng.random() < share - int(share))
+    n_lm = B - n_pk
+    batch = np.empty((B, T), dtype=np.int64)
+    batch[:, 0] = BOS_ID
+    starts = rng.integers(0, len(stream) - (T - 1) + 1, size=n_lm)
+    if n_lm:
+        batch[:n_lm, 1:] = stream[starts[:, None] + np.arange(T - 1)]
+    for row in range(n_lm, B):
+        batch[row] = passkey_training_sample(stream, T, rng).ids
+    return torch.from_numpy(batch)
+
+
+def passkey_training_sample(stream: np.ndarray, context: int, rng: np.random.Generator) -> PasskeySample:
+    key = int(rng.integers(10000, 100000))
+    depth = float(rng.random())
+    intro = context >= passkey_fixed_tokens(intro=True) and rng.random() < 0.5
+    filler = None
+    if rng.random() < 0.5:
+        n = context  # more than enough real text; cut to length by passkey_sample
+        start = int(rng.integers(0, max(1, len(stream) - n)))
+        chunk = stream[start:start + n].astype(np.int64)
+        chunk = np.where(chunk == EOS_ID, ord("\n") + BYTE_OFFSET, chunk)
+        filler = bytes((chunk - BYTE_OFFSET).clip(0, 255).astype(np.uint8))
+    return passkey_sample(context, key, depth, filler=filler, intro=intro)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float | None  # mean loss since the last log (None before the first)
+    lr: float
+    tokens_per_s: float | None
+
+
+@dataclass
+class PretrainResult:
+    out: Path
+    model: object  # float32 LlamaForCausalLM on the training device
+    record: dict = field(default_factory=dict)
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def _prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
+    """Checks --out; returns the checkpoint to resume from (or None)."""
+    if resume and force:
+        raise UsageError("--resume and --force contradict each other: --force starts over")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if force and out.exists():
+        shutil.rmtree(out)
+    ckpt_path = out / CHECKPOINT
+    if out.exists() and (out / RECORD).is_file() and not ckpt_path.exists():
+        raise UsageError(f"--out {out} already holds a finished model; choose another folder or pass --force")
+    if resume:
+        if ckpt_path.is_file():
+            try:
+                return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a corrupt file is a user-facing problem
+                raise UsageError(f"--resume: cannot read {ckpt_path} ({type(exc).__name__}); "
+                                 "pass --force to start over") from None
+        if out.exists() and any(out.iterdir()) and not (out / LOG).exists():
+            raise UsageError(f"--out {out} is not empty and holds no checkpoint to resume")
+        return None
+    if out.exists() and any(out.iterdir()):
+        hint = " (it holds a checkpoint: pass --resume to continue)" if ckpt_path.exists() else ""
+        raise UsageError(f"--out {out} is not empty{hint}; choose another folder or pass --force")
+    return None
+
+
+def _check_resumable(cfg: PretrainConfig, saved: dict) -> None:
+    ours = {k: v for k, v in cfg.to_dict().items() if k not in PretrainConfig.RUN_FIELDS}
+    theirs = {k: v for k, v in saved.items() if k not in PretrainConfig.RUN_FIELDS}
+    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if diff:
+        shown = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff)
+        raise UsageError(f"--resume: the checkpoint was made with different settings ({shown}); "
+                         "use the same ones or pass --force to start over")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kwargs)
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over every position (float32)."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             batch[:, 1:].reshape(-1))
+
+
+def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.PathLike, *, resume: bool = False,
+             force: bool = False, keep_checkpoint: bool = False, callback: Callable[[StepInfo], None] | None = None,
+             command: str | None = None, data_info: dict | None = None) -> PretrainResult:
+    """Train from scratch (or from `out/checkpoint.pt` with resume) and write the final model to `out`.
+
+    `callback(StepInfo)` runs after every optimizer step (after that step's checkpoint, if any);
+    an exception it raises stops training, leaving the checkpoint to resume from."""
+    cfg.validate()
+    device = _resolve_device(cfg.device)
+    out = Path(out)
+    stream = token_stream(documents)
+    if len(stream) < cfg.context:
+        raise UsageError(f"--data: {len(stream)} tokens in all is less than one --context of {cfg.context}")
+    checkpoint = _prepare_out(out, resume, force)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    start_step, tokens_seen, wall_before, recent = 0, 0, 0.0, []
+    if checkpoint is not None:
+        _check_resumable(cfg, checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"], device)
+        start_step, tokens_seen = int(checkpoint["step"]), int(checkpoint["tokens_seen"])
+        wall_before, recent = float(checkpoint["wall_time_s"]), list(checkpoint["recent_losses"])
+        _truncate_log(out / LOG, start_step)
+    else:
+        (out / LOG).unlink(missing_ok=True)
+    del checkpoint
+    model.train()
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+                else torch.autocast(device.type, enabled=False))
+    tokens_per_step = cfg.batch_size * cfg.context
+    t_run = time.perf_counter()
+    t_log, steps_since_log = t_run, 0
+    loss_sum = torch.zeros((), device=device)
+    last_loss, last_tps, grad_norm = None, None, None
+
+    def save_checkpoint(step: int) -> None:
+        _atomic_torch_save({
+            "step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+            "wall_time_s": wall_before + time.perf_counter() - t_run, "recent_losses": recent,
+        }, out / CHECKPOINT)
+
+    with open(out / LOG, "a", encoding="utf-8") as log:
+        for step in range(start_step + 1, cfg.steps + 1):
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = make_batch(stream, cfg, step)
+            if device.type == "cuda":
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            with autocast:
+                loss = lm_loss(forward, batch)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            loss_sum += loss.detach()
+            steps_since_log += 1
+            if steps_since_log == cfg.log_every or step == cfg.steps:
+                last_loss = float(loss_sum) / steps_since_log
+                now = time.perf_counter()
+                last_tps = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
+                recent = (recent + [last_loss])[-10:]
+                entry = {"step": step, "loss": round(last_loss, 5), "lr": lr, "tokens": tokens_seen,
+                         "tokens_per_s": round(last_tps, 1), "elapsed_s": round(wall_before + now - t_run, 3)}
+                if grad_norm is not None:
+                    entry["grad_norm"] = round(float(grad_norm), 4)
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss became {last_loss} at step {step}; lower --lr")
+                loss_sum.zero_()
+                steps_since_log, t_log = 0, now
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(step)
+            if callback is not None:
+                callback(StepInfo(step, cfg.steps, last_loss, lr, last_tps))
+    wall = wall_before + time.perf_counter() - t_run
+
+    model.eval()
+    accuracy = passkey_accuracy(model, cfg.context, device=device, dtype=cfg.dtype, seed=cfg.seed)
+    record = {
+        "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_seen": tokens_seen, "final_loss": (sum(recent) / len(recent)) if recent else None,
+        "last_logged_loss": recent[-1] if recent else None,
+        "passkey_accuracy_at_context": accuracy, "wall_time_s": round(wall, 2),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(), "command": command if command is not None else _argv(),
+        "data": {**(data_info or {}), "documents": len(documents), "tokens": int(len(stream))},
+    }
+    save_model(model, out, cfg.save_dtype, record)
+    if not keep_checkpoint:
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    return PretrainResult(out=out, model=model, record=record)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the checkpoint by an interrupted run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def save_model(model, out: Path, save_dtype: str, record: dict) -> None:
+    """Write the HF folder (weights in `save_dtype`, config, byte tokenizer, generation config) into
+    `out` file by file through a temporary folder; pretrain.json is written last."""
+    tmp = out / f".final-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        small = copy.deepcopy(model).to(device="cpu", dtype=getattr(torch, save_dtype))
+        small.config.use_cache = True
+        small.save_pretrained(tmp, safe_serialization=True)
+        small.generation_config.save_pretrained(tmp)
+        byte_tokenizer().save_pretrained(tmp)
+        record["model_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, out / item.name)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp / RECORD, out / RECORD)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def passkey_accuracy(model, context: int, *, n: int = 32, device: torch.device | str = "cpu",
+                     dtype: str = "float32", seed: int = 0) -> float | None:
+    """Share of standard-filler passkey prompts of `context` tokens (intro included when it fits,
+    depths spread over [0, 1]) whose key the model reproduces greedily. Teacher-forced argmax at
+    every digit equals greedy decoding's exact match, so one forward pass suffices."""
+    if context < passkey_fixed_tokens(intro=False):
+        return None
+    intro = context >= passkey_fixed_tokens(intro=True)
+    rng = np.random.default_rng([seed, 0xE7A1])
+    samples = [passkey_sample(context, int(rng.integers(10000, 100000)), i / max(1, n - 1), intro=intro)
+               for i in range(n)]
+    ids = torch.tensor([s.ids for s in samples], device=device)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else torch.autocast(torch.device(device).type, enabled=False))
+    with autocast:
+        logits = model(input_ids=ids, use_cache=False).logits
+    a = samples[0].answer_start
+    predicted = logits[:, a - 1:-1].argmax(-1)
+    return float((predicted == ids[:, a:]).all(-1).float().mean())
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"longrope": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def _argv() -> str:
+    import shlex
+
+    return shlex.join(sys.argv)
