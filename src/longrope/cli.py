@@ -63,10 +63,10 @@ def device_and_dtype(args):
 
 
 def cmd_export(args) -> int:
+    info = models.rope_info(models.load_config(args.model))
+    scaling = resolve_scaling(args.scaling, args.method, args.target_length, info)  # fail before loading weights
     device, dtype = device_and_dtype(args)
     model, tokenizer = models.load(args.model, dtype=dtype, device=device)
-    info = models.rope_info(model.config)
-    scaling = resolve_scaling(args.scaling, args.method, args.target_length, info)
     models.attach(model, scaling)
     if scaling.n_hat:
         print(f"note: n_hat={scaling.n_hat} cannot be expressed in transformers' config; it is stored in "

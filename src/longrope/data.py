@@ -320,8 +320,8 @@ def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
 # selection and windows
 
 
-def _priority(seed: int, index: int, doc_id: str) -> str:
-    return hashlib.sha256(f"{seed}\0{doc_id}\0{index}".encode()).hexdigest()
+def _priority(seed: int, index: int, doc_id: str) -> tuple[str, int]:
+    return hashlib.sha256(f"{seed}\0{doc_id}".encode()).hexdigest(), index
 
 
 def select(docs: Sequence[TokenizedDocument], min_tokens: int, n: int, seed: int = 0) -> list[TokenizedDocument]:
@@ -348,18 +348,23 @@ def truncate_window(n_tokens: int, length: int) -> list[Window]:
 
 
 def sliding_windows(n_tokens: int, length: int, stride: int) -> list[Window]:
-    """Windows of `length` tokens every `stride` tokens; each scores only the tokens that no earlier
-    window scored, so every token 1..n-1 is scored once, with up to length-1 tokens of context."""
-    if stride < 1 or stride > length:
-        raise UsageError(f"--stride {stride}: must be between 1 and the window length {length}")
-    windows, prev_end, start = [], 1, 0
-    while True:
-        end = min(start + length, n_tokens)
+    """Windows of `length` tokens, each scoring the next `stride` tokens that no earlier window
+    scored (the first scores tokens 1..length-1); every window ends at its last scored token, so
+    each scored token sees at least length-stride tokens of context (or all before it). Every
+    token 1..n-1 is scored exactly once. A stride of `length` or more is taken as length-1
+    (adjacent windows overlap by the one token that gives the first target its context)."""
+    if stride < 1:
+        raise UsageError(f"--stride {stride}: must be at least 1")
+    if length < 2:
+        raise UsageError(f"length {length}: a window needs at least 2 tokens")
+    stride = min(stride, length - 1)
+    end = min(length, n_tokens)
+    windows = [Window(0, end, 1)]
+    while end < n_tokens:
+        prev_end, end = end, min(end + stride, n_tokens)
+        start = max(0, end - length)
         windows.append(Window(start, end, prev_end - start))
-        prev_end = end
-        if end >= n_tokens:
-            return windows
-        start += stride
+    return windows
 
 
 def windows(n_tokens: int, length: int, mode: str = "truncate", stride: int | None = None,

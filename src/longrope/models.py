@@ -82,11 +82,21 @@ def resolve(spec: str) -> tuple[str, str | None]:
                      f"({', '.join(NAMED_MODELS)}); nothing is downloaded from a hub")
 
 
+def load_config(spec: str):
+    """The model's transformers config alone (cheap: lets commands validate input before loading weights)."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve(spec)
+    return AutoConfig.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+
+
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa"):
     """(model, tokenizer) from a local spec; offline only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line per weight file is noise on the console
     folder, gguf = resolve(spec)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf:

@@ -310,9 +310,11 @@ def model_fitness(model, windows, chunk_size: int | None = None) -> Fitness:
     the target length). evaluate is imported here so the search imports without it."""
     from . import evaluate, models
 
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+
     def fitness(scaling: LongRoPEScaling) -> float:
         models.attach(model, scaling)
-        return float(evaluate.perplexity(model, windows, chunk_size=chunk_size))
+        return float(evaluate.perplexity(model, windows, **kwargs))
 
     return fitness
 
@@ -356,42 +358,44 @@ def read_state(out: str | os.PathLike) -> dict | None:
         raise UsageError(f"{path}: unreadable search state ({exc}); use another --out or --force") from None
 
 
-def check_out(out: str | os.PathLike, space: SearchSpace, config: SearchConfig, identity: Mapping[str, Any],
-              resume: bool, force: bool) -> dict | None:
-    """Refuse an output folder the search must not touch; on resume return its saved state after
-    checking it belongs to this model, target and config. Cheap: recipes call it before loading
-    data."""
+def check_out(out: str | os.PathLike, resume: bool, force: bool, space: SearchSpace | None = None,
+              config: SearchConfig | None = None, identity: Mapping[str, Any] | None = None) -> dict | None:
+    """Refuse an output folder the search must not touch; on resume return its saved state (None:
+    nothing to resume, start afresh), after checking, when `space` is given, that it belongs to
+    this model, target and config. Cheap, so recipes call it before loading anything."""
     out = Path(out)
-    identity = {**space.identity(), **identity}
-    saved = read_state(out) if out.is_dir() else None
-    if saved is not None and resume and not force:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    saved = read_state(out) if out.is_dir() and not force else None
+    if saved is not None and resume:
         if saved.get("version") != STATE_VERSION:
             raise UsageError(f"--resume {out}: search state version {saved.get('version')} is not "
                              f"{STATE_VERSION}; start a new --out")
-        for key in sorted(set(identity) | set(saved["identity"])):
-            if saved["identity"].get(key) != identity.get(key):
-                raise UsageError(f"--resume {out}: that search is for {key}={saved['identity'].get(key)!r}, "
-                                 f"not {identity.get(key)!r}; use another --out")
-        fixed = {k: v for k, v in config.to_dict().items() if k not in SearchConfig.BUDGET}
-        for key, value in fixed.items():
-            if saved["config"].get(key) != value:
-                raise UsageError(f"--resume {out}: that search ran with {key}={saved['config'].get(key)!r}, "
-                                 f"not {value!r}; drop the option or use another --out")
+        if space is not None:
+            _check_same(out, "search is for", saved["identity"], {**space.identity(), **(identity or {})})
+        if config is not None:
+            fixed = {k: v for k, v in config.to_dict().items() if k not in SearchConfig.BUDGET}
+            _check_same(out, "search ran with", {k: saved["config"].get(k) for k in fixed}, fixed)
         return saved
     if out.is_dir() and any(out.iterdir()) and not force:
-        if resume and saved is None:
+        if resume:
             raise UsageError(f"--resume {out}: no {STATE} there, so nothing to resume; choose another folder "
                              "or pass --force")
         if saved is not None and saved.get("finished"):
-            raise UsageError(f"--out {out} holds a finished search; pass --force to replace it or --resume "
+            raise UsageError(f"--out {out} holds a finished search; pass --force to replace it, or --resume "
                              "with a larger budget to continue it")
         if saved is not None:
             raise UsageError(f"--out {out} holds an unfinished search; pass --resume to continue it or --force "
                              "to start over")
         raise UsageError(f"--out {out} already exists and is not empty; choose another folder or pass --force")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
     return None
+
+
+def _check_same(out: Path, what: str, saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    for key in sorted(set(saved) | set(given)):
+        if saved.get(key) != given.get(key):
+            raise UsageError(f"--resume {out}: that {what} {key}={saved.get(key)!r}, not {given.get(key)!r}; "
+                             "use another --out (or drop the option)")
 
 
 class _Book:
@@ -410,7 +414,7 @@ class _Book:
         if out is None:
             return cls(None, space, config, identity, state, pending)
         out = Path(out)
-        saved = check_out(out, space, config, identity, resume, force)
+        saved = check_out(out, resume, force, space, config, identity)
         if saved is None:
             out.mkdir(parents=True, exist_ok=True)
             for name in OUTPUT_FILES:  # --force: only our own files go

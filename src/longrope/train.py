@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import gzip
 import json
 import math
 import os
@@ -30,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import Document, read_documents
 from .errors import UsageError
+from .evaluate import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 from .tokenization import VOCAB_SIZE, byte_tokenizer
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -41,79 +42,40 @@ LOG = "train_log.jsonl"
 RECORD = "pretrain.json"
 
 # --------------------------------------------------------------------------------------------
-# documents and tokens (a small loader; data.py's can replace it: all that is used is `.text`)
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
+# documents and tokens (reading is data.py's; byte-level tokenisation is trivial: bytes + 3)
 
 
 def load_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], ids: Iterable[str] | None = None,
                    exclude_ids: Iterable[str] | None = None) -> list[Document]:
-    """Documents from .txt files (one document each; id = file name without suffix), folders of
-    .txt (sorted, recursive) and .jsonl / .jsonl.gz (one JSON object a line with a `text` field and
-    optionally `id`; id defaults to `<file>:<line>`). `ids` keeps only those ids (all must exist),
-    `exclude_ids` drops those."""
+    """Documents of one or several sources (`data.read_documents`: .txt/.md files, folders of them,
+    .jsonl(.gz) with `text` and optionally `id`, .parquet, or `bundled`), filtered by id."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     docs: list[Document] = []
-    for spec in paths:
-        path = Path(spec)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not files:
-                raise UsageError(f"--data {spec}: folder holds no .txt files")
-            docs.extend(_read_txt(p, p.relative_to(path).with_suffix("").as_posix()) for p in files)
-        elif path.is_file():
-            name = path.name.lower()
-            if name.endswith((".jsonl", ".jsonl.gz")):
-                docs.extend(_read_jsonl(path))
-            elif name.endswith(".txt"):
-                docs.append(_read_txt(path, path.stem))
-            else:
-                raise UsageError(f"--data {spec}: expected a .txt file, a folder of .txt or a .jsonl/.jsonl.gz file")
-        else:
-            raise UsageError(f"--data {spec}: no such file or folder")
+    for source in paths:
+        docs.extend(read_documents(source))
+    return select_documents(docs, ids, exclude_ids)
+
+
+def select_documents(docs: Sequence[Document], ids: Iterable[str] | None = None,
+                     exclude_ids: Iterable[str] | None = None, what: str = "--data-ids") -> list[Document]:
+    """Keep the documents named in `ids` (in that order; all must exist), drop `exclude_ids` and
+    empty ones. Raises UsageError if nothing is left."""
+    docs = list(docs)
     if ids is not None:
         wanted = list(dict.fromkeys(ids))
         by_id = {d.id: d for d in docs}
         missing = [i for i in wanted if i not in by_id]
         if missing:
             known = ", ".join(list(by_id)[:8]) + (" ..." if len(by_id) > 8 else "")
-            raise UsageError(f"--data-ids: no document with id {', '.join(missing)} (ids: {known})")
+            raise UsageError(f"{what}: no document with id {', '.join(missing)} (ids: {known})")
         docs = [by_id[i] for i in wanted]
     if exclude_ids is not None:
         drop = set(exclude_ids)
         docs = [d for d in docs if d.id not in drop]
     docs = [d for d in docs if d.text]
     if not docs:
-        raise UsageError("--data: no non-empty documents left to train on")
-    return docs
-
-
-def _read_txt(path: Path, doc_id: str) -> Document:
-    return Document(doc_id, path.read_text(encoding="utf-8", errors="replace"))
-
-
-def _read_jsonl(path: Path) -> list[Document]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    docs = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(f"--data {path}: line {n} is not JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UsageError(f"--data {path}: line {n} has no string field 'text'")
-                docs.append(Document(str(record.get("id", f"{path.name}:{n}")), record["text"]))
-    except (OSError, EOFError) as exc:
-        raise UsageError(f"--data {path}: cannot read ({exc})") from None
+        raise UsageError(f"{what}: no non-empty documents left")
     return docs
 
 
@@ -133,16 +95,11 @@ def token_stream(documents: Sequence[Document]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# passkey samples (the standard wording, which evaluate's passkey test also uses)
-
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-                 "I will quiz you about the important information there.")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
+# passkey samples, in the standard wording of evaluate's passkey test (its constants)
 
 
 def passkey_needle(key: int | str) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+    return PASSKEY_NEEDLE.format(key=key)
 
 
 @dataclass(frozen=True)
@@ -243,9 +200,12 @@ class PretrainConfig:
     compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 10
+    eval_every: int = 0  # validation loss every so many steps (0: only at the end); needs validation documents
+    eval_windows: int = 64
     save_dtype: str = "float16"
 
-    RUN_FIELDS = ("device", "dtype", "compile", "checkpoint_every", "log_every", "save_dtype")
+    RUN_FIELDS = ("device", "dtype", "compile", "checkpoint_every", "log_every", "eval_every", "eval_windows",
+                  "save_dtype")
 
     @property
     def ffn_size(self) -> int:
@@ -267,6 +227,7 @@ class PretrainConfig:
         for name in ("d_model", "layers", "heads", "kv_heads", "head_dim", "steps", "batch_size",
                      "checkpoint_every", "log_every"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        need(self.eval_every >= 0 and self.eval_windows >= 1, "--eval-every must be >= 0 and --eval-windows >= 1")
         need(self.head_dim % 2 == 0, f"--head-dim must be even (RoPE rotates pairs), got {self.head_dim}")
         need(self.heads % self.kv_heads == 0,
              f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
@@ -360,6 +321,35 @@ def make_batch(stream: np.ndarray, cfg: PretrainConfig, step: int) -> torch.Tens
     for row in range(n_lm, B):
         batch[row] = passkey_training_sample(stream, T, rng).ids
     return torch.from_numpy(batch)
+
+
+def validation_batch(stream: np.ndarray, context: int, n: int) -> torch.Tensor:
+    """[n, context] fixed windows (BOS first) spread evenly over a held-out stream."""
+    starts = np.linspace(0, len(stream) - (context - 1), num=n).astype(np.int64)
+    batch = np.empty((n, context), dtype=np.int64)
+    batch[:, 0] = BOS_ID
+    batch[:, 1:] = stream[starts[:, None] + np.arange(context - 1)]
+    return torch.from_numpy(batch)
+
+
+@torch.no_grad()
+def validation_loss(model, batch: torch.Tensor, device: torch.device, dtype: str, chunk: int = 64) -> float:
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with _autocast(device, dtype):
+        for i in range(0, len(batch), chunk):
+            part = batch[i:i + chunk].to(device)
+            total += float(lm_loss(model, part)) * len(part)
+    model.train(was_training)
+    return total / len(batch)
+
+
+def _autocast(device: torch.device | str, dtype: str):
+    kind = torch.device(device).type
+    if dtype == "bfloat16":
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(kind, enabled=False)
 
 
 def passkey_training_sample(stream: np.ndarray, context: int, rng: np.random.Generator) -> PasskeySample:
@@ -481,17 +471,25 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 
 def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.PathLike, *, resume: bool = False,
              force: bool = False, keep_checkpoint: bool = False, callback: Callable[[StepInfo], None] | None = None,
-             command: str | None = None, data_info: dict | None = None) -> PretrainResult:
+             command: str | None = None, data_info: dict | None = None,
+             validation: Sequence[Document] | None = None) -> PretrainResult:
     """Train from scratch (or from `out/checkpoint.pt` with resume) and write the final model to `out`.
 
     `callback(StepInfo)` runs after every optimizer step (after that step's checkpoint, if any);
-    an exception it raises stops training, leaving the checkpoint to resume from."""
+    an exception it raises stops training, leaving the checkpoint to resume from. `validation`
+    documents (held out) give a validation loss every `eval_every` steps and at the end."""
     cfg.validate()
     device = _resolve_device(cfg.device)
     out = Path(out)
     stream = token_stream(documents)
     if len(stream) < cfg.context:
         raise UsageError(f"--data: {len(stream)} tokens in all is less than one --context of {cfg.context}")
+    val_batch = None
+    if validation:
+        val_stream = token_stream(validation)
+        if len(val_stream) < cfg.context:
+            raise UsageError(f"validation documents hold {len(val_stream)} tokens, less than one --context")
+        val_batch = validation_batch(val_stream, cfg.context, cfg.eval_windows)
     checkpoint = _prepare_out(out, resume, force)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -514,8 +512,7 @@ def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.P
     del checkpoint
     model.train()
     forward = torch.compile(model) if cfg.compile else model
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
-                else torch.autocast(device.type, enabled=False))
+    autocast = _autocast(device, cfg.dtype)
     tokens_per_step = cfg.batch_size * cfg.context
     t_run = time.perf_counter()
     t_log, steps_since_log = t_run, 0
@@ -556,12 +553,17 @@ def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.P
                          "tokens_per_s": round(last_tps, 1), "elapsed_s": round(wall_before + now - t_run, 3)}
                 if grad_norm is not None:
                     entry["grad_norm"] = round(float(grad_norm), 4)
+                if val_batch is not None and cfg.eval_every and (step // cfg.eval_every
+                                                                 > (step - steps_since_log) // cfg.eval_every):
+                    entry["val_loss"] = round(validation_loss(model, val_batch, device, cfg.dtype), 5)
+                    t_log = time.perf_counter()  # keep evaluation out of tokens/s
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 if not math.isfinite(last_loss):
                     raise FloatingPointError(f"loss became {last_loss} at step {step}; lower --lr")
                 loss_sum.zero_()
-                steps_since_log, t_log = 0, now
+                steps_since_log = 0
+                t_log = max(t_log, now)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(step)
             if callback is not None:
@@ -569,16 +571,18 @@ def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.P
     wall = wall_before + time.perf_counter() - t_run
 
     model.eval()
+    val_loss = validation_loss(model, val_batch, device, cfg.dtype) if val_batch is not None else None
     accuracy = passkey_accuracy(model, cfg.context, device=device, dtype=cfg.dtype, seed=cfg.seed)
     record = {
         "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_seen": tokens_seen, "final_loss": (sum(recent) / len(recent)) if recent else None,
-        "last_logged_loss": recent[-1] if recent else None,
+        "last_logged_loss": recent[-1] if recent else None, "validation_loss": val_loss,
         "passkey_accuracy_at_context": accuracy, "wall_time_s": round(wall, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(), "command": command if command is not None else _argv(),
-        "data": {**(data_info or {}), "documents": len(documents), "tokens": int(len(stream))},
+        "data": {**(data_info or {}), "documents": len(documents), "tokens": int(len(stream)),
+                 "validation_documents": [d.id for d in validation or []]},
     }
     save_model(model, out, cfg.save_dtype, record)
     if not keep_checkpoint:
@@ -628,9 +632,7 @@ def passkey_accuracy(model, context: int, *, n: int = 32, device: torch.device |
     samples = [passkey_sample(context, int(rng.integers(10000, 100000)), i / max(1, n - 1), intro=intro)
                for i in range(n)]
     ids = torch.tensor([s.ids for s in samples], device=device)
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else torch.autocast(torch.device(device).type, enabled=False))
-    with autocast:
+    with _autocast(device, dtype):
         logits = model(input_ids=ids, use_cache=False).logits
     a = samples[0].answer_start
     predicted = logits[:, a - 1:-1].argmax(-1)

@@ -25,6 +25,7 @@ def register(sub) -> None:
                    help=".txt file, folder of .txt, or .jsonl/.jsonl.gz with a 'text' (and 'id') field; several allowed")
     g.add_argument("--data-ids", help="comma-separated document ids to train on (jsonl 'id'; .txt: file stem)")
     g.add_argument("--exclude-ids", help="comma-separated document ids to leave out (e.g. held out for evaluation)")
+    g.add_argument("--val-ids", help="comma-separated document ids held out for a validation loss (never trained on)")
     g.add_argument("--out", required=True, help="output folder: the HF model, train_log.jsonl, pretrain.json")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if there is one")
     g.add_argument("--force", action="store_true", help="delete an existing --out and start over")
@@ -60,6 +61,9 @@ def register(sub) -> None:
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--checkpoint-every", type=int, default=500)
     r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--eval-every", type=int, default=0,
+                   help="validation loss every N steps (with --val-ids; 0: only at the end)")
+    r.add_argument("--eval-windows", type=int, default=64, help="validation windows of --context tokens")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
@@ -78,10 +82,15 @@ def cmd_pretrain(args) -> int:
         min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, passkey_share=args.passkey_share,
         seed=args.seed, device=device, dtype=dtype, compile=args.compile,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, save_dtype=args.save_dtype,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_every=args.eval_every,
+        eval_windows=args.eval_windows, save_dtype=args.save_dtype,
     ).validate()
-    data_ids, exclude_ids = _ids(args.data_ids), _ids(args.exclude_ids)
-    documents = train.load_documents(args.data, ids=data_ids, exclude_ids=exclude_ids)
+    data_ids, exclude_ids, val_ids = _ids(args.data_ids), _ids(args.exclude_ids), _ids(args.val_ids)
+    everything = train.load_documents(args.data)
+    validation = train.select_documents(everything, val_ids, what="--val-ids") if val_ids else None
+    if val_ids and data_ids and set(val_ids) & set(data_ids):
+        raise UsageError(f"--val-ids and --data-ids share {', '.join(sorted(set(val_ids) & set(data_ids)))}")
+    documents = train.select_documents(everything, data_ids, [*(exclude_ids or []), *(val_ids or [])])
     n_params = train.parameter_count(cfg)
     bytes_per = {"float16": 2, "bfloat16": 2, "float32": 4}[cfg.save_dtype]
     print(f"pretrain: {n_params / 1e6:.2f}M parameters (~{n_params * bytes_per / 2**20:.1f} MiB as {cfg.save_dtype}), "
@@ -107,11 +116,12 @@ def cmd_pretrain(args) -> int:
 
     command = shlex.join(["longrope", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("longrope", "__main__.py")) \
         else shlex.join(sys.argv)
-    data_info = {"paths": [str(p) for p in args.data], "ids": data_ids, "exclude_ids": exclude_ids}
+    data_info = {"paths": [str(p) for p in args.data], "ids": data_ids, "exclude_ids": exclude_ids,
+                 "documents_ids": [d.id for d in documents]}
     try:
         result = train.pretrain(cfg, documents, args.out, resume=args.resume, force=args.force,
                                 keep_checkpoint=args.keep_checkpoint, callback=progress, command=command,
-                                data_info=data_info)
+                                data_info=data_info, validation=validation)
     finally:
         if bar is not None:
             bar.close()
@@ -119,6 +129,7 @@ def cmd_pretrain(args) -> int:
     acc = rec["passkey_accuracy_at_context"]
     print(f"wrote {result.out}: final loss {rec['final_loss']:.4f} ({rec['final_loss'] / 0.6931:.3f} bits/byte), "
           f"{rec['tokens_seen'] / 1e6:.1f}M tokens in {rec['wall_time_s']:.0f} s, "
-          f"passkey@{cfg.context} {'n/a' if acc is None else f'{acc:.0%}'}, "
+          + (f"validation loss {rec['validation_loss']:.4f}, " if rec["validation_loss"] is not None else "")
+          + f"passkey@{cfg.context} {'n/a' if acc is None else f'{acc:.0%}'}, "
           f"model {rec['model_bytes'] / 2**20:.2f} MiB")
     return 0
