@@ -8,6 +8,8 @@ model on long windows, see `model_fitness`), so the engine is tested with synthe
 Algorithm 1 of the paper, as in its reference code: the initial population is PI, NTK and YaRN
 and mutations of them; each generation keeps the best `parents` (truncation selection) and adds
 `mutations` mutated and `crossovers` crossed-over children; every genome is evaluated once.
+One addition: a share `local` of gene mutations are small steps rather than uniform redraws,
+so the search can polish a good candidate (set local=0 for the paper's operator).
 
 Reproducibility: one seeded numpy Generator drives every random choice. After each generation
 `search_state.json` (population, fitness cache, RNG state, config, identity) is replaced
@@ -35,7 +37,8 @@ from .scaling import LongRoPEScaling, ntk_factors, pi_factors, yarn_factors
 GRID_STEP = 0.01
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
 # files a search writes into its output folder
-STATE, HISTORY, SCALING, SUMMARY, PLOT = "search_state.json", "history.jsonl", "scaling.json", "summary.json", "search.png"
+STATE, HISTORY, SCALING, SUMMARY = "search_state.json", "history.jsonl", "scaling.json", "summary.json"
+PLOT = "search.png"  # drawn by the recipe
 OUTPUT_FILES = (STATE, HISTORY, SCALING, SUMMARY, PLOT)
 STATE_VERSION = 1
 
@@ -46,7 +49,7 @@ Fitness = Callable[[LongRoPEScaling], float]
 # the search space and its genomes
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Genome:
     """One candidate: grid indices (λ_i = 1 + 0.01·factors[i]) and an index into the space's
     n̂ choices. Integers, so equality, hashing and the cache are exact."""
@@ -131,8 +134,8 @@ class SearchSpace:
 
 @dataclass
 class SearchConfig:
-    """The paper's defaults (§4.1: population 64, 16 + 16 children, 32 parents, p = 0.3, 40
-    generations); the budget stops the search early, after the evaluation that exhausts it."""
+    """The paper's settings (population 64, 16 + 16 children, 32 parents, p = 0.3, 40
+    generations); a budget stops the search early, after the evaluation that exhausts it."""
 
     population: int = 64  # size of the initial population
     mutations: int = 16  # mutated children per generation
@@ -142,7 +145,7 @@ class SearchConfig:
     local: float = 0.25  # share of gene mutations that are small steps (0: the paper's uniform redraw)
     generations: int = 40  # breeding rounds after the initial population
     max_evals: int | None = None  # stop after this many fitness evaluations
-    max_minutes: float | None = None  # stop after this much wall time (not reproducible)
+    max_minutes: float | None = None  # wall time, resumed sessions included (not reproducible)
     seed: int = 0
     max_tries: int = 16  # attempts to draw a child not yet evaluated
 
@@ -247,17 +250,19 @@ def breed(parents: list[Genome], space: SearchSpace, rng: np.random.Generator, c
           seen: Iterable[Genome]) -> list[Genome]:
     """One generation's children: `mutations` mutated parents, `crossovers` crossed pairs (a
     mutation of the first parent when no valid new mix turns up, as the reference code does)."""
-    taken, children = set(seen) | set(parents), []
+    taken, children, tries = set(seen) | set(parents), [], config.max_tries
+
+    def mutant(parent: Genome) -> Genome | None:
+        return _novel(lambda: mutate(parent, space, rng, config.p, config.local), taken, tries)
+
     for _ in range(config.mutations):
-        parent = parents[int(rng.integers(len(parents)))]
-        children.append(_novel(lambda: mutate(parent, space, rng, config.p, config.local), taken, config.max_tries))
+        children.append(mutant(parents[int(rng.integers(len(parents)))]))
     for _ in range(config.crossovers):
         if len(parents) < 2:
-            i = j = 0
-        else:
-            i, j = (int(x) for x in rng.choice(len(parents), 2, replace=False))
-        child = _novel(lambda: crossover(parents[i], parents[j], rng), taken, config.max_tries) if i != j else None
-        children.append(child or _novel(lambda: mutate(parents[i], space, rng, config.p, config.local), taken, config.max_tries))
+            children.append(mutant(parents[0]))
+            continue
+        i, j = (int(x) for x in rng.choice(len(parents), 2, replace=False))
+        children.append(_novel(lambda: crossover(parents[i], parents[j], rng), taken, tries) or mutant(parents[i]))
     return [c for c in children if c is not None]
 
 
@@ -275,10 +280,10 @@ class SearchResult:
     out: Path | None = None
 
 
-def run(space: SearchSpace, fitness: Fitness, config: SearchConfig | None = None, out: str | os.PathLike | None = None,
-        *, identity: Mapping[str, Any] | None = None, resume: bool = False, force: bool = False,
-        on_generation: Callable[[dict], None] | None = None, extra_summary: Mapping[str, Any] | None = None
-        ) -> SearchResult:
+def run(space: SearchSpace, fitness: Fitness, config: SearchConfig | None = None,
+        out: str | os.PathLike | None = None, *, identity: Mapping[str, Any] | None = None,
+        resume: bool = False, force: bool = False, on_generation: Callable[[dict], None] | None = None,
+        extra_summary: Mapping[str, Any] | None = None) -> SearchResult:
     """Search factors minimising `fitness`. With `out`, checkpoint there and write scaling.json,
     history.jsonl, summary.json; `resume` continues the search in `out` (or starts it if `out`
     holds none), `force` replaces a search there. `identity` (model, data, ...) must match on
@@ -290,6 +295,8 @@ def run(space: SearchSpace, fitness: Fitness, config: SearchConfig | None = None
 
     while state.generation <= config.generations and not book.spent():
         g = state.generation
+        # all children are drawn before any is evaluated, from the RNG and cache as checkpointed,
+        # so a resumed generation draws the same children whatever the crash had evaluated
         parents = select(state.population, state.cache, config.parents) if g else []
         children = (breed(parents, space, state.rng, config, seen=state.cache) if g
                     else initial_population(space, state.rng, config))
@@ -493,7 +500,7 @@ class _Book:
 
     def end_generation(self) -> None:
         state = self.state
-        values = np.array([_rank(state.cache[g]) for g in state.population]) if state.population else np.array([math.inf])
+        values = np.array([_rank(state.cache[g]) for g in state.population] or [math.inf])
         state.stats.append({"generation": state.generation, "best": _num(float(values.min())),
                             "median": _num(float(np.median(values))), "evals": len(state.cache),
                             "seconds": round(self.elapsed(), 3)})

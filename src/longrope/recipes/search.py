@@ -112,6 +112,10 @@ def cmd_search(args) -> int:
     try:
         result = S.run(space, fitness, config, args.out, identity=identity, resume=args.resume, force=args.force,
                        on_generation=progress, extra_summary=extra)
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted; every evaluation so far is kept: continue with the same command and --resume")
+        return 130
     finally:
         bar.close()
     plot(os.path.join(args.out, S.PLOT), result, space)

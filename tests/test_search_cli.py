@@ -1,0 +1,75 @@
+"""`longrope search` end to end on a tiny model (context 64) and a small text file."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from longrope import scaling as sc
+from longrope import search as S
+from longrope.cli import main
+
+SMALL = ["--samples", "1", "--population", "6", "--mutations", "2", "--crossovers", "2", "--parents", "3"]
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # keep the user's cache clean
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("docs")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
+    (folder / "long.txt").write_text(" ".join(rng.choice(words) for _ in range(200)))
+    (folder / "short.txt").write_text("too short")
+    return folder
+
+
+def search(model, data, out, *extra):
+    return main(["search", "--model", str(model), "--data", str(data), "--out", str(out), *SMALL, *extra])
+
+
+def test_search_writes_outputs_resumes_and_exports(tiny_model_dir, docs, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "128", "--generations", "2") == 0
+    assert {p.name for p in out.iterdir()} == set(S.OUTPUT_FILES)
+    summary = json.loads((out / S.SUMMARY).read_text())
+    assert summary["evals"] == len(S.read_history(out)) > 6
+    assert summary["model"]["original_length"] == 64 and summary["data"]["tokens"] == 128
+    assert summary["best_fitness"] <= min(summary["baselines"].values())
+    scaling = sc.load(out / S.SCALING, 16)
+    assert scaling.target_length == 128 and len(scaling.long_factor) == 8
+    assert "best perplexity" in capsys.readouterr().out
+
+    # a finished search continues with a larger budget
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "128", "--generations", "3",
+                  "--resume") == 0
+    more = json.loads((out / S.SUMMARY).read_text())
+    assert more["generations"] == 4 and more["evals"] > summary["evals"]
+
+    # the result is a scaling file the rest of the CLI takes
+    assert main(["export", "--model", str(tiny_model_dir), "--scaling", str(out / S.SCALING),
+                 "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["rope_scaling"]["type"] == "longrope"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("target", "--target-length 64 must be above the model's context 64"),
+    ("data", "short.txt: no document has 128 tokens"),
+    ("resume", "that search is for target_length=128, not 256"),
+    ("exists", "holds a finished search; pass --force"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, docs, tmp_path, capsys, case, message):
+    out = tmp_path / "search"
+    if case in ("resume", "exists"):
+        assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "128", "--generations", "0") == 0
+        capsys.readouterr()
+    args = {"target": (docs / "long.txt", "64", []), "data": (docs / "short.txt", "128", []),
+            "resume": (docs / "long.txt", "256", ["--resume"]), "exists": (docs / "long.txt", "128", [])}[case]
+    assert search(tiny_model_dir, args[0], out, "--target-length", args[1], *args[2]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longrope: error: ") and message in err[0], err
