@@ -223,5 +223,6 @@ def test_passkey_trial_decodes_and_scores(tok, monkeypatch, llama):
     assert (trial.nominal_length, trial.actual_length) == (400, prompt.actual_length)
     monkeypatch.undo()
     trial = evaluate.passkey_trial(llama, tok, prompt, max_new_tokens=3)  # a random model: real decoding
-    assert trial.answer == tok.decode(evaluate.greedy_generate(llama, prompt.input_ids, 3), skip_special_tokens=True)
+    assert trial.answer == tok.decode(evaluate.greedy_generate(llama, prompt.input_ids, 3), skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
     assert trial.correct is evaluate.passkey_correct(trial.answer, "31415")

@@ -305,7 +305,7 @@ def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(texts, desc="tokenising", unit="doc")
+        iterator = tqdm(texts, desc="tokenising", unit="doc", disable=None)
     docs = [TokenizedDocument(d.id, np.asarray(tokenize_text(tokenizer, d.text, specials=specials), dtype=np.int64))
             for d in iterator]
     if path is not None:

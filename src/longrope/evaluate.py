@@ -317,7 +317,7 @@ class PasskeyTrial:
 def passkey_trial(model, tokenizer, prompt: PasskeyPrompt, max_new_tokens: int = 10) -> PasskeyTrial:
     """Greedy-decode a few tokens after the prompt and score the digits."""
     new = greedy_generate(model, prompt.input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(new, skip_special_tokens=True)
+    answer = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return PasskeyTrial(prompt.key, answer, passkey_correct(answer, prompt.key), prompt.depth,
                         prompt.nominal_length, prompt.actual_length)
 

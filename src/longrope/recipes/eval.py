@@ -279,7 +279,7 @@ def register(sub) -> None:
     ppl.add_argument("--data", required=True, help="a .txt/.md file, a folder of them, .jsonl(.gz), .parquet or 'bundled'")
     ppl.add_argument("--docs", type=int, default=10, help="documents per length (default 10)")
     ppl.add_argument("--mode", choices=["truncate", "sliding"], default="truncate")
-    ppl.add_argument("--stride", type=parse_length, help="sliding mode: window step (default: the length)")
+    ppl.add_argument("--stride", type=parse_length, help="sliding mode: new tokens scored per window (default and at most: length-1)")
     ppl.add_argument("--max-tokens", type=parse_length, help="sliding mode: score at most this many tokens per document")
     ppl.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK,
                      help="positions projected through lm_head at a time (default 4096)")
