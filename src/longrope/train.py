@@ -181,9 +181,9 @@ class PretrainConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     # optimisation
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 1500
+    batch_size: int = 512
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int | None = None  # None: 5% of the steps
     schedule: str = "cosine"  # or "linear"

@@ -22,10 +22,13 @@ def register(sub) -> None:
                        description=__doc__)
     g = p.add_argument_group("data and output")
     g.add_argument("--data", required=True, nargs="+",
-                   help=".txt file, folder of .txt, or .jsonl/.jsonl.gz with a 'text' (and 'id') field; several allowed")
-    g.add_argument("--data-ids", help="comma-separated document ids to train on (jsonl 'id'; .txt: file stem)")
+                   help="training text: .txt/.md file, folder of them, .jsonl(.gz) with 'text' (and 'id'), .parquet, "
+                        "or 'bundled'; several allowed")
+    g.add_argument("--data-ids", help="comma-separated document ids to train on (jsonl 'id'; a text file's name)")
     g.add_argument("--exclude-ids", help="comma-separated document ids to leave out (e.g. held out for evaluation)")
-    g.add_argument("--val-ids", help="comma-separated document ids held out for a validation loss (never trained on)")
+    g.add_argument("--exclude-data", nargs="+", default=[],
+                   help="leave out every document whose id appears in these sources (e.g. 'bundled', kept for evaluation)")
+    g.add_argument("--val-ids", help="comma-separated ids (from --data or --exclude-data) held out for a validation loss; never trained on")
     g.add_argument("--out", required=True, help="output folder: the HF model, train_log.jsonl, pretrain.json")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if there is one")
     g.add_argument("--force", action="store_true", help="delete an existing --out and start over")
@@ -42,9 +45,9 @@ def register(sub) -> None:
     m.add_argument("--rope-theta", type=float, default=10000.0)
     m.add_argument("--tie-embeddings", action="store_true")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=1000)
-    o.add_argument("--batch-size", type=int, default=64)
-    o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    o.add_argument("--steps", type=int, default=1500)
+    o.add_argument("--batch-size", type=int, default=512, help="windows per step (512 × 256 tokens fits any GPU)")
+    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a share of --lr")
     o.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of --steps)")
     o.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
@@ -85,12 +88,17 @@ def cmd_pretrain(args) -> int:
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_every=args.eval_every,
         eval_windows=args.eval_windows, save_dtype=args.save_dtype,
     ).validate()
+    if args.resume and args.force:
+        raise UsageError("--resume and --force contradict each other: --force starts over")
     data_ids, exclude_ids, val_ids = _ids(args.data_ids), _ids(args.exclude_ids), _ids(args.val_ids)
     everything = train.load_documents(args.data)
-    validation = train.select_documents(everything, val_ids, what="--val-ids") if val_ids else None
+    held_out = [d for source in args.exclude_data for d in train.load_documents(source)]
     if val_ids and data_ids and set(val_ids) & set(data_ids):
         raise UsageError(f"--val-ids and --data-ids share {', '.join(sorted(set(val_ids) & set(data_ids)))}")
-    documents = train.select_documents(everything, data_ids, [*(exclude_ids or []), *(val_ids or [])])
+    pool = list({d.id: d for d in [*held_out, *everything]}.values())  # --val-ids may name either
+    validation = train.select_documents(pool, val_ids, what="--val-ids") if val_ids else None
+    excluded = [*(exclude_ids or []), *(val_ids or []), *(d.id for d in held_out)]
+    documents = train.select_documents(everything, data_ids, excluded if excluded else None)
     n_params = train.parameter_count(cfg)
     bytes_per = {"float16": 2, "bfloat16": 2, "float32": 4}[cfg.save_dtype]
     print(f"pretrain: {n_params / 1e6:.2f}M parameters (~{n_params * bytes_per / 2**20:.1f} MiB as {cfg.save_dtype}), "
@@ -117,11 +125,16 @@ def cmd_pretrain(args) -> int:
     command = shlex.join(["longrope", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("longrope", "__main__.py")) \
         else shlex.join(sys.argv)
     data_info = {"paths": [str(p) for p in args.data], "ids": data_ids, "exclude_ids": exclude_ids,
+                 "exclude_data": [str(p) for p in args.exclude_data], "val_ids": val_ids,
                  "documents_ids": [d.id for d in documents]}
     try:
         result = train.pretrain(cfg, documents, args.out, resume=args.resume, force=args.force,
                                 keep_checkpoint=args.keep_checkpoint, callback=progress, command=command,
                                 data_info=data_info, validation=validation)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue from the last checkpoint with the same command and --resume "
+              f"(checkpoints every {cfg.checkpoint_every} steps in {args.out})", file=sys.stderr)
+        return 130
     finally:
         if bar is not None:
             bar.close()
