@@ -58,6 +58,9 @@ def search_scale(model, info, docs, scale: int, out: Path, device, seed: int):
     t0 = time.time()
     result = S.run(space, fitness, config, out, identity=identity, resume=True,
                    extra_summary={"documents": [d.id for d in chosen]})
+    from .search import plot
+
+    plot(str(out / "search.png"), result, space)
     s = result.summary
     print(f"  {scale:>2}× ({target} tokens): best search perplexity {result.fitness:.3f} "
           f"(PI {s['baselines']['pi']:.3f}, NTK {s['baselines']['ntk']:.3f}, YaRN {s['baselines']['yarn']:.3f}); "
