@@ -73,3 +73,40 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, docs, tmp_path, capsys
     assert search(tiny_model_dir, args[0], out, "--target-length", args[1], *args[2]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("longrope: error: ") and message in err[0], err
+
+
+def test_longrope2_options_are_kept_on_resume(tiny_model_dir, docs, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "256", "--generations", "1",
+                  "--fitness", "needle", "--algorithm", "critical-dim", "--search-attention") == 0
+    printed = capsys.readouterr().out
+    assert "critical dimension: theoretical d_tcd = 6 of 16" in printed and "answer perplexity (needle)" in printed
+    summary = json.loads((out / S.SUMMARY).read_text())
+    assert summary["space"] == {"algorithm": "critical-dim", "search_attention": True,
+                                "theoretical_critical_dim": 6, "theoretical_critical_pairs": 3}
+    assert {"critical_dim", "critical_pairs", "attention_factor"} <= set(summary["best"])
+    assert summary["identity"]["fitness"] == "needle" and summary["data"]["fitness"] == "needle"
+    assert set(summary["baselines"]) == {"pi", "ntk", "yarn", "tcd"}
+    history = S.read_history(out)
+    assert all(1 <= h["attention_factor"] <= 1.5 and 0 <= h["critical"] <= 8 for h in history)
+    scaling = sc.load(out / S.SCALING, 16)
+    assert scaling.attention_factor() == summary["best"]["attention_factor"]
+    assert min(scaling.long_factor[summary["best"]["critical_pairs"]:]) >= 4  # searched part in [s, 2s]
+
+    # --resume alone continues the same kind of search
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "256", "--generations", "2",
+                  "--resume") == 0
+    more = json.loads((out / S.SUMMARY).read_text())
+    assert more["generations"] == 3 and more["space"]["algorithm"] == "critical-dim"
+    assert all("critical" in h for h in S.read_history(out))
+    capsys.readouterr()
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "256", "--generations", "3",
+                  "--resume", "--fitness", "ppl") == 2
+    assert "that search is for fitness='needle', not the default" in capsys.readouterr().err
+
+
+def test_needle_needs_room_for_the_question(tiny_model_dir, docs, tmp_path, capsys):
+    assert search(tiny_model_dir, docs / "long.txt", tmp_path / "s", "--target-length", "80",
+                  "--fitness", "needle") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fitness needle: length 80: too short for the needle" in err[0], err

@@ -324,3 +324,74 @@ def passkey_trial(model, tokenizer, prompt: PasskeyPrompt, max_new_tokens: int =
 
 def passkey_accuracy(trials: Sequence[PasskeyTrial]) -> float:
     return sum(t.correct for t in trials) / len(trials) if trials else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# needle-driven perplexity (LongRoPE2's search fitness)
+
+NEEDLE_MAX_DEPTH = 0.02  # the needle starts within the first 2% of the window (and after token 0)
+
+
+@dataclass(frozen=True)
+class NeedleSample:
+    """A real document window with a passkey needle near its start and, at its end, the question
+    and the answer: only the answer tokens are scored (`window` is nll_sum's (ids, score_from))."""
+
+    input_ids: torch.Tensor  # (length,) int64
+    key: str
+    needle_start: int  # token index of the needle's first token
+    needle_end: int  # one past its last token
+    answer_start: int  # the answer is input_ids[answer_start:]
+
+    @property
+    def answer_length(self) -> int:
+        return len(self.input_ids) - self.answer_start
+
+    @property
+    def window(self) -> tuple[torch.Tensor, int]:
+        return self.input_ids, self.answer_start
+
+
+def _encode_plain(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def needle_sample(tokenizer, document_tokens, length: int, key: str | int, offset: int = 1) -> NeedleSample:
+    """Exactly `length` tokens: the document's first `offset` tokens (its BOS, if tokenised with
+    one), the needle, the document's next tokens, the question, the answer " {key}". Pieces are
+    tokenised separately and concatenated, so the answer tokens are exactly those of " {key}"."""
+    key = str(key)
+    needle = _encode_plain(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
+    question = _encode_plain(tokenizer, "\n" + PASSKEY_QUESTION)
+    answer = _encode_plain(tokenizer, " " + key)
+    filler = length - len(needle) - len(question) - len(answer)
+    if filler < 1:
+        raise ValueError(f"length {length}: too short for the needle, question and answer "
+                         f"({length - filler} tokens)")
+    doc = [int(t) for t in (document_tokens.tolist() if hasattr(document_tokens, "tolist") else document_tokens)]
+    if len(doc) < filler:
+        raise ValueError(f"document has {len(doc)} tokens; a needle sample of {length} needs {filler}")
+    offset = min(max(int(offset), 0), filler)
+    ids = doc[:offset] + needle + doc[offset:filler] + question + answer
+    assert len(ids) == length
+    return NeedleSample(torch.tensor(ids, dtype=torch.long), key, offset, offset + len(needle),
+                        length - len(answer))
+
+
+def needle_samples(tokenizer, documents: Sequence, length: int, seed: int = 0,
+                   max_depth: float = NEEDLE_MAX_DEPTH) -> list[NeedleSample]:
+    """One sample per document (token sequences of at least `length` tokens): a random 5-digit key
+    and a needle offset in [1, max(1, max_depth·length)], both drawn from `seed` (deterministic)."""
+    rng = random.Random(seed)
+    out = []
+    for doc in documents:
+        key = random_key(rng)
+        offset = rng.randint(1, max(1, int(max_depth * length)))
+        out.append(needle_sample(tokenizer, doc, length, key, offset))
+    return out
+
+
+def needle_nll(model, samples: Iterable[NeedleSample], chunk_size: int = DEFAULT_CHUNK) -> tuple[float, int]:
+    """(sum of the NLL of the answer tokens, number of answer tokens) over the samples; the
+    needle-driven perplexity is perplexity_from(*needle_nll(...))."""
+    return nll_windows(model, [s.window for s in samples], chunk_size)

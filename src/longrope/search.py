@@ -16,6 +16,15 @@ Reproducibility: one seeded numpy Generator drives every random choice. After ea
 atomically, and every evaluation is appended to `history.jsonl` as it happens, so a search killed
 mid-generation resumes from the last state, takes the evaluations it already paid for from the
 log, and ends with exactly the result an uninterrupted run gives.
+
+LongRoPE2 (Shang et al. 2025) options, in the same engine: `CriticalDimSpace` (pairs below a
+searched critical index c keep NTK's factors, those from c on are searched in [s, 2s]), a searched
+attention factor (`search_attention=True`), and any fitness (the recipe's needle-driven one).
+
+Evaluation goes through an *evaluator*: a callable from a list of scalings to their fitness values
+(`Serial` loops over a fitness; `DistributedEvaluator` spreads them over the ranks of a
+torch.distributed group, see `run_distributed`). The evolution never depends on the evaluator: the
+children of a generation are drawn before any is evaluated and results are kept in their order.
 """
 
 from __future__ import annotations
@@ -27,12 +36,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from functools import cached_property
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import UsageError
-from .scaling import LongRoPEScaling, ntk_factors, pi_factors, yarn_factors
+from .scaling import LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
 GRID_STEP = 0.01
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
@@ -41,8 +51,11 @@ STATE, HISTORY, SCALING, SUMMARY = "search_state.json", "history.jsonl", "scalin
 PLOT = "search.png"  # drawn by the recipe
 OUTPUT_FILES = (STATE, HISTORY, SCALING, SUMMARY, PLOT)
 STATE_VERSION = 1
+ATTENTION_TOP = 50  # searched attention factor: 1 + 0.01·a, a in [0, 50] (1.00 .. 1.50)
+ALGORITHMS = ("evolution", "critical-dim")
 
 Fitness = Callable[[LongRoPEScaling], float]
+Evaluator = Callable[[Sequence[LongRoPEScaling]], Sequence[float]]  # may have `width`: candidates per call
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,18 +69,28 @@ class Genome:
 
     factors: tuple[int, ...]
     n_hat: int = 0
+    critical: int | None = None  # CriticalDimSpace: pairs [0, critical) keep NTK's factors
+    attention: int | None = None  # with search_attention: attention factor 1 + 0.01·attention
+
+    def extras(self) -> dict[str, int]:
+        """The genes beyond factors and n̂ that this genome has (empty for the paper's genome)."""
+        return {k: v for k, v in (("critical", self.critical), ("attention", self.attention)) if v is not None}
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """Everything a genome needs to become a scaling: the model's rotary dim, base and context,
-    and the target length."""
+    and the target length. The genome ↔ scaling mapping and the variation operators are methods,
+    so another space (`CriticalDimSpace`) plugs into the same search loop."""
 
     dim: int
     base: float
     original_length: int
     target_length: int
     attention_factor: float | str = "su"
+    search_attention: bool = False  # an attention-factor gene (1.00..1.50) instead of `attention_factor`
+
+    algorithm = "evolution"  # not a field: the name of the space on the command line and in identity
 
     def __post_init__(self):
         if self.target_length <= self.original_length:
@@ -93,24 +116,53 @@ class SearchSpace:
     def n_hats(self) -> tuple[int, ...]:
         return tuple(n for n in N_HAT_CHOICES if n < self.original_length)
 
+    # -- the attention gene ------------------------------------------------------------------
+    def attention_value(self, genome: Genome) -> float | str:
+        """What the scaling's attention_factor is: the gene's number, or the fixed choice."""
+        if genome.attention is None:
+            return self.attention_factor
+        return round(1 + GRID_STEP * genome.attention, 2)
+
+    @property
+    def initial_attention(self) -> int | None:
+        """The attention gene of the seeds: the fixed choice ("su") snapped to the grid."""
+        if not self.search_attention:
+            return None
+        value = longrope_attention_factor(self.attention_factor, self.scale, self.original_length)
+        return int(min(max(round((value - 1) / GRID_STEP), 0), ATTENTION_TOP))
+
+    def _vary_attention(self, child: Genome, rng: np.random.Generator, p: float, local: float) -> Genome:
+        if child.attention is None or rng.random() >= p:
+            return child
+        if rng.random() < local:
+            step = int(rng.geometric(0.5)) * (1 if rng.random() < 0.5 else -1)
+            value = min(max(child.attention + step, 0), ATTENTION_TOP)
+        else:
+            value = int(rng.integers(ATTENTION_TOP + 1))
+        return dataclasses.replace(child, attention=value)
+
+    # -- genome <-> scaling ------------------------------------------------------------------
     def lambdas(self, genome: Genome) -> tuple[float, ...]:
         return tuple(round(1 + GRID_STEP * i, 2) for i in genome.factors)
 
     def scaling(self, genome: Genome) -> LongRoPEScaling:
         return LongRoPEScaling.from_target(self.lambdas(genome), self.original_length, self.target_length,
                                            n_hat=self.n_hats[genome.n_hat],
-                                           attention_factor_value=self.attention_factor)
+                                           attention_factor_value=self.attention_value(genome))
 
     def snap(self, lambdas: Iterable[float], n_hat: int = 0) -> Genome:
         """The nearest grid genome: round to 0.01, clip to [1, 1.25·s], then a running maximum
         (the smallest change that makes the vector non-decreasing). `n_hat` is a value."""
         idx = np.rint((np.asarray(list(lambdas), dtype=np.float64) - 1) / GRID_STEP)
         idx = np.maximum.accumulate(np.clip(idx, 0, self.top)).astype(int)
-        return Genome(tuple(int(i) for i in idx), self.n_hats.index(n_hat))
+        return Genome(tuple(int(i) for i in idx), self.n_hats.index(n_hat), attention=self.initial_attention)
 
-    def genome(self, lambdas: Iterable[float], n_hat: int = 0) -> Genome:
+    def genome(self, lambdas: Iterable[float], n_hat: int = 0, critical: int | None = None,
+               attention_factor: float | None = None) -> Genome:
         """Parse exact grid values back (history lines); ValueError if not a valid genome."""
-        g = Genome(tuple(int(round((float(v) - 1) / GRID_STEP)) for v in lambdas), self.n_hats.index(n_hat))
+        attention = None if attention_factor is None else int(round((float(attention_factor) - 1) / GRID_STEP))
+        g = Genome(tuple(int(round((float(v) - 1) / GRID_STEP)) for v in lambdas), self.n_hats.index(n_hat),
+                   critical, attention)
         if not self.contains(g):
             raise ValueError(f"not a genome of this search space: {lambdas}")
         return g
@@ -118,18 +170,190 @@ class SearchSpace:
     def contains(self, g: Genome) -> bool:
         f = g.factors
         return (len(f) == self.size and all(0 <= i <= self.top for i in f)
-                and all(a <= b for a, b in zip(f, f[1:])) and 0 <= g.n_hat < len(self.n_hats))
+                and all(a <= b for a, b in zip(f, f[1:])) and 0 <= g.n_hat < len(self.n_hats)
+                and g.critical is None and self._attention_ok(g))
+
+    def _attention_ok(self, g: Genome) -> bool:
+        if not self.search_attention:
+            return g.attention is None
+        return g.attention is not None and 0 <= g.attention <= ATTENTION_TOP
+
+    # -- records: history lines, summary, checkpoint ------------------------------------------
+    def record(self, g: Genome) -> dict[str, Any]:
+        """The genome as a history line holds it (values, not indices)."""
+        out: dict[str, Any] = {"factors": list(self.lambdas(g)), "n_hat": self.n_hats[g.n_hat]}
+        if g.critical is not None:
+            out["critical"] = g.critical
+        if g.attention is not None:
+            out["attention_factor"] = self.attention_value(g)
+        return out
+
+    def from_record(self, record: Mapping[str, Any]) -> Genome:
+        return self.genome(record["factors"], record["n_hat"], record.get("critical"),
+                           record.get("attention_factor"))
+
+    def describe(self, g: Genome) -> dict[str, Any]:
+        """The genome for summary.json's "best"."""
+        out: dict[str, Any] = {"long_factor": list(self.lambdas(g)), "n_hat": self.n_hats[g.n_hat]}
+        if g.attention is not None:
+            out["attention_factor"] = self.attention_value(g)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json says about the space beyond its identity."""
+        return {"algorithm": self.algorithm, "search_attention": self.search_attention}
+
+    # -- variation ---------------------------------------------------------------------------
+    def mutate(self, g: Genome, rng: np.random.Generator, p: float, local: float = 0.0) -> Genome:
+        new = _mutate_genes(list(g.factors), 0, self.top, rng, p, local)
+        n_hat = g.n_hat
+        if len(self.n_hats) > 1 and rng.random() < p:
+            n_hat = int(rng.integers(len(self.n_hats)))
+        return self._vary_attention(dataclasses.replace(g, factors=tuple(new), n_hat=n_hat), rng, p, local)
+
+    def crossover(self, a: Genome, b: Genome, rng: np.random.Generator) -> Genome | None:
+        child = crossover(a, b, rng)
+        if child is not None and a.attention is not None:
+            child = dataclasses.replace(child, attention=a.attention if rng.random() < 0.5 else b.attention)
+        return child
 
     def baselines(self) -> dict[str, Genome]:
-        """PI, NTK-aware and YaRN as factor vectors on the grid (n̂ = 0)."""
+        """PI, NTK-aware and YaRN as factor vectors on the grid (n̂ = 0): the seeds of the search."""
         d, b, s = self.dim, self.base, self.scale
         return {"pi": self.snap(pi_factors(d, b, s).tolist()),
                 "ntk": self.snap(ntk_factors(d, b, s).tolist()),
                 "yarn": self.snap(yarn_factors(d, b, self.original_length, s).tolist())}
 
     def identity(self) -> dict[str, Any]:
-        return {"dim": self.dim, "base": self.base, "original_length": self.original_length,
-                "target_length": self.target_length, "attention_factor": self.attention_factor}
+        out = {"dim": self.dim, "base": self.base, "original_length": self.original_length,
+               "target_length": self.target_length, "attention_factor": self.attention_factor}
+        # only where they differ from the paper's search, so older checkpoints still resume
+        if self.algorithm != "evolution":
+            out["algorithm"] = self.algorithm
+        if self.search_attention:
+            out["search_attention"] = True
+        return out
+
+
+def theoretical_critical_dim(dim: int, base: float, original_length: int) -> int:
+    """LongRoPE2's theoretical critical dimension d_tcd = 2⌈(d/2)·log_b(L/2π)⌉, clipped to [0, d]:
+    the dimensions from d_tcd on rotate less than once in the original context L, so their
+    training never saw a full period."""
+    value = 2 * math.ceil((dim / 2) * math.log(original_length / (2 * math.pi)) / math.log(base))
+    return int(min(max(value, 0), dim))
+
+
+@dataclass(frozen=True)
+class CriticalDimSpace(SearchSpace):
+    """LongRoPE2's search space: frequency pairs below a critical index c (a gene) keep NTK-aware
+    scaling (λ_i = θ_i/θ'_i with base b·s^(d/(d−2)), on the grid), pairs from c on are searched
+    in [s, 2s], non-decreasing. NTK's λ_i < s for every pair but the last, so the whole vector is
+    non-decreasing; the repair still lifts the searched part to at least the NTK part's last value.
+
+    Genomes hold the whole factor vector (NTK part included) and c, so equal scalings are equal
+    genomes (a searched value equal to NTK's at c counts in the NTK part). c in [0, d/2]: 0
+    searches every pair, d/2 is NTK."""
+
+    algorithm = "critical-dim"
+
+    @property
+    def low(self) -> int:
+        """Smallest grid index of the searched part: λ ≥ s."""
+        return int(math.ceil((self.scale - 1) / GRID_STEP - 1e-9))
+
+    @property
+    def top(self) -> int:
+        """Largest grid index: λ ≤ 2·s."""
+        return int(math.floor((2 * self.scale - 1) / GRID_STEP + 1e-9))
+
+    @cached_property
+    def ntk(self) -> tuple[int, ...]:
+        """NTK-aware factors on the grid, for every pair."""
+        idx = np.rint((ntk_factors(self.dim, self.base, self.scale).numpy() - 1) / GRID_STEP)
+        return tuple(int(i) for i in np.maximum.accumulate(np.maximum(idx, 0)))
+
+    @property
+    def critical_dim(self) -> int:
+        """d_tcd, in dimensions (twice the pairs)."""
+        return theoretical_critical_dim(self.dim, self.base, self.original_length)
+
+    def make(self, critical: int, searched: Iterable[float | int], n_hat: int = 0,
+             attention: int | None = None) -> Genome:
+        """A repaired genome: NTK below `critical`, the searched grid indices (one per pair from
+        `critical` on; missing ones repeat the last) clipped to [s, 2s] and made non-decreasing."""
+        c = int(min(max(critical, 0), self.size))
+        head = list(self.ntk[:c])
+        tail = [int(x) for x in searched][:self.size - c]
+        tail += [tail[-1] if tail else self.low] * (self.size - c - len(tail))
+        floor = max([self.low] + head[-1:])
+        tail = np.maximum.accumulate(np.clip(np.asarray(tail, dtype=np.int64), floor, self.top)) if tail else []
+        factors = tuple(head + [int(x) for x in tail])
+        while c < self.size and factors[c] == self.ntk[c]:  # NTK's own value (its last pair, λ = s)
+            c += 1  # one genome per scaling: count it in the NTK part
+        return Genome(factors, n_hat, c, attention)
+
+    def snap(self, lambdas: Iterable[float], n_hat: int = 0, critical: int | None = None) -> Genome:
+        """Into this space: c defaults to the first pair with λ ≥ s (NTK before it); the values
+        from c on are rounded to the grid and repaired."""
+        values = np.asarray(list(lambdas), dtype=np.float64)
+        if critical is None:
+            above = np.flatnonzero(values >= self.scale - 1e-9)
+            critical = int(above[0]) if above.size else self.size
+        idx = np.rint((values - 1) / GRID_STEP)
+        return self.make(critical, idx[critical:], self.n_hats.index(n_hat), self.initial_attention)
+
+    def contains(self, g: Genome) -> bool:
+        f, c = g.factors, g.critical
+        return (c is not None and 0 <= c <= self.size and len(f) == self.size
+                and f[:c] == self.ntk[:c] and all(self.low <= i <= self.top for i in f[c:])
+                and (c == self.size or f[c] != self.ntk[c])
+                and all(a <= b for a, b in zip(f, f[1:])) and 0 <= g.n_hat < len(self.n_hats)
+                and self._attention_ok(g))
+
+    def describe(self, g: Genome) -> dict[str, Any]:
+        return {**super().describe(g), "critical_pairs": g.critical, "critical_dim": 2 * g.critical}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "theoretical_critical_dim": self.critical_dim,
+                "theoretical_critical_pairs": self.critical_dim // 2}
+
+    def mutate(self, g: Genome, rng: np.random.Generator, p: float, local: float = 0.0) -> Genome:
+        """c moves by ±1, 2, 4... pairs with probability p (pairs that enter the searched part
+        start at the searched part's first value); then the searched genes as the paper's
+        operator, between s and 2s; n̂ and the attention gene as in `SearchSpace`."""
+        c = g.critical
+        if rng.random() < p:
+            step = int(rng.geometric(0.5)) * (1 if rng.random() < 0.5 else -1)
+            c = int(min(max(c + step, 0), self.size))
+        old = g.factors[g.critical:]
+        first = old[0] if old else self.low
+        tail = [first] * max(0, g.critical - c) + list(old[max(0, c - g.critical):])
+        # NTK's values never exceed s, so the searched genes' lower bound is s; `make` repairs
+        # and makes the result canonical once the genes have moved
+        tail = _mutate_genes(tail, self.low, self.top, rng, p, local)
+        n_hat = g.n_hat
+        if len(self.n_hats) > 1 and rng.random() < p:
+            n_hat = int(rng.integers(len(self.n_hats)))
+        return self._vary_attention(self.make(c, tail, n_hat, g.attention), rng, p, local)
+
+    def crossover(self, a: Genome, b: Genome, rng: np.random.Generator) -> Genome | None:
+        """c from either parent, each searched gene from either parent (a parent's NTK value
+        counts as s there); None when the mix is not non-decreasing."""
+        c = a.critical if rng.random() < 0.5 else b.critical
+        take_a = rng.random(self.size) < 0.5
+        mix = [max(x, self.low) for x in np.where(take_a, a.factors, b.factors)[c:]]
+        if any(x > y for x, y in zip(mix, mix[1:])):
+            return None
+        child = self.make(c, mix, a.n_hat if rng.random() < 0.5 else b.n_hat, a.attention)
+        if a.attention is not None:
+            child = dataclasses.replace(child, attention=a.attention if rng.random() < 0.5 else b.attention)
+        return child
+
+    def baselines(self) -> dict[str, Genome]:
+        """PI, NTK and YaRN snapped into this space, and NTK below d_tcd with λ = s from there."""
+        seeds = super().baselines()  # uses self.snap: already in this space
+        seeds["tcd"] = self.make(self.critical_dim // 2, [], 0, self.initial_attention)
+        return seeds
 
 
 @dataclass
@@ -178,27 +402,30 @@ class SearchConfig:
 # pure operators: (genomes, rng) -> genomes; every result is monotone and in bounds
 
 
+def _mutate_genes(values: list[int], low: int, top: int, rng: np.random.Generator, p: float,
+                  local: float) -> list[int]:
+    """Each gene, with probability p, redrawn between its neighbours (left: already redrawn, right:
+    not yet), so a non-decreasing vector stays so; the ends are bounded by `low` and `top`."""
+    last = len(values) - 1
+    for i in np.flatnonzero(rng.random(len(values)) < p):
+        lo = values[i - 1] if i > 0 else low
+        hi = values[i + 1] if i < last else top
+        if rng.random() < local:
+            step = int(rng.geometric(0.5)) * (1 if rng.random() < 0.5 else -1)
+            values[i] = min(max(values[i] + step, lo), hi)
+        else:
+            values[i] = int(rng.integers(lo, hi + 1))
+    return values
+
+
 def mutate(g: Genome, space: SearchSpace, rng: np.random.Generator, p: float, local: float = 0.0) -> Genome:
     """Each λ_i, with probability p, is redrawn between its neighbours (left: already redrawn,
     right: not yet), which keeps the vector non-decreasing without any repair; the ends are
     bounded by 1 and 1.25·s. The redraw is uniform (the paper), or with probability `local` a
     small step of ±1, 2, 4... grid steps: a uniform redraw between neighbours 50 steps apart lands
     within one step of the optimum 1 time in 30, so polishing needs small moves. n̂ is redrawn
-    (uniformly) with probability p too."""
-    new = list(g.factors)
-    last = len(new) - 1
-    for i in np.flatnonzero(rng.random(len(new)) < p):
-        lo = new[i - 1] if i > 0 else 0
-        hi = new[i + 1] if i < last else space.top
-        if rng.random() < local:
-            step = int(rng.geometric(0.5)) * (1 if rng.random() < 0.5 else -1)
-            new[i] = min(max(new[i] + step, lo), hi)
-        else:
-            new[i] = int(rng.integers(lo, hi + 1))
-    n_hat = g.n_hat
-    if len(space.n_hats) > 1 and rng.random() < p:
-        n_hat = int(rng.integers(len(space.n_hats)))
-    return Genome(tuple(new), n_hat)
+    (uniformly) with probability p too. (`space.mutate`: each space has its own operator.)"""
+    return space.mutate(g, rng, p, local)
 
 
 def crossover(a: Genome, b: Genome, rng: np.random.Generator) -> Genome | None:
@@ -209,7 +436,7 @@ def crossover(a: Genome, b: Genome, rng: np.random.Generator) -> Genome | None:
     n_hat = a.n_hat if rng.random() < 0.5 else b.n_hat
     if any(x > y for x, y in zip(child, child[1:])):
         return None
-    return Genome(child, n_hat)
+    return dataclasses.replace(a, factors=child, n_hat=n_hat)
 
 
 def _rank(fitness: float | None) -> float:
@@ -233,15 +460,18 @@ def _novel(make: Callable[[], Genome | None], taken: set, tries: int) -> Genome 
 
 
 def initial_population(space: SearchSpace, rng: np.random.Generator, config: SearchConfig) -> list[Genome]:
-    """PI, NTK and YaRN on the grid, then mutations of them up to `config.population`."""
+    """The space's seeds (PI, NTK and YaRN on the grid...), then mutations of them up to
+    `config.population`."""
     seeds = list(dict.fromkeys(space.baselines().values()))  # distinct, in order
     population = seeds[:config.population]
     taken = set(population)
-    while len(population) < config.population:
-        parent = seeds[int(rng.integers(len(seeds)))]
+    parents = list(seeds)
+    while len(population) < config.population and parents:
+        parent = parents[int(rng.integers(len(parents)))]
         child = _novel(lambda: mutate(parent, space, rng, config.p, config.local), taken, config.max_tries)
-        if child is None:
-            break  # the space is too small to fill the population
+        if child is None:  # its neighbourhood is used up (a small space, or NTK in the critical-dim one)
+            parents.remove(parent)
+            continue
         population.append(child)
     return population
 
@@ -262,7 +492,8 @@ def breed(parents: list[Genome], space: SearchSpace, rng: np.random.Generator, c
             children.append(mutant(parents[0]))
             continue
         i, j = (int(x) for x in rng.choice(len(parents), 2, replace=False))
-        children.append(_novel(lambda: crossover(parents[i], parents[j], rng), taken, tries) or mutant(parents[i]))
+        children.append(_novel(lambda: space.crossover(parents[i], parents[j], rng), taken, tries)
+                        or mutant(parents[i]))
     return [c for c in children if c is not None]
 
 
@@ -280,14 +511,20 @@ class SearchResult:
     out: Path | None = None
 
 
-def run(space: SearchSpace, fitness: Fitness, config: SearchConfig | None = None,
-        out: str | os.PathLike | None = None, *, identity: Mapping[str, Any] | None = None,
-        resume: bool = False, force: bool = False, on_generation: Callable[[dict], None] | None = None,
+def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig | None = None,
+        out: str | os.PathLike | None = None, *, evaluator: Evaluator | None = None,
+        identity: Mapping[str, Any] | None = None, resume: bool = False, force: bool = False,
+        on_generation: Callable[[dict], None] | None = None,
         extra_summary: Mapping[str, Any] | None = None) -> SearchResult:
-    """Search factors minimising `fitness`. With `out`, checkpoint there and write scaling.json,
-    history.jsonl, summary.json; `resume` continues the search in `out` (or starts it if `out`
-    holds none), `force` replaces a search there. `identity` (model, data, ...) must match on
-    resume. `on_generation(stats)` is called after each generation (progress display)."""
+    """Search factors minimising `fitness` (one scaling -> a number) or, instead, `evaluator`
+    (a list of scalings -> their numbers, in order; its `width`, if any, is how many candidates
+    it takes at once: the budget is checked between calls). With `out`, checkpoint there and
+    write scaling.json, history.jsonl, summary.json; `resume` continues the search in `out` (or
+    starts it if `out` holds none), `force` replaces a search there. `identity` (model, data,
+    ...) must match on resume. `on_generation(stats)` is called after each generation."""
+    if (fitness is None) == (evaluator is None):
+        raise TypeError("run: give either fitness or evaluator")
+    evaluator = evaluator or Serial(fitness)
     config = (config or SearchConfig()).validate()
     identity = {**space.identity(), **(identity or {})}
     book = _Book.open(out, space, config, identity, resume, force)
@@ -296,20 +533,159 @@ def run(space: SearchSpace, fitness: Fitness, config: SearchConfig | None = None
     while state.generation <= config.generations and not book.spent():
         g = state.generation
         # all children are drawn before any is evaluated, from the RNG and cache as checkpointed,
-        # so a resumed generation draws the same children whatever the crash had evaluated
+        # so a resumed generation draws the same children whatever the crash had evaluated, and
+        # the evolution is the same whoever evaluates them
         parents = select(state.population, state.cache, config.parents) if g else []
         children = (breed(parents, space, state.rng, config, seen=state.cache) if g
                     else initial_population(space, state.rng, config))
-        for child in children:
-            if book.spent():
-                break
-            book.evaluate(child, g, fitness)
+        book.evaluate(children, g, evaluator)
         state.population = parents + [c for c in children if c in state.cache]
         book.end_generation()
         if on_generation:
             on_generation(state.stats[-1])
 
     return book.finish(extra_summary)
+
+
+class Serial:
+    """The single-process evaluator: the candidates one after another through `fitness`."""
+
+    width = 1  # the budget (max_evals, max_minutes) is checked before every evaluation
+
+    def __init__(self, fitness: Fitness):
+        self.fitness = fitness
+
+    def __call__(self, scalings: Sequence[LongRoPEScaling]) -> list[float]:
+        return [self.fitness(s) for s in scalings]
+
+
+# --------------------------------------------------------------------------------------------
+# several processes (torchrun): rank 0 drives the evolution, every rank evaluates a share
+
+DIST_TIMEOUT_MINUTES = 180  # a collective waits this long (a worker waits while rank 0 tokenises)
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    local: int  # the rank on this host: which GPU
+
+
+def init_distributed(timeout_minutes: float = DIST_TIMEOUT_MINUTES) -> Rank | None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment), or None for
+    a single process. The group uses gloo whatever the devices: only candidates (small Python
+    objects) and fitness values travel, so the same code runs on CPUs and GPUs."""
+    import datetime
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    rank = dist.get_rank()
+    return Rank(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world) of an initialised process group of more than one process, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _share(fitness: Fitness, scalings: Sequence[LongRoPEScaling], rank: int, world: int) -> list[tuple]:
+    """This rank's candidates (index ≡ rank mod world): (index, value, error message or None).
+    Errors are sent back rather than raised, so no rank is left waiting in a collective."""
+    out = []
+    for index in range(rank, len(scalings), world):
+        try:
+            out.append((index, float(fitness(scalings[index])), None))
+        except Exception as exc:  # reported by rank 0
+            out.append((index, math.nan, f"rank {rank}: {type(exc).__name__}: {exc}"))
+    return out
+
+
+class DistributedEvaluator:
+    """Rank 0's evaluator: each call sends the candidates to every rank, rank r evaluates those at
+    positions r, r + world, ... (rank 0 its own share too) and the values come back in candidate
+    order. `width` = world: one candidate per rank per call, so the budget is checked as often as
+    the ranks can use. The other ranks run `serve`; `close` (or leaving a `with`) releases them."""
+
+    def __init__(self, fitness: Fitness):
+        import torch.distributed as dist
+
+        where = _distributed()
+        if where is None or where[0] != 0:
+            raise RuntimeError("DistributedEvaluator: only on rank 0 of a process group of several ranks")
+        self.dist, self.fitness = dist, fitness
+        self.world = self.width = where[1]
+        self.closed = False
+
+    def __call__(self, scalings: Sequence[LongRoPEScaling]) -> list[float]:
+        scalings = list(scalings)
+        self.dist.broadcast_object_list([("evaluate", scalings)], src=0)
+        parts: list = [None] * self.world
+        self.dist.gather_object(_share(self.fitness, scalings, 0, self.world), parts, dst=0)
+        values = [math.nan] * len(scalings)
+        errors = []
+        for part in parts:
+            for index, value, error in part:
+                values[index] = value
+                if error:
+                    errors.append(error)
+        if errors:
+            raise RuntimeError(f"search: fitness failed: {errors[0]}")
+        return values
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.dist.broadcast_object_list([("stop", None)], src=0)
+
+    def __enter__(self) -> "DistributedEvaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(fitness: Fitness) -> int:
+    """The other ranks: evaluate this rank's share of each call of rank 0's `DistributedEvaluator`
+    until it closes. Returns how many candidates this rank evaluated."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    done = 0
+    while True:
+        message: list = [None]
+        dist.broadcast_object_list(message, src=0)
+        kind, scalings = message[0]
+        if kind == "stop":
+            return done
+        mine = _share(fitness, scalings, rank, world)
+        done += len(mine)
+        dist.gather_object(mine, None, dst=0)
+
+
+def run_distributed(space: SearchSpace, fitness: Fitness, config: SearchConfig | None = None,
+                    out: str | os.PathLike | None = None, **kwargs) -> SearchResult | None:
+    """`run` on every rank of an initialised process group (plain `run` without one): rank 0
+    drives the search, writes the files and returns the result; the others evaluate their share
+    with their own `fitness` (their model replica) and return None. Same result as one process."""
+    where = _distributed()
+    if where is None:
+        return run(space, fitness, config, out, **kwargs)
+    if where[0] != 0:
+        serve(fitness)
+        return None
+    with DistributedEvaluator(fitness) as evaluator:
+        return run(space, None, config, out, evaluator=evaluator, **kwargs)
 
 
 def model_fitness(model, windows, chunk_size: int | None = None) -> Fitness:
@@ -401,7 +777,9 @@ def check_out(out: str | os.PathLike, resume: bool, force: bool, space: SearchSp
 def _check_same(out: Path, what: str, saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
     for key in sorted(set(saved) | set(given)):
         if saved.get(key) != given.get(key):
-            raise UsageError(f"--resume {out}: that {what} {key}={saved.get(key)!r}, not {given.get(key)!r}; "
+            ours = f"{key}={saved[key]!r}" if key in saved else f"the default {key}"
+            theirs = repr(given[key]) if key in given else "the default"
+            raise UsageError(f"--resume {out}: that {what} {ours}, not {theirs}; "
                              "use another --out (or drop the option)")
 
 
@@ -435,10 +813,12 @@ class _Book:
     def _load(saved: dict, space: SearchSpace) -> _State:
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = saved["rng"]
-        genome = lambda item: Genome(tuple(item[0]), item[1])  # noqa: E731
+        # population items: [factors, n_hat(, extras)]; cache items: [factors, n_hat, fitness(, extras)]
+        genome = lambda item, extras: Genome(tuple(item[0]), item[1], **(extras or {}))  # noqa: E731
         return _State(rng=rng, generation=saved["generation"],
-                      population=[genome(x) for x in saved["population"]],
-                      cache={genome(x): math.inf if x[2] is None else x[2] for x in saved["cache"]},
+                      population=[genome(x, x[2] if len(x) > 2 else None) for x in saved["population"]],
+                      cache={genome(x, x[3] if len(x) > 3 else None): math.inf if x[2] is None else x[2]
+                             for x in saved["cache"]},
                       stats=saved["stats"], seconds=saved["seconds"], fitness_seconds=saved["fitness_seconds"])
 
     @staticmethod
@@ -454,7 +834,7 @@ class _Book:
                 if not line.endswith(b"\n"):
                     raise ValueError("torn line")
                 record = json.loads(line)
-                g = space.genome(record["factors"], record["n_hat"])
+                g = space.from_record(record)
             except (ValueError, KeyError, TypeError):
                 break
             good += len(line)
@@ -474,29 +854,52 @@ class _Book:
         return ((c.max_evals is not None and len(self.state.cache) >= c.max_evals)
                 or (c.max_minutes is not None and self.elapsed() >= 60 * c.max_minutes))
 
-    def evaluate(self, genome: Genome, generation: int, fitness: Fitness) -> float:
-        state = self.state
-        if genome in state.cache:
-            return state.cache[genome]
-        if genome in self.pending:  # paid for before a crash: take it from the log
-            record = self.pending.pop(genome)
-            value = math.inf if record["fitness"] is None else record["fitness"]
-            seconds = record["seconds"]
-            self.t0 -= seconds  # that time was lost with the crashed process; count it again
-        else:
-            start = time.perf_counter()
-            value = float(fitness(self.space.scaling(genome)))
-            seconds = time.perf_counter() - start
+    def evaluate(self, genomes: Sequence[Genome], generation: int, evaluator: Evaluator) -> None:
+        """Evaluate, in order, those of `genomes` not in the cache (taking those logged before a
+        crash from the log), `evaluator.width` at a time, until the budget is spent."""
+        state, c = self.state, self.config
+        width = max(1, int(getattr(evaluator, "width", None) or len(genomes) or 1))
+        i = 0
+        while i < len(genomes) and not self.spent():
+            if genomes[i] in state.cache:
+                i += 1
+            elif genomes[i] in self.pending:
+                self._recovered(genomes[i])
+                i += 1
+            else:
+                room = width if c.max_evals is None else min(width, c.max_evals - len(state.cache))
+                batch: list[Genome] = []
+                while (i < len(genomes) and len(batch) < room and genomes[i] not in state.cache
+                       and genomes[i] not in self.pending and genomes[i] not in batch):
+                    batch.append(genomes[i])
+                    i += 1
+                self._evaluate(batch, generation, evaluator)
+
+    def _recovered(self, genome: Genome) -> None:
+        """Paid for before a crash: take it from the log."""
+        record = self.pending.pop(genome)
+        self.state.cache[genome] = math.inf if record["fitness"] is None else record["fitness"]
+        self.state.fitness_seconds += record["seconds"]
+        self.t0 -= record["seconds"]  # that time was lost with the crashed process; count it again
+
+    def _evaluate(self, batch: list[Genome], generation: int, evaluator: Evaluator) -> None:
+        scalings = [self.space.scaling(g) for g in batch]
+        start = time.perf_counter()
+        values = list(evaluator(scalings))
+        seconds = time.perf_counter() - start
+        if len(values) != len(batch):
+            raise RuntimeError(f"search: the evaluator returned {len(values)} values for {len(batch)} candidates")
+        for genome, value in zip(batch, values):
+            value = float(value)
             value = math.inf if math.isnan(value) else value
             if self.log:
-                record = {"generation": generation, "factors": list(self.space.lambdas(genome)),
-                          "n_hat": self.space.n_hats[genome.n_hat], "fitness": _num(value),
-                          "seconds": round(seconds, 6)}
+                record = {"generation": generation, **self.space.record(genome), "fitness": _num(value),
+                          "seconds": round(seconds / len(batch), 6)}  # a batch's time, shared out
                 self.log.write(json.dumps(record) + "\n")
-                self.log.flush()  # survives a killed process (the OS holds it)
-        state.cache[genome] = value
-        state.fitness_seconds += seconds
-        return value
+            self.state.cache[genome] = value
+        if self.log:
+            self.log.flush()  # survives a killed process (the OS holds it)
+        self.state.fitness_seconds += seconds
 
     def end_generation(self) -> None:
         state = self.state
@@ -514,8 +917,10 @@ class _Book:
         s.seconds = self.elapsed()
         data = {"version": STATE_VERSION, "identity": self.identity, "config": self.config.to_dict(),
                 "generation": s.generation, "finished": finished, "rng": s.rng.bit_generator.state,
-                "population": [[list(g.factors), g.n_hat] for g in s.population],
-                "cache": [[list(g.factors), g.n_hat, _num(v)] for g, v in s.cache.items()],
+                "population": [[list(g.factors), g.n_hat] + ([g.extras()] if g.extras() else [])
+                               for g in s.population],
+                "cache": [[list(g.factors), g.n_hat, _num(v)] + ([g.extras()] if g.extras() else [])
+                          for g, v in s.cache.items()],
                 "stats": s.stats, "seconds": s.seconds, "fitness_seconds": s.fitness_seconds}
         _write_atomic(self.out / STATE, json.dumps(data) + "\n")
 
@@ -529,7 +934,7 @@ class _Book:
         seconds = self.elapsed()
         summary = {
             "best_fitness": _num(s.cache[best]),
-            "best": {"long_factor": list(self.space.lambdas(best)), "n_hat": self.space.n_hats[best.n_hat]},
+            "best": self.space.describe(best),
             "baselines": {name: _num(s.cache.get(g)) for name, g in self.space.baselines().items()},
             "evals": len(s.cache), "generations": s.generation, "stopped": stopped,
             "seconds": round(seconds, 3), "fitness_seconds": round(s.fitness_seconds, 3),
@@ -537,7 +942,7 @@ class _Book:
             # the issue's target: time outside model forwards < 10% of the search
             "overhead_share": round(1 - s.fitness_seconds / seconds, 4) if seconds > 0 else None,
             "config": c.to_dict(), "identity": self.identity, "versions": _versions(),
-            "stats": s.stats, **(extra_summary or {}),
+            "stats": s.stats, "space": self.space.summary(), **(extra_summary or {}),
         }
         scaling = self.space.scaling(best)
         if self.log:

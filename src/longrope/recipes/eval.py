@@ -55,6 +55,12 @@ class MethodSpec:
     scaling: sc.Scaling | None = None  # or a fixed scaling (from a file)
 
 
+def scaling_label(spec: str) -> str:
+    """A table label for a scaling file: its name, or its folder's for a search's scaling.json."""
+    path = Path(spec)
+    return path.parent.name if path.stem == "scaling" and path.parent.name else path.stem
+
+
 def _is_method(name: str) -> bool:
     try:
         sc.canonical_type(name)
@@ -68,7 +74,7 @@ def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
     if sum(given) > 1:
         raise UsageError("give only one of --compare, --scaling and --method")
     if args.scaling:
-        return [MethodSpec(Path(args.scaling).stem, scaling=resolve_scaling(args.scaling, None, None, info))]
+        return [MethodSpec(scaling_label(args.scaling), scaling=resolve_scaling(args.scaling, None, None, info))]
     entries = [e.strip() for e in args.compare.split(",") if e.strip()] if args.compare else [args.method or "none"]
     if not entries:
         raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
@@ -77,7 +83,7 @@ def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
         if _is_method(entry):
             spec = MethodSpec(entry.lower(), method=entry)
         elif Path(entry).exists() or (PRESETS / f"{entry}.json").is_file():
-            spec = MethodSpec(Path(entry).stem, scaling=resolve_scaling(entry, None, None, info))
+            spec = MethodSpec(scaling_label(entry), scaling=resolve_scaling(entry, None, None, info))
         else:
             raise UsageError(f"method {entry!r}: not a known method ({', '.join(sc.METHODS)}) "
                              "nor an existing scaling file")

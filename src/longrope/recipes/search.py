@@ -2,6 +2,11 @@
 
 A thin recipe over longrope.search: load the model, pick the documents, make the perplexity
 fitness, show progress, plot. All state and outputs are the engine's (see longrope/search.py).
+
+Under `torchrun --nproc-per-node N -m longrope search ...` every rank loads a model replica
+(cuda:LOCAL_RANK, or the CPU when there is no GPU), rank 0 picks the documents and sends the
+samples to the others, drives the search and alone writes files and shows progress; each
+generation's candidates are shared out over the ranks. The result is the one process's.
 """
 
 from __future__ import annotations
@@ -24,10 +29,16 @@ history.jsonl (every evaluated candidate), summary.json (evals, time, overhead, 
 search.png, and search_state.json (checkpoint, rewritten after every generation).
 A killed search continues with --resume and ends exactly as an uninterrupted one would;
 --resume with a larger --generations / --max-evals extends a finished search.
+
+LongRoPE2's options: --fitness needle (perplexity of the answer to a passkey question whose
+needle is near the start of each window), --algorithm critical-dim (NTK below a searched critical
+dimension, factors in [s, 2s] above it), --search-attention (the attention factor as a gene).
+On several GPUs: torchrun --nproc-per-node N -m longrope search ... (same result as one process).
 """
 
 # command-line option -> SearchConfig field (None: keep the default, or the resumed search's value)
 CONFIG_OPTIONS = {f.name: f.name.replace("_", "-") for f in fields(S.SearchConfig)}
+FITNESSES = ("ppl", "needle")
 
 
 def register(sub) -> None:
@@ -53,6 +64,15 @@ def register(sub) -> None:
     g.add_argument("--max-minutes", type=float, help="stop after this many minutes (not reproducible)")
     g.add_argument("--seed", type=int, help=f"search and document choice (default {d.seed})")
     g.add_argument("--max-tries", type=int, help=argparse.SUPPRESS)
+    v = p.add_argument_group("LongRoPE2 (default: the original LongRoPE search; --resume keeps the search's choice)")
+    v.add_argument("--fitness", choices=FITNESSES, default=None,
+                   help="ppl: perplexity of the windows (default); needle: perplexity of the answer tokens of a "
+                        "passkey question, the needle near the start of each window")
+    v.add_argument("--algorithm", choices=S.ALGORITHMS, default=None,
+                   help="evolution: every factor searched in [1, 1.25·s] (default); critical-dim: NTK below a "
+                        "searched critical dimension, factors in [s, 2s] from it")
+    v.add_argument("--search-attention", action="store_true", default=None,
+                   help="search the attention factor (1.00..1.50) instead of using 'su'")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (start it if none)")
     p.add_argument("--force", action="store_true", help="replace a search in --out")
     p.set_defaults(func=cmd_search)
@@ -66,24 +86,127 @@ def search_config(args, saved: dict | None) -> S.SearchConfig:
     return S.SearchConfig(**{k: v for k, v in base.items() if k in known}).validate()
 
 
+def search_variant(args, saved: dict | None) -> tuple[str, str, bool]:
+    """(fitness, algorithm, search_attention): the options given, else the resumed search's, else
+    the defaults (identity holds them only where they differ from the defaults)."""
+    ident = (saved or {}).get("identity", {})
+    fitness = args.fitness or ident.get("fitness", "ppl")
+    algorithm = args.algorithm or ident.get("algorithm", "evolution")
+    attention = args.search_attention if args.search_attention is not None else ident.get("search_attention", False)
+    return fitness, algorithm, bool(attention)
+
+
+def make_space(info, target_length: int, algorithm: str, search_attention: bool) -> S.SearchSpace:
+    cls = S.CriticalDimSpace if algorithm == "critical-dim" else S.SearchSpace
+    return cls(info.dim, info.base, info.original_length, target_length, search_attention=search_attention)
+
+
+def make_windows(kind: str, chosen, tokenizer, length: int, seed: int) -> list:
+    """CPU token windows: the first L tokens of each document (the paper's protocol), or needle
+    samples as (tokens, score_from) pairs that score only the answer."""
+    import torch
+
+    from .. import evaluate
+
+    if kind == "needle":
+        return [s.window for s in evaluate.needle_samples(tokenizer, [d.tokens for d in chosen], length, seed)]
+    return [torch.as_tensor(d.tokens[:length], dtype=torch.long) for d in chosen]
+
+
+def _on_device(windows: list, device) -> list:
+    return [(w[0].to(device), w[1]) if isinstance(w, tuple) else w.to(device) for w in windows]
+
+
+def _device(args, rank: S.Rank | None) -> str | None:
+    """Under torchrun each rank takes cuda:LOCAL_RANK (or stays on the CPU)."""
+    if rank is None:
+        return args.device
+    import torch
+
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return f"cuda:{rank.local}" if want.startswith("cuda") else want
+
+
+def _agree(error: str | None, payload=None):
+    """Every rank after its setup: (first error of any rank or None, rank 0's payload)."""
+    import torch.distributed as dist
+
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        return first, None
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return None, box[0]
+
+
+def _worker(args, rank: S.Rank) -> int:
+    """Ranks other than 0: a model replica that evaluates its share of each generation."""
+    error = None
+    try:
+        args.device = _device(args, rank)
+        device, dtype = device_and_dtype(args)
+        model, _ = models.load(args.model, dtype=dtype, device=device)
+    except Exception as exc:  # reported once, by rank 0
+        error = f"rank {rank.rank}: {exc}"
+    failed, windows = _agree(error)
+    if failed:
+        return 2
+    S.serve(S.model_fitness(model, _on_device(windows, device), args.chunk_size or _default_chunk()))
+    return 0
+
+
+def _default_chunk() -> int:
+    from .. import evaluate
+
+    return evaluate.DEFAULT_CHUNK
+
+
 def cmd_search(args) -> int:
+    rank = S.init_distributed()  # None: one process
+    try:
+        if rank is not None and rank.rank != 0:
+            return _worker(args, rank)
+        try:
+            setup = _setup(args, rank)
+        except Exception as exc:
+            if rank is not None:
+                _agree(f"{exc}")  # releases the other ranks
+            raise
+        if rank is not None:
+            failed, _ = _agree(None, setup["windows"])
+            if failed:
+                raise UsageError(failed)
+        return _search(args, setup)
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _setup(args, rank: S.Rank | None) -> dict:
+    """Rank 0 (or the one process): check the options, load the model, choose the samples."""
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: must be at least 1")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UsageError(f"--chunk-size {args.chunk_size}: must be at least 1")
     S.check_out(args.out, args.resume, args.force)  # before the slow part
-    import torch
+    from .. import data
 
-    from .. import data, evaluate, report
-
+    args.device = _device(args, rank)
     device, dtype = device_and_dtype(args)
     model, tokenizer = models.load(args.model, dtype=dtype, device=device)
     info = models.rope_info(model.config)
-    space = S.SearchSpace(info.dim, info.base, info.original_length, args.target_length)
     saved = S.read_state(args.out) if args.resume and not args.force else None
+    kind, algorithm, attention = search_variant(args, saved)
+    space = make_space(info, args.target_length, algorithm, attention)
     config = search_config(args, saved)
     # where the fitness comes from: a resumed search must measure the same thing
     identity = {"model": _where(args.model), "data": _where(args.data), "samples": args.samples}
+    if kind != "ppl":
+        identity["fitness"] = kind
     S.check_out(args.out, args.resume, args.force, space, config, identity)
 
     docs = data.load_tokenized(args.data, tokenizer, progress=True)
@@ -93,9 +216,25 @@ def cmd_search(args) -> int:
         raise UsageError(f"--data {args.data}: {exc}") from None
     if len(chosen) < args.samples:
         print(f"note: only {len(chosen)} of the documents have {args.target_length} tokens; searching on those")
-    # the paper's protocol: the first L' tokens of each document
-    windows = [torch.as_tensor(d.tokens[:args.target_length], dtype=torch.long).to(device) for d in chosen]
-    fitness = S.model_fitness(model, windows, args.chunk_size or evaluate.DEFAULT_CHUNK)
+    try:
+        windows = make_windows(kind, chosen, tokenizer, args.target_length, config.seed)
+    except ValueError as exc:  # a target length too short for the needle
+        raise UsageError(f"--fitness needle: {exc}") from None
+    return dict(model=model, device=device, info=info, space=space, config=config, identity=identity,
+                kind=kind, chosen=chosen, windows=windows, world=rank.world if rank else 1)
+
+
+def _search(args, setup: dict) -> int:
+    from .. import report
+
+    model, device, info, space, config = (setup[k] for k in ("model", "device", "info", "space", "config"))
+    kind, chosen = setup["kind"], setup["chosen"]
+    fitness = S.model_fitness(model, _on_device(setup["windows"], device), args.chunk_size or _default_chunk())
+    if isinstance(space, S.CriticalDimSpace):
+        print(f"critical dimension: theoretical d_tcd = {space.critical_dim} of {space.dim} "
+              f"({space.critical_dim // 2} frequency pairs follow NTK in its seed)")
+    if setup["world"] > 1:
+        print(f"evaluating on {setup['world']} ranks")
 
     from tqdm.auto import tqdm
 
@@ -107,11 +246,13 @@ def cmd_search(args) -> int:
         bar.refresh()
 
     extra = {"model": {"spec": args.model, **asdict(info)},
-             "data": {"source": args.data, "documents": [d.id for d in chosen], "tokens": args.target_length},
-             "environment": report.environment(device)}
+             "data": {"source": args.data, "documents": [d.id for d in chosen], "tokens": args.target_length,
+                      "fitness": kind},
+             "environment": {**report.environment(device), "ranks": setup["world"]}}
     try:
-        result = S.run(space, fitness, config, args.out, identity=identity, resume=args.resume, force=args.force,
-                       on_generation=progress, extra_summary=extra)
+        result = S.run_distributed(space, fitness, config, args.out, identity=setup["identity"],
+                                   resume=args.resume, force=args.force, on_generation=progress,
+                                   extra_summary=extra)
     except KeyboardInterrupt:
         bar.close()
         print("interrupted; every evaluation so far is kept: continue with the same command and --resume")
@@ -121,7 +262,14 @@ def cmd_search(args) -> int:
     plot(os.path.join(args.out, S.PLOT), result, space)
     s = result.summary
     base = ", ".join(f"{k} {v:.4g}" for k, v in s["baselines"].items() if v is not None)
-    print(f"best perplexity {result.fitness:.4g} (n_hat={space.n_hats[result.best.n_hat]}; {base}); "
+    what = "answer perplexity (needle)" if kind == "needle" else "perplexity"
+    best = s["best"]
+    genes = f"n_hat={best['n_hat']}"
+    if "critical_dim" in best:
+        genes += f", critical dim {best['critical_dim']} (theoretical {space.critical_dim})"
+    if "attention_factor" in best:
+        genes += f", attention factor {best['attention_factor']:.2f}"
+    print(f"best {what} {result.fitness:.4g} ({genes}; {base}); "
           f"{s['evals']} evaluations in {s['seconds']:.0f}s, {s['overhead_share']:.1%} outside the model")
     print(f"wrote {args.out}")
     return 0
@@ -157,6 +305,9 @@ def plot(path: str, result: S.SearchResult, space: S.SearchSpace) -> bool:
                            ("YaRN", sc.yarn_factors(d, b, n, s))):
         ax2.plot(i, factors.tolist(), linestyle="--", label=label)
     ax2.plot(i, space.lambdas(result.best), color="black", label=f"searched (n̂={space.n_hats[result.best.n_hat]})")
+    if result.best.critical is not None:
+        ax2.axvline(result.best.critical - 0.5, color="black", linewidth=0.8, label="searched critical pair")
+        ax2.axvline(space.critical_dim / 2 - 0.5, color="grey", linestyle=":", label="theoretical (d_tcd/2)")
     ax2.set(xlabel="frequency pair i", ylabel="rescale factor λ_i", yscale="log",
             title=f"{n} → {space.target_length} tokens (s = {s:g})")
     ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 4, not 4×10⁰
