@@ -1,10 +1,13 @@
 """Evaluation: the lean long-sequence forward, perplexity (truncate, sliding) and passkey retrieval.
 
-The lean forward runs the base model (`model.model`) with `use_cache=False` and no attention mask
-(so SDPA uses `is_causal` and no (n × n) mask is built), then projects the final hidden states
-through `lm_head` a chunk of positions at a time and scores them in float32: the (tokens × vocab)
-logits are never materialised. Functions are pure: model and tensors in, numbers out; the search
-calls `nll_sum` / `perplexity` many times.
+The lean forward (`lean.py`) runs our own decoder loop over the model's modules: position-wise
+ops over chunks of positions, causal flash SDPA with no mask, no KV cache; then the final hidden
+states are projected through `lm_head` a chunk of positions at a time and scored in float32, so
+neither (tokens × vocab) logits nor (tokens × intermediate) activations are ever materialised.
+Architectures the lean loop does not cover fall back to transformers' own modules
+(`final_hidden_states`: the base model with `use_cache=False` and no attention mask) with the same
+chunked projection. Functions are pure: model and tensors in, numbers out; the search calls
+`nll_sum` / `perplexity` many times.
 
 Supported: causal LMs whose logits are `lm_head(final hidden states)` (Llama, Mistral, Qwen2/3,
 Phi-3); `logits_scaling` and `final_logit_softcapping` in the config are applied if present.
@@ -22,7 +25,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import lean
+
 DEFAULT_CHUNK = 4096
+FORWARDS = ("auto", "lean", "modules")
 
 # --------------------------------------------------------------------------------------------
 # the lean forward and perplexity
@@ -59,26 +65,41 @@ def _project(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def final_hidden_states(model, input_ids) -> torch.Tensor:
-    """(n, h) final hidden states of one sequence: base model, no cache, no mask."""
+    """(n, h) final hidden states of one sequence through transformers' own modules: base model,
+    no cache, no mask (the fallback of the lean forward, and its reference)."""
     ids = _as_batch(input_ids).to(model.get_output_embeddings().weight.device)
     out = base_model(model)(input_ids=ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[0]
 
 
+def hidden_states(model, input_ids, chunk_size: int = DEFAULT_CHUNK, forward: str = "auto") -> torch.Tensor:
+    """(n, h) final hidden states: `forward` "lean" (our decoder loop, `lean.py`), "modules"
+    (transformers' own, `final_hidden_states`) or "auto" (lean where supported)."""
+    if forward not in FORWARDS:
+        raise ValueError(f"forward: one of {', '.join(FORWARDS)}, got {forward!r}")
+    ids = _as_batch(input_ids)
+    if forward == "lean" or (forward == "auto" and lean.unsupported_reason(model, ids.shape[1]) is None):
+        return lean.final_hidden_states(model, ids, chunk_size)
+    return final_hidden_states(model, ids)
+
+
 @torch.inference_mode()
-def nll_sum(model, input_ids, chunk_size: int = DEFAULT_CHUNK, score_from: int = 1) -> tuple[float, int]:
+def nll_sum(model, input_ids, chunk_size: int = DEFAULT_CHUNK, score_from: int = 1, *,
+            forward: str = "auto") -> tuple[float, int]:
     """(sum of the negative log-likelihoods, number of tokens scored) for one sequence.
 
-    Token i (i >= max(1, score_from)) is predicted from positions < i. Scoring is done `chunk_size`
-    positions at a time in float32 (log-softmax via cross-entropy), summed in float64.
+    Token i (i >= max(1, score_from)) is predicted from positions < i. The lean forward runs
+    position-wise ops `chunk_size` positions at a time; scoring is done `chunk_size` positions at
+    a time in float32 (log-softmax via cross-entropy), summed in float64. `forward`: see
+    `hidden_states` ("modules" is transformers' forward with only the final projection chunked).
     """
     ids = _as_batch(input_ids)
     n = ids.shape[1]
     first = max(1, int(score_from))
     if n <= first:
         return 0.0, 0
-    hidden = final_hidden_states(model, ids)
+    hidden = hidden_states(model, ids, chunk_size, forward)
     targets = ids[0].to(hidden.device)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(first, n, chunk_size):

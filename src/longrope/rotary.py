@@ -18,6 +18,8 @@ from torch import nn
 from .scaling import LongRoPEScaling, Scaling, rope_inv_freq
 
 TWO_PI = 2 * math.pi
+LOW_BITS = 12  # positions split as p = hi·2^12 + lo for the fused kernel (hi, lo < 2^12)
+MAX_SPLIT_POSITION = 1 << (2 * LOW_BITS)  # the split arithmetic is exact below 2^24 positions
 
 
 def precise_angles(positions: torch.Tensor, inv_freq64: torch.Tensor) -> torch.Tensor:
@@ -27,6 +29,56 @@ def precise_angles(positions: torch.Tensor, inv_freq64: torch.Tensor) -> torch.T
     """
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq64.to(positions.device)
     return torch.remainder(angles, TWO_PI).to(torch.float32)
+
+
+def _split12(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 x >= 0 as hi + lo: hi has at most LOW_BITS significant bits (so an integer below
+    2^LOW_BITS times hi is exact in float32), lo = x - hi rounded to float32."""
+    mant, exp = torch.frexp(x)  # x = mant · 2^exp, mant in [0.5, 1)
+    hi = torch.ldexp(torch.floor(torch.ldexp(mant, torch.tensor(LOW_BITS))), exp - LOW_BITS)
+    hi = torch.where(x > 0, hi, torch.zeros_like(x))
+    return hi.float(), (x - hi).float()
+
+
+def phase_constants(inv_freq64: torch.Tensor) -> torch.Tensor:
+    """float32 (4, d/2) constants of the split-precision angle: rows f_hi, f_lo, F_hi, F_lo, where
+    f = frac(θ_i / 2π) is the phase increment per position in turns, F = frac(2^LOW_BITS · f) the
+    increment per 2^LOW_BITS positions, each split by `_split12`. Computed in float64."""
+    f = torch.frac(inv_freq64.double().cpu() / TWO_PI)
+    big = torch.frac(f * float(1 << LOW_BITS))
+    return torch.stack([*_split12(f), *_split12(big)])
+
+
+def split_angles(positions: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
+    """float32 angles in [-π, π) for integer positions (< 2^24) with float32 arithmetic only:
+    exactly what the fused kernel (`rotary_triton`) computes, so it can be tested on any device.
+
+    p = hi·2^12 + lo; turns = frac(hi·F_hi) + frac(lo·f_hi) + (hi·F_lo + lo·f_lo), where both
+    products with the 12-bit parts are exact in float32 and the corrections are tiny, so the
+    only rounding is that of a sum below 3: ~2.4e-7 turns, ~1.5e-6 rad at any position.
+    """
+    p = positions.long().unsqueeze(-1)
+    hi = (p >> LOW_BITS).float()
+    lo = (p & ((1 << LOW_BITS) - 1)).float()
+    f_hi, f_lo, big_hi, big_lo = consts.to(positions.device).unbind(0)
+    a = hi * big_hi
+    a = a - torch.floor(a)
+    b = lo * f_hi
+    b = b - torch.floor(b)
+    turns = a + b + (hi * big_lo + lo * f_lo)
+    turns = turns - torch.floor(turns + 0.5)
+    return turns * TWO_PI
+
+
+def fused_available(t: torch.Tensor) -> bool:
+    """True if the Triton kernel can run on `t` (a CUDA tensor and triton importable)."""
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class ScaledRotaryEmbedding(nn.Module):
@@ -82,6 +134,43 @@ class ScaledRotaryEmbedding(nn.Module):
             scale = torch.where(start, 1.0, torch.tensor(scale, dtype=torch.float32, device=device))
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos() * scale, emb.sin() * scale
+
+    def phase_constants(self, seq_len: int, device: torch.device, unscaled: bool = False) -> torch.Tensor:
+        """`phase_constants` of this module's inverse frequencies for the regime of `seq_len`
+        (or of the unscaled frequencies used below n̂), cached per device."""
+        key = ("phase", "unscaled" if unscaled else self._regime_key(seq_len), str(device))
+        if key not in self._cache:
+            inv = rope_inv_freq(self.dim, self.base) if unscaled else self._inv_freq(seq_len, torch.device("cpu"))
+            self._cache[key] = phase_constants(inv).to(device)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, seq_len: int | None = None,
+               fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (n, heads, head_dim) and k (n, kv_heads, head_dim) at integer `positions` (n,),
+        token-major as the projections produce them; the first `dim` channels rotate (partial
+        rotary), the rest pass through. `seq_len` picks the regime (default: largest position + 1)
+        and must exceed every position.
+
+        On CUDA with triton (`fused=None`) the fused kernel rotates q and k in place, forming the
+        angles on the fly from the positions (no cos/sin table); otherwise, or with `fused=False`,
+        the PyTorch reference: cos_sin in float32, rounded to q's dtype, `apply_rotary`.
+        Returns the rotated (q, k); use the returned tensors, the inputs may or may not be reused.
+        """
+        if seq_len is None:
+            seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
+        if fused is None:
+            fused = fused_available(q) and seq_len <= MAX_SPLIT_POSITION
+        if fused:
+            from .rotary_triton import rotate_inplace
+
+            n_hat = self.scaling.n_hat
+            rotate_inplace(q, k, positions, self.phase_constants(seq_len, q.device),
+                           self.phase_constants(seq_len, q.device, unscaled=True) if n_hat else None,
+                           self.scaling.attention_factor(seq_len), n_hat)
+            return q, k
+        cos, sin = self.cos_sin(positions, seq_len)
+        return apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=1)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type=None):

@@ -1,0 +1,83 @@
+"""(d) SmolLM2-135M perplexity at 256k, 512k, 1M and 2M tokens with a searched LongRoPE scaling:
+time and peak memory of our lean forward vs transformers' own modules with only the final
+projection chunked (evaluate's "modules" path), side by side in one process, same scaling.
+
+The text: the documents of --data (e.g. austen_moby.jsonl.gz) tokenised and concatenated in
+file order (each with its BOS/EOS), repeated from the start if shorter than the length asked
+for (the JSON records how many tokens were distinct); the first L tokens are scored.
+
+    python bench/smollm2_long.py SmolLM2-135M-Instruct.Q4_1.gguf --data austen_moby.jsonl.gz \
+        --lengths 256k,512k,1m --out smollm2-long.json
+    python bench/smollm2_long.py SmolLM2-135M-Instruct.Q4_1.gguf --data austen_moby.jsonl.gz \
+        --lengths 2m --out smollm2-long-2m.json      # ~2 × 5 minutes on one H200
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from _common import environment, fmt_len, measured, ratio, require_cuda, write_json
+from longrope import cli, data, evaluate, models
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
+    return int(float(text.rstrip("km")) * scale)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="SmolLM2-135M GGUF path (or smollm2-135m)")
+    p.add_argument("--data", required=True, help="documents to read (any `longrope eval --data` source)")
+    p.add_argument("--scaling", default="smollm2-135m-128k", help="a preset name or a scaling JSON file")
+    p.add_argument("--lengths", default="256k,512k,1m,2m")
+    p.add_argument("--impls", default="lean,modules", help="lean, modules or both")
+    p.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK)
+    p.add_argument("--out", default="smollm2_long.json")
+    args = p.parse_args()
+    device = require_cuda("smollm2_long")
+    model, tokenizer = models.load(args.model, dtype=torch.bfloat16, device=device)
+    info = models.rope_info(model.config)
+    scaling = cli.resolve_scaling(args.scaling, None, None, info)
+    models.attach(model, scaling)
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    docs = data.load_tokenized(args.data, tokenizer)
+    stream = np.concatenate([d.tokens for d in docs])
+    distinct = len(stream)
+    if distinct < max(lengths):
+        stream = np.tile(stream, -(-max(lengths) // distinct))
+        print(f"note: {args.data} has {distinct:,} tokens; the text repeats from its start beyond that")
+    impls = args.impls.split(",")
+    evaluate.nll_sum(model, torch.as_tensor(stream[:8192]), args.chunk_size)  # warm-up (Triton compiles here)
+    rows = []
+    print(f"{'length':>7} {'forward':8} {'ppl':>10} {'seconds':>8} {'peak GiB':>9}")
+    for n in lengths:
+        ids = torch.as_tensor(stream[:n]).to(device)
+        result = {}
+        for impl in impls:
+            r = {"n": n, "forward": impl}
+            with measured(r):
+                nll, count = evaluate.nll_sum(model, ids, args.chunk_size, forward=impl)
+                r.update(nll_sum=nll, n_tokens=count, ppl=evaluate.perplexity_from(nll, count))
+            rows.append(r)
+            result[impl] = r
+            if r["oom"]:
+                print(f"{fmt_len(n):>7} {impl:8} {'OOM':>10} {'':>8} {r['peak_gib']:9.2f}")
+            else:
+                print(f"{fmt_len(n):>7} {impl:8} {r['ppl']:10.3f} {r['seconds']:8.2f} {r['peak_gib']:9.2f}")
+        if len(result) == 2 and not any(r["oom"] for r in result.values()):
+            a, b = result["lean"], result["modules"]
+            print(f"{fmt_len(n):>7} lean/modules: time {ratio(a['seconds'], b['seconds']):.3f}x, peak memory "
+                  f"{ratio(a['peak_gib'], b['peak_gib']):.3f}x, ppl {ratio(a['ppl'], b['ppl']):.5f}x")
+        del ids
+    write_json(args.out, {"benchmark": "smollm2_long", "model": args.model, "data": args.data,
+                          "distinct_tokens": distinct, "scaling": scaling.to_dict(), "chunk_size": args.chunk_size,
+                          "rows": rows, "environment": environment()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The lean forward (our decoder loop) against transformers' own forward, on every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHS, ORIGINAL, clone_with_config, rotary_dim, tiny_model
+from longrope import evaluate, lean, models, rotary
+from longrope import scaling as sc
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 259, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_nll(model, ids):
+    """float64 sum of the NLL of targets 1..n-1 from the full logits of transformers' forward."""
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0].double()
+    return -torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None]).sum().item()
+
+
+def scalings(dim):
+    long = sc.make("longrope", ORIGINAL, 4 * ORIGINAL, dim=dim, base=10000.0)
+    return {
+        "none": None,
+        "yarn": sc.make("yarn", ORIGINAL, 4 * ORIGINAL, dim=dim, base=10000.0),
+        "longrope": long.replace(short_factor=tuple([1.2] * (dim // 2))),
+        "longrope-n_hat": long.replace(n_hat=16),
+        "dynamic": sc.make("dynamic", ORIGINAL, 4 * ORIGINAL),
+    }
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", ["none", "yarn", "longrope", "longrope-n_hat", "dynamic"])
+def test_lean_nll_equals_transformers(arch, method):
+    model = tiny_model(arch)
+    scaling = scalings(rotary_dim(model))[method]
+    if scaling is not None:
+        models.attach(model, scaling)
+    for n, chunk in ((150, 7), (150, 64), (45, 16), (45, 4096)):  # long and short regimes
+        ids = _ids(n, seed=n)
+        ref = reference_nll(model, ids)
+        lean_nll, count = evaluate.nll_sum(model, ids, chunk_size=chunk, forward="lean")
+        modules_nll, _ = evaluate.nll_sum(model, ids, chunk_size=chunk, forward="modules")
+        assert count == n - 1
+        assert lean_nll == pytest.approx(ref, rel=1e-5, abs=1e-5)
+        assert lean_nll == pytest.approx(modules_nll, rel=1e-5)
+        assert evaluate.nll_sum(model, ids, chunk_size=chunk)[0] == lean_nll  # "auto" is the lean path
+
+
+@pytest.mark.parametrize("arch, params", [
+    ("llama", {"rope_type": "dynamic", "factor": 4.0}),
+    ("phi3", {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+              "long_factor": [1.0, 1.3, 1.9, 2.5], "short_factor": [1.0, 1.1, 1.2, 1.3]}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}),
+])
+def test_lean_with_transformers_own_rotary(arch, params):
+    """A model configured with a scaling (no attach): transformers' rotary module, per chunk or
+    as one table where its regime depends on the length."""
+    model = clone_with_config(tiny_model(arch), params)
+    for n in (150, 40):
+        ids = _ids(n, seed=1)
+        hidden = lean.final_hidden_states(model, ids, chunk_size=13)
+        ref = evaluate.final_hidden_states(model, ids)
+        torch.testing.assert_close(hidden, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_attention_groups_and_budget(monkeypatch, kv_heads):
+    model = tiny_model("llama", num_key_value_heads=kv_heads)
+    ids = _ids(120, seed=2)
+    whole = lean.final_hidden_states(model, ids, chunk_size=32)
+    monkeypatch.setattr(lean, "ATTENTION_BUDGET", 1)  # one KV head per SDPA call
+    split = lean.final_hidden_states(model, ids, chunk_size=32)
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split, evaluate.final_hidden_states(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_tokens_by_intermediate_and_sdpa_is_causal_without_mask(monkeypatch):
+    model = tiny_model("qwen3")
+    rows, calls = [], []
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0])) for layer in model.model.layers]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask, kw.get("is_causal"), q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(lean.F, "scaled_dot_product_attention", spy)
+    try:
+        evaluate.nll_sum(model, _ids(200), chunk_size=24)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max(rows) <= 24 and sum(rows) == 200 * len(model.model.layers)
+    assert calls and all(mask is None and causal is True and nq == nk == 200 for mask, causal, nq, nk in calls)
+
+
+def test_sliding_window_and_training_fall_back():
+    model = tiny_model("mistral", sliding_window=32)
+    ids = _ids(100, seed=3)
+    assert "sliding-window" in lean.unsupported_reason(model, 100)
+    assert lean.unsupported_reason(model, 32) is None
+    with pytest.raises(ValueError, match="sliding-window"):
+        lean.final_hidden_states(model, ids)
+    # auto falls back to transformers' modules, which honour the window
+    assert evaluate.nll_sum(model, ids)[0] == pytest.approx(reference_nll(model, ids), rel=1e-5)
+    model.train()
+    assert "training" in lean.unsupported_reason(model, 10)
+    model.eval()
+
+
+def test_bfloat16_close_to_transformers():
+    model = tiny_model("llama").to(torch.bfloat16)
+    models.attach(model, scalings(16)["longrope"])
+    ids = _ids(150, seed=4)
+    ours = evaluate.nll_sum(model, ids, chunk_size=32, forward="lean")[0]
+    assert ours == pytest.approx(evaluate.nll_sum(model, ids, forward="modules")[0], rel=2e-2)
+
+
+def test_lean_with_fused_rotary_kernel_in_interpreter(monkeypatch):
+    """The Triton kernel inside the lean loop (Triton's interpreter on CPU tensors)."""
+    pytest.importorskip("triton")
+    model = tiny_model("phi3")  # partial rotary, fused projections
+    models.attach(model, scalings(rotary_dim(model))["longrope-n_hat"])
+    ids = _ids(150, seed=5)
+    reference = lean.final_hidden_states(model, ids, chunk_size=64)
+    monkeypatch.setattr(rotary, "fused_available", lambda t: True)
+    fused = lean.final_hidden_states(model, ids, chunk_size=64)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
