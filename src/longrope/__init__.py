@@ -3,9 +3,10 @@
 from . import scaling
 from .errors import UsageError
 from .models import attach, export, load, rope_info, scaling_from_hf_config
+from .pipeline import LongRoPEModel
 from .rotary import ScaledRotaryEmbedding
 from .scaling import LongRoPEScaling, Scaling, ScalingError
 
 __version__ = "0.1.0"
-__all__ = ["scaling", "Scaling", "LongRoPEScaling", "ScalingError", "UsageError", "ScaledRotaryEmbedding",
+__all__ = ["LongRoPEModel", "scaling", "Scaling", "LongRoPEScaling", "ScalingError", "UsageError", "ScaledRotaryEmbedding",
            "attach", "export", "load", "rope_info", "scaling_from_hf_config"]

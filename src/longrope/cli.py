@@ -86,7 +86,7 @@ def register_export(sub) -> None:
 
 
 # each recipe module owns its subcommand: register(subparsers) adds it with set_defaults(func=...)
-RECIPES = ("eval", "search", "pretrain", "demo")
+RECIPES = ("eval", "search", "pretrain", "demo", "finetune", "extend")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -356,6 +356,98 @@ class CriticalDimSpace(SearchSpace):
         return seeds
 
 
+@dataclass(frozen=True)
+class SeededSearchSpace(SearchSpace):
+    """The paper's space with extra seeds in the initial population: progressive extension starts
+    a search at a longer target from the previous stage's factors. `seeds` holds (λ values, n̂)
+    pairs, snapped into this space; they come first, so they are in any initial population."""
+
+    seeds: tuple[tuple[tuple[float, ...], int], ...] = ()
+
+    def baselines(self) -> dict[str, Genome]:
+        seeded = {f"seed{i}": self.snap(lambdas, n_hat) for i, (lambdas, n_hat) in enumerate(self.seeds)}
+        return {**seeded, **super().baselines()}
+
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        if self.seeds:
+            out["seeds"] = [[list(lambdas), n_hat] for lambdas, n_hat in self.seeds]
+        return out
+
+
+def rescale_factors(long_factor: Sequence[float], factor: float, new_factor: float) -> tuple[float, ...]:
+    """Carry factors searched for scale s to scale s' > 1: λ' = λ^(ln s' / ln s), which keeps
+    λ = 1 (unscaled high frequencies) at 1, maps λ = s to s', and keeps the vector's order."""
+    if factor <= 1 or new_factor <= 1:
+        raise ValueError(f"rescale_factors: scales must be > 1, got {factor} and {new_factor}")
+    power = math.log(new_factor) / math.log(factor)
+    return tuple(float(max(1.0, v) ** power) for v in long_factor)
+
+
+SHORT_CAP = 1.5  # default upper bound of the searched short factors
+
+
+@dataclass(frozen=True)
+class ShortFactorSpace(SearchSpace):
+    """Short-context readjustment (LongRoPE §3.3): search `short_factor` (used for sequences up to
+    the original context) of an extended scaling, its `long_factor`, n̂ and attention factor kept.
+
+    A genome is d/2 non-decreasing factors on the 0.01 grid in [1, cap]: a short sequence needs at
+    most a mild interpolation (the model was trained there with λ = 1; what the factors can offset
+    is mostly the attention factor that the long scaling applies at every length), so the cap is
+    far below 1.25·s. The all-ones vector is the first seed (and the scaling's own short factors,
+    if any, the second), so it is always evaluated and the search's best is never worse than
+    all-ones on the fitness documents. Build it with `for_scaling`."""
+
+    long: LongRoPEScaling | None = None
+    cap: float = SHORT_CAP
+
+    algorithm = "short-factor"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.long, LongRoPEScaling):
+            raise UsageError("short-factor search: needs the extended LongRoPE scaling (long=...)")
+        if not 1 < self.cap <= 1.25 * self.scale:
+            raise UsageError(f"short-factor search: cap must be in (1, {1.25 * self.scale:g}], got {self.cap}")
+
+    @classmethod
+    def for_scaling(cls, scaling: LongRoPEScaling, dim: int, base: float, cap: float = SHORT_CAP) -> "ShortFactorSpace":
+        return cls(dim, base, scaling.original_max_position_embeddings, scaling.target_length, long=scaling, cap=cap)
+
+    @property
+    def top(self) -> int:
+        return int(math.floor((self.cap - 1) / GRID_STEP + 1e-9))
+
+    @property
+    def n_hats(self) -> tuple[int, ...]:
+        return (self.long.n_hat,)  # one choice: n̂ is the long scaling's, never mutated
+
+    def scaling(self, genome: Genome) -> LongRoPEScaling:
+        return self.long.replace(short_factor=self.lambdas(genome))
+
+    def snap(self, lambdas: Iterable[float], n_hat: int | None = None) -> Genome:
+        return super().snap(lambdas, self.long.n_hat if n_hat is None else n_hat)
+
+    def baselines(self) -> dict[str, Genome]:
+        seeds = {"ones": Genome((0,) * self.size, 0)}
+        if self.long.short_factor is not None:
+            seeds["current"] = self.snap(self.long.short_factor)
+        return seeds
+
+    def describe(self, g: Genome) -> dict[str, Any]:
+        return {"short_factor": list(self.lambdas(g)), "n_hat": self.long.n_hat}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "cap": self.cap}
+
+    def identity(self) -> dict[str, Any]:
+        long = self.long.to_dict()
+        return {**super().identity(), "algorithm": self.algorithm, "cap": self.cap,
+                "long_factor": long["long_factor"], "n_hat": self.long.n_hat,
+                "scaling_attention_factor": long["attention_factor"]}
+
+
 @dataclass
 class SearchConfig:
     """The paper's settings (population 64, 16 + 16 children, 32 parents, p = 0.3, 40

@@ -7,7 +7,12 @@ with a share of synthetic passkey samples, and writes a Hugging Face folder that
 every `checkpoint_every` steps to `out/checkpoint.pt`; `resume=True` continues from there and gives
 bit-identical results to an uninterrupted run (every batch is a pure function of (seed, step)).
 
-Long-context fine-tuning (FSDP2 + context parallel) belongs here too, later.
+Long-context fine-tuning (`finetune`, below): a pretrained model with a scaling attached is trained
+on documents packed into `seq_len`-token sequences (BOS/EOS between documents), AdamW with a short
+warm-up and linear decay (LongRoPE's lr 2e-5), bf16 autocast on CUDA over float32 master weights,
+gradient checkpointing, SDPA attention and a chunked loss that never materialises (tokens × vocab)
+logits. Checkpoints and resume work as for pretraining. One process on one device: see
+`finetune` for where FSDP2 and context parallelism plug in (not implemented yet).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import models
 from .data import Document, read_documents
 from .errors import UsageError
 from .evaluate import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
@@ -398,8 +404,8 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
-    """Checks --out; returns the checkpoint to resume from (or None)."""
+def _prepare_out(out: Path, resume: bool, force: bool, record: str = RECORD) -> dict | None:
+    """Checks --out; returns the checkpoint to resume from (or None). `record` marks a finished run."""
     if resume and force:
         raise UsageError("--resume and --force contradict each other: --force starts over")
     if out.exists() and not out.is_dir():
@@ -407,7 +413,7 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
     if force and out.exists():
         shutil.rmtree(out)
     ckpt_path = out / CHECKPOINT
-    if out.exists() and (out / RECORD).is_file() and not ckpt_path.exists():
+    if out.exists() and (out / record).is_file() and not ckpt_path.exists():
         raise UsageError(f"--out {out} already holds a finished model; choose another folder or pass --force")
     if resume:
         if ckpt_path.is_file():
@@ -594,7 +600,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past `step` (written after the checkpoint by an interrupted run)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line torn by a killed process
+            continue
+        if entry is not None and entry["step"] <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -653,3 +666,351 @@ def _argv() -> str:
     import shlex
 
     return shlex.join(sys.argv)
+
+
+# ============================================================================================
+# long-context fine-tuning
+
+FT_RECORD = "finetune.json"  # written last: the run is finished
+DEFAULT_LOSS_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning a scaled model at `seq_len` tokens. Defaults follow LongRoPE (§4.1): AdamW
+    (β = 0.9, 0.95), lr 2e-5 with linear decay, a short warm-up. One optimizer step sees
+    batch_size × grad_accum sequences."""
+
+    seq_len: int
+    steps: int
+    lr: float = 2e-5
+    warmup: int | None = None  # None: 20 steps, at most a tenth of the run
+    min_lr_ratio: float = 0.0  # linear decay to lr·min_lr_ratio at the last step
+    schedule: str = "linear"  # or "cosine"
+    batch_size: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    # run (may differ between a run and its resumption)
+    device: str = "cpu"
+    dtype: str = "float32"  # autocast dtype (bfloat16 on GPU); master weights stay float32
+    gradient_checkpointing: bool = True
+    loss_chunk: int = DEFAULT_LOSS_CHUNK  # positions projected to logits at a time
+    checkpoint_every: int = 100
+    log_every: int = 1
+    save_dtype: str = "float32"
+
+    RUN_FIELDS = ("device", "dtype", "gradient_checkpointing", "loss_chunk", "checkpoint_every", "log_every",
+                  "save_dtype")
+
+    @property
+    def warmup_steps(self) -> int:
+        w = min(20, self.steps // 10) if self.warmup is None else self.warmup
+        return min(w, self.steps)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def validate(self) -> "FinetuneConfig":
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UsageError(message)
+
+        need(self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}")
+        for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "checkpoint_every", "log_every"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
+        need(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
+        need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
+        need(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        need(self.save_dtype in ("float16", "bfloat16", "float32"),
+             f"--save-dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["warmup"] = self.warmup_steps
+        return d
+
+
+def pack_documents(documents: Iterable[Sequence[int] | np.ndarray], seq_len: int, bos_id: int | None,
+                   eos_id: int | None) -> np.ndarray:
+    """(n, seq_len) int64 training sequences: each document with BOS first and EOS last (added only
+    where the tokens lack them: `data.load_tokenized` already carries the tokenizer's BOS), all
+    concatenated in order and cut into full sequences; the last partial sequence is dropped.
+    Raises UsageError when the documents do not fill one sequence."""
+    parts = []
+    for tokens in documents:
+        t = np.asarray(tokens, dtype=np.int64)
+        if bos_id is not None and (t.size == 0 or t[0] != bos_id):
+            parts.append(np.array([bos_id], dtype=np.int64))
+        parts.append(t)
+        if eos_id is not None and (t.size == 0 or t[-1] != eos_id):
+            parts.append(np.array([eos_id], dtype=np.int64))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise UsageError(f"--seq-len {seq_len}: the documents hold {len(stream)} tokens in all (BOS/EOS included), "
+                         "not enough for one sequence; use a shorter --seq-len or more --data")
+    return stream[:n * seq_len].reshape(n, seq_len)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0xF17E]).permutation(n)
+
+
+def finetune_batch(packed: np.ndarray, cfg: FinetuneConfig, step: int, micro: int = 0) -> torch.Tensor:
+    """[batch_size, seq_len] for micro-batch `micro` of optimizer step `step` (1-based): the packed
+    sequences in a fresh seeded order every epoch. A pure function of (seed, step, micro), so a
+    resumed run sees exactly the batches an uninterrupted one does. (Data parallelism would give
+    rank r the rows r, r + world, ... of a world × larger batch; context parallelism would shard
+    each row's positions.)"""
+    n = len(packed)
+    first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
+    rows, orders = [], {}
+    for k in range(first, first + cfg.batch_size):
+        epoch = k // n
+        if epoch not in orders:
+            orders[epoch] = _epoch_order(cfg.seed, epoch, n)
+        rows.append(orders[epoch][k % n])
+    return torch.from_numpy(np.ascontiguousarray(packed[rows]))
+
+
+def _decoder(model):
+    """The decoder stack that returns final hidden states (`model.model` for HF causal LMs)."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else model.get_decoder()
+
+
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float | None,
+               cap: float | None) -> torch.Tensor:
+    """Summed float32 cross entropy of one chunk of positions (logits as evaluate projects them)."""
+    logits = head(hidden).float()
+    if scale:
+        logits = logits / scale
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross entropy, number of targets) of a [batch, seq] batch, without ever
+    building (tokens × vocab) logits: the decoder's final hidden states are projected through
+    `lm_head` and scored `chunk` positions at a time; with autograd on, each chunk runs under
+    activation checkpointing, so its logits are freed at once and recomputed in the backward pass
+    (peak: one chunk's logits, not the sequence's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = _decoder(model)(input_ids=input_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    head = model.get_output_embeddings()
+    scale = getattr(model.config, "logits_scaling", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    grad = torch.is_grad_enabled()
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    batch, length = input_ids.shape
+    for row in range(batch):
+        for start in range(0, length - 1, chunk):
+            end = min(start + chunk, length - 1)
+            args = (head, hidden[row, start:end], input_ids[row, start + 1:end + 1], scale, cap)
+            total = total + (checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args))
+    return total, batch * (length - 1)
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    model: object  # the fine-tuned model (in save_dtype), scaling attached, eval mode
+    record: dict = field(default_factory=dict)
+
+
+def _check_finetune_resumable(cfg: FinetuneConfig, identity: dict, saved: dict) -> None:
+    ours = {**{k: v for k, v in cfg.to_dict().items() if k not in FinetuneConfig.RUN_FIELDS},
+            **{f"identity.{k}": v for k, v in identity.items()}}
+    theirs = {**{k: v for k, v in saved["config"].items() if k not in FinetuneConfig.RUN_FIELDS},
+              **{f"identity.{k}": v for k, v in saved.get("identity", {}).items()}}
+    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if diff:
+        shown = ", ".join(f"{k} {str(theirs.get(k))[:60]!r} -> {str(ours.get(k))[:60]!r}" for k in diff[:3])
+        raise UsageError(f"--resume: the checkpoint was made with different settings ({shown}); "
+                         "use the same ones or pass --force to start over")
+
+
+def _check_single_process() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("finetune: several processes (torchrun) are not supported yet: FSDP2 and context "
+                         "parallelism are still to be written; run one process on one GPU")
+
+
+def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig, out: str | os.PathLike, *,
+             resume: bool = False, force: bool = False, keep_checkpoint: bool = False,
+             callback: Callable[[StepInfo], None] | None = None, identity: dict | None = None,
+             command: str | None = None) -> FinetuneResult:
+    """Fine-tune `model` (a transformers causal LM, moved to float32 on cfg.device) with `scaling`
+    attached on `packed` sequences ([n, seq_len], see `pack_documents`); write `out`: the
+    checkpoint exported with the scaling (`models.export`: plain transformers loads it),
+    train_log.jsonl, and finetune.json last.
+
+    Checkpoints (model, optimizer, RNG, step; atomic) go to `out/checkpoint.pt` every
+    `checkpoint_every` steps; `resume=True` continues from there with identical optimizer state
+    and batches. `identity` (model, data, ...) must match on resume, as must every non-run field
+    of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
+    step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
+
+    Several GPUs (not implemented): the seams are `_prepare_finetune_model` (where FSDP2's
+    `fully_shard` would wrap each decoder layer and then the model), `finetune_batch` (where the
+    data-parallel share and the context-parallel split of each sequence's positions would be
+    taken) and the loss (a sum of token NLLs and a count, all-reduced across ranks before the
+    division). Today a run with WORLD_SIZE > 1 is refused."""
+    cfg.validate()
+    _check_single_process()
+    device = _resolve_device(cfg.device)
+    out = Path(out)
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.shape[1] != cfg.seq_len or len(packed) == 0:
+        raise UsageError(f"finetune: expected packed sequences of shape (n >= 1, {cfg.seq_len}), got {packed.shape}")
+    identity = {"scaling": scaling.to_dict(), **(identity or {})}
+    checkpoint = _prepare_out(out, resume, force, record=FT_RECORD)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{CHECKPOINT}.tmp-*"):  # left by a process killed while saving
+        stale.unlink()
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = _prepare_finetune_model(model, scaling, cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
+    start_step, tokens_seen, wall_before, recent, first_loss = 0, 0, 0.0, [], None
+    if checkpoint is not None:
+        _check_finetune_resumable(cfg, identity, checkpoint)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"], device)
+        start_step, tokens_seen = int(checkpoint["step"]), int(checkpoint["tokens_seen"])
+        wall_before, recent = float(checkpoint["wall_time_s"]), list(checkpoint["recent_losses"])
+        first_loss = checkpoint.get("first_loss")
+        _truncate_log(out / LOG, start_step)
+    else:
+        (out / LOG).unlink(missing_ok=True)
+    del checkpoint
+    autocast = _autocast(device, cfg.dtype)
+    tokens_per_step = cfg.sequences_per_step * cfg.seq_len
+    targets_per_step = cfg.sequences_per_step * (cfg.seq_len - 1)
+    t_run = time.perf_counter()
+    t_log, steps_since_log = t_run, 0
+    loss_sum = torch.zeros((), device=device)
+    last_loss, last_tps, grad_norm = None, None, None
+
+    def save_checkpoint(step: int) -> None:
+        _atomic_torch_save({
+            "step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "identity": identity,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+            "wall_time_s": wall_before + time.perf_counter() - t_run, "recent_losses": recent,
+            "first_loss": first_loss,
+        }, out / CHECKPOINT)
+
+    with open(out / LOG, "a", encoding="utf-8") as log:
+        for step in range(start_step + 1, cfg.steps + 1):
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = finetune_batch(packed, cfg, step, micro).to(device, non_blocking=True)
+                with autocast:
+                    nll, _ = chunked_lm_loss(model, batch, cfg.loss_chunk)
+                loss = nll / targets_per_step  # the step's mean over all its micro-batches
+                loss.backward()
+                step_loss += loss.detach()
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            loss_sum += step_loss
+            steps_since_log += 1
+            if first_loss is None:
+                first_loss = float(step_loss)
+            if steps_since_log == cfg.log_every or step == cfg.steps:
+                last_loss = float(loss_sum) / steps_since_log
+                now = time.perf_counter()
+                last_tps = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
+                recent = (recent + [last_loss])[-10:]
+                entry = {"step": step, "loss": round(last_loss, 5), "lr": lr, "tokens": tokens_seen,
+                         "tokens_per_s": round(last_tps, 1), "elapsed_s": round(wall_before + now - t_run, 3)}
+                if grad_norm is not None:
+                    entry["grad_norm"] = round(float(grad_norm), 4)
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss became {last_loss} at step {step}; lower --lr")
+                loss_sum.zero_()
+                steps_since_log = 0
+                t_log = now
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(step)
+            if callback is not None:
+                callback(StepInfo(step, cfg.steps, last_loss, lr, last_tps))
+    wall = wall_before + time.perf_counter() - t_run
+
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.eval()
+    model.to(dtype=getattr(torch, cfg.save_dtype))
+    record = {
+        "config": cfg.to_dict(), "identity": identity, "scaling": scaling.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()), "sequences": int(len(packed)),
+        "tokens_seen": tokens_seen, "first_loss": first_loss,
+        "final_loss": (sum(recent) / len(recent)) if recent else None,
+        "last_logged_loss": recent[-1] if recent else None, "wall_time_s": round(wall, 2),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(), "command": command if command is not None else _argv(),
+    }
+    _export_into(model, tokenizer, scaling, out, record)
+    if not keep_checkpoint:
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    return FinetuneResult(out=out, model=model, record=record)
+
+
+def _prepare_finetune_model(model, scaling, cfg: FinetuneConfig, device: torch.device):
+    """float32 master weights on `device`, the scaling attached, gradient checkpointing on, train
+    mode. (FSDP2 would shard the model here: `fully_shard` per decoder layer, then the root.)"""
+    model.to(device=device, dtype=torch.float32)
+    models.attach(model, scaling)
+    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+        print(f"note: attention implementation {model.config._attn_implementation!r}; load with sdpa for long sequences")
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _export_into(model, tokenizer, scaling, out: Path, record: dict) -> None:
+    """`models.export` into a temporary folder inside `out`, its files moved into `out`, then the
+    record written last (its presence means the run is complete)."""
+    tmp = out / f".export-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.config.use_cache = True
+        models.export(model, tokenizer, scaling, tmp)
+        record["model_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        for item in sorted(tmp.iterdir()):
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        text = json.dumps(record, indent=2) + "\n"
+        (out / f".{FT_RECORD}.tmp").write_text(text)
+        os.replace(out / f".{FT_RECORD}.tmp", out / FT_RECORD)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,127 @@
+"""`longrope finetune`: fine-tune a model with a scaling attached at a long sequence length."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from ..cli import add_model_args, add_scaling_args, parse_length, resolve_scaling
+from ..errors import UsageError
+
+DESCRIPTION = """\
+Fine-tune --model with a scaling attached (--scaling FILE or preset, or --method with
+--target-length) on --data packed into --seq-len-token sequences (BOS/EOS between documents).
+AdamW, lr 2e-5 with a short warm-up and linear decay (LongRoPE's settings), float32 master
+weights with bfloat16 autocast on a GPU, gradient checkpointing, SDPA attention, and a loss
+computed a chunk of positions at a time (never the whole (tokens × vocab) logits).
+
+Writes into --out: the fine-tuned Hugging Face checkpoint carrying the scaling (plain transformers
+loads it), train_log.jsonl (loss per step) and finetune.json (configuration, versions, losses),
+written last. checkpoint.pt (model, optimizer, RNG, step) is replaced every --checkpoint-every
+steps: continue a killed run with the same command and --resume.
+One process on one device; several GPUs (FSDP2 + context parallel) are not supported yet.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a scaled model at a long sequence length (resumable)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_scaling_args(p)
+    p.add_argument("--data", required=True, help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or 'bundled'")
+    p.add_argument("--seq-len", type=parse_length, default=None,
+                   help="tokens per training sequence, e.g. 64k (default: the scaling's target length)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5, the paper's)")
+    o.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 20, at most 10%% of --steps)")
+    o.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a share of --lr (default 0)")
+    o.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 turns clipping off")
+    o.add_argument("--seed", type=int, default=0, help="order of the training sequences")
+    r = p.add_argument_group("run")
+    r.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="dtype of the saved weights (default: bfloat16 on GPU, float32 on CPU)")
+    r.add_argument("--loss-chunk", type=int, default=4096, help="positions projected to logits at a time")
+    r.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every activation (faster, more memory)")
+    r.add_argument("--checkpoint-every", type=int, default=100)
+    r.add_argument("--log-every", type=int, default=1)
+    r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    r.add_argument("--force", action="store_true", help="delete an existing --out and start over")
+    r.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after a finished run")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .. import data, models, train
+
+    if args.resume and args.force:
+        raise UsageError("--resume and --force contradict each other: --force starts over")
+    info = models.rope_info(models.load_config(args.model))
+    scaling = resolve_scaling(args.scaling, args.method, args.target_length, info)  # before loading weights
+    seq_len = args.seq_len or scaling.target_length
+    if seq_len is None:
+        raise UsageError("--seq-len: required with a scaling that has no target length")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "float16":
+        raise UsageError("--dtype float16: fine-tuning autocasts to bfloat16 or runs in float32; choose one of those")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    cfg = train.FinetuneConfig(
+        seq_len=seq_len, steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, seed=args.seed, device=device, dtype=dtype,
+        gradient_checkpointing=not args.no_gradient_checkpointing, loss_chunk=args.loss_chunk,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32"),
+    ).validate()
+
+    model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
+    docs = data.load_tokenized(args.data, tokenizer, progress=not args.no_progress)
+    packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if scaling.target_length is not None and seq_len > scaling.target_length:
+        print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
+              file=sys.stderr)
+    print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(docs)} documents "
+          f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × {cfg.sequences_per_step} "
+          f"sequences on {device} ({dtype})", file=sys.stderr)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(step) -> None:
+        if bar is None:
+            return
+        bar.n = step.step
+        if step.loss is not None:
+            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}",
+                            tok_s=f"{step.tokens_per_s:,.0f}" if step.tokens_per_s else "-", refresh=False)
+        bar.refresh()
+
+    identity = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+                "data": data.source_digest(args.data)}
+    try:
+        result = train.finetune(model, tokenizer, scaling, packed, cfg, args.out, resume=args.resume,
+                                force=args.force, keep_checkpoint=args.keep_checkpoint, callback=progress,
+                                identity=identity, command=shlex.join(["longrope", *sys.argv[1:]]))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue from the last checkpoint with the same command and --resume "
+              f"(checkpoints every {cfg.checkpoint_every} steps in {args.out})", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    rec = result.record
+    print(f"wrote {result.out}: loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, "
+          f"{rec['tokens_seen'] / 1e6:.2f}M tokens in {rec['wall_time_s']:.0f} s")
+    return 0

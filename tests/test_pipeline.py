@@ -1,0 +1,302 @@
+"""Progressive extension: the plan, stage skipping on resume, readjustment, the facade, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ORIGINAL, tiny_model
+from longrope import data as D
+from longrope import evaluate, models, pipeline
+from longrope import scaling as sc
+from longrope import search as S
+from longrope.cli import main
+from longrope.errors import UsageError
+from longrope.pipeline import LongRoPEModel, Stage, parse_stages
+from longrope.tokenization import byte_tokenizer
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
+TINY_SEARCH = S.SearchConfig(population=6, mutations=2, crossovers=2, parents=3, generations=1)
+
+
+def text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def docs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": text(120, i)}) + "\n" for i in range(3)))
+    return path  # three documents of ~600 tokens
+
+
+def tokenized(path):
+    return D.load_tokenized(path, byte_tokenizer(), cache=False)
+
+
+def config(stages: str, target: int, **kw) -> pipeline.PipelineConfig:
+    from longrope import train
+
+    base = dict(target_length=target, stages=parse_stages(stages), samples=2, search=TINY_SEARCH,
+                finetune=train.FinetuneConfig(seq_len=2, steps=2, lr=1e-3, warmup=0, checkpoint_every=1),
+                report_lengths=(64, 256), report_docs=1, passkey_trials=0)
+    base.update(kw)
+    return pipeline.PipelineConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+def test_parse_stages():
+    assert parse_stages("search:64k, finetune:64k:400,SEARCH:2048k") == (
+        Stage("search", 65536), Stage("finetune", 65536, 400), Stage("search", 2097152))
+    assert Stage("finetune", 65536, 400).label == "finetune:64k:400"
+    assert Stage("search", 2097152).folder(3) == "stage-03-search-2048k"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("", "empty plan"), ("search:64k,,search:128k", "empty stage"), ("serch:64k", "unknown stage 'serch'"),
+    ("search", "not KIND:LENGTH"), ("search:64k:3", "not KIND:LENGTH"), ("search:lots", "not a length"),
+    ("finetune:64k:x", "steps must be a positive integer"), ("search:0", "not a length"),
+])
+def test_parse_stages_rejects_bad_plans(bad, message):
+    with pytest.raises(UsageError, match=message):
+        parse_stages(bad)
+
+
+def test_check_plan():
+    pipeline.check_plan(parse_stages("search:128,search:256"), 64, 256)
+    with pytest.raises(UsageError, match="must be above the model's context 64"):
+        pipeline.check_plan(parse_stages("search:64"), 64, 64)
+    with pytest.raises(UsageError, match="search:512 must be above .* at most --target-length 256"):
+        pipeline.check_plan(parse_stages("search:512"), 64, 256)
+    with pytest.raises(UsageError, match="last stage .* must be at --target-length"):
+        pipeline.check_plan(parse_stages("search:256,search:128"), 64, 256)
+    assert pipeline.default_report_lengths(64, 256) == (64, 128, 256)
+    long = pipeline.default_report_lengths(4096, 2 * 1024 * 1024)
+    assert len(long) == pipeline.MAX_REPORT_LENGTHS and long[0] == 4096 and long[-1] == 2 * 1024 * 1024
+
+
+def test_rescaled_seed_keeps_ones_and_maps_s_to_new_s():
+    out = S.rescale_factors([1.0, 2.0, 4.0], 4.0, 16.0)
+    assert out == pytest.approx((1.0, 4.0, 16.0))
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline, with stage calls counted
+
+
+class Boom(Exception):
+    pass
+
+
+def counting_runners(calls: dict, fail_on: str | None = None):
+    def wrap(kind, fn):
+        def runner(ctx, stage, folder):
+            calls[kind] = calls.get(kind, 0) + 1
+            if kind == fail_on and calls[kind] == 1:
+                fn(ctx, stage, folder)  # the work is done, but the stage's marker is never written
+                raise Boom
+            return fn(ctx, stage, folder)
+        return runner
+    return {kind: wrap(kind, fn) for kind, fn in pipeline.RUNNERS.items()}
+
+
+def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_model_dir, docs_file, tmp_path):
+    docs, tok = tokenized(docs_file), byte_tokenizer()
+    cfg = config("search:128,finetune:128:2,search:256", 256)
+    out = tmp_path / "ext"
+    calls: dict = {}
+    with pytest.raises(Boom):
+        pipeline.extend(str(tiny_model_dir), tok, docs, cfg, out, runners=counting_runners(calls, "finetune"),
+                        log=lambda m: None)
+    assert calls == {"search": 1, "finetune": 1}
+    assert (out / "stage-01-search-128" / pipeline.MARKER).is_file()
+    assert not (out / "stage-02-finetune-128" / pipeline.MARKER).exists()
+    with pytest.raises(UsageError, match="pass --resume"):
+        pipeline.extend(str(tiny_model_dir), tok, docs, cfg, out, log=lambda m: None)
+    with pytest.raises(UsageError, match="different stages"):
+        pipeline.extend(str(tiny_model_dir), tok, docs, config("search:256", 256), out, resume=True,
+                        log=lambda m: None)
+
+    result = pipeline.extend(str(tiny_model_dir), tok, docs, cfg, out, resume=True,
+                             runners=counting_runners(calls), log=lambda m: None)
+    # stage 1 skipped; the finetune stage ran again (it finds its finished output), then the rest
+    assert calls == {"search": 2, "finetune": 2, "readjust": 1}
+    assert [m["stage"] for m in result.stages] == ["search:128", "finetune:128:2", "search:256", "readjust:64"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["plan.json", "extend.json", "model", "report.md", "report.json",
+                            "stage-01-search-128", "stage-02-finetune-128", "stage-03-search-256",
+                            "stage-04-readjust-64"])
+
+    # the search after the fine-tune used the fine-tuned model and was seeded with stage 1's factors
+    state = json.loads((out / "stage-03-search-256" / S.STATE).read_text())
+    assert state["identity"]["model"] == "stage:stage-02-finetune-128"
+    first = tuple(json.loads((out / "stage-01-search-128" / S.SCALING).read_text())["long_factor"])
+    assert state["identity"]["seeds"][0][0] == list(first)
+    history = S.read_history(out / "stage-03-search-256")
+    space = S.SearchSpace(16, 10000.0, ORIGINAL, 256)
+    assert history[0]["factors"] == list(space.lambdas(space.snap(first)))  # evaluated first
+
+    # the final checkpoint carries the last search's long factors and the readjusted short ones
+    final = result.scaling
+    assert final.target_length == 256
+    assert final.long_factor == tuple(json.loads((out / "stage-03-search-256" / S.SCALING).read_text())["long_factor"])
+    exported = json.loads((out / "model" / "config.json").read_text())
+    assert exported["rope_scaling"]["short_factor"] == list(final.short_factor)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["length"] for r in report["results"]] == [64, 256]
+    assert all(r["ppl"] is not None and r["ppl"] > 1 for r in report["results"])
+    assert "| 256 |" in (out / "report.md").read_text()
+
+    # everything done: a further resume runs nothing
+    again = pipeline.extend(str(tiny_model_dir), tok, docs, cfg, out, resume=True,
+                            runners=counting_runners(calls), log=lambda m: None)
+    assert calls == {"search": 2, "finetune": 2, "readjust": 1}
+    assert again.scaling == final
+
+
+def test_bad_pipeline_input_is_refused_before_anything_is_written(tiny_model_dir, docs_file, tmp_path):
+    docs, tok = tokenized(docs_file), byte_tokenizer()
+    for stages, target, message in [
+        ("search:4096", 4096, "search:4k needs a document of 4096 tokens"),
+        ("finetune:4096", 4096, "finetune:4k: the documents hold about"),
+        ("search:32", 32, "must be above the model's context 64"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            pipeline.extend(str(tiny_model_dir), tok, docs, config(stages, target), tmp_path / "x",
+                            log=lambda m: None)
+        assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# short-context readjustment
+
+
+def test_readjusted_short_factors_are_never_worse_than_all_ones(docs_file):
+    model = tiny_model()
+    docs = tokenized(docs_file)
+    windows = [torch.as_tensor(d.tokens[:ORIGINAL]) for d in docs]
+    # a long scaling whose attention factor disturbs short sequences (as at large scales)
+    long = sc.make("longrope", ORIGINAL, 1024, dim=16, base=10000.0, attention_factor_value=1.3)
+    models.attach(model, long)
+    ones = evaluate.perplexity(model, windows)
+    for evals in (1, 5, 40):
+        space = S.ShortFactorSpace.for_scaling(long, 16, 10000.0, cap=1.5)
+        config = S.SearchConfig(population=8, mutations=4, crossovers=4, parents=4, generations=4, max_evals=evals)
+        result = S.run(space, S.model_fitness(model, windows), config)
+        short = result.scaling.short_factor
+        assert result.scaling.long_factor == long.long_factor and result.scaling.attention_factor() == pytest.approx(1.3)
+        assert all(1.0 <= v <= 1.5 for v in short) and list(short) == sorted(short)
+        models.attach(model, result.scaling)
+        readjusted = evaluate.perplexity(model, windows)
+        assert readjusted <= ones, (evals, readjusted, ones)
+        if evals == 1:
+            assert short == (1.0,) * 8  # all-ones is the first candidate
+    assert readjusted < ones  # with a real budget the search finds better than all-ones here
+
+
+# --------------------------------------------------------------------------------------------
+# the LongRoPEModel facade
+
+
+def test_longrope_model_facade(tmp_path):
+    torch.manual_seed(0)
+    model = LongRoPEModel(d_model=32, n_heads=2, num_layers=1, base_length=32)
+    assert model.hf_model.config.head_dim == 16 and model.max_length == 32
+    texts = [text(80, i) for i in range(3)]
+    result = model.extend_context(texts, 128, out=tmp_path / "facade", finetune_steps=2, samples=1,
+                                  search=TINY_SEARCH, report_lengths=(32, 128), log=lambda m: None)
+    assert [m["stage"] for m in result.stages] == ["search:64", "finetune:64:2", "search:128", "readjust:32"]
+    assert model.max_length == 128 and model.scaling.target_length == 128
+    logits = model(torch.randint(0, 259, (2, 128)))
+    assert logits.shape == (2, 128, 259) and torch.isfinite(logits).all()
+    saved = model.save(tmp_path / "saved")
+    assert json.loads((saved / "config.json").read_text())["max_position_embeddings"] == 128
+    with pytest.raises(UsageError, match="above the model's context 32"):
+        model.extend_context(texts, 32)
+    with pytest.raises(UsageError, match="multiple of n_heads"):
+        LongRoPEModel(d_model=30, n_heads=4)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+SMALL = ["--samples", "1", "--population", "6", "--mutations", "2", "--crossovers", "2", "--parents", "3",
+         "--generations", "1", "--report-lengths", "64,128", "--report-docs", "1", "--passkey-trials", "0"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_extend_end_to_end(tiny_model_dir, docs_file, tmp_path, capsys):
+    out = tmp_path / "ext"
+    code, stdout, _ = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 128,
+                          "--stages", "search:128", "--out", out, "--device", "cpu", *SMALL)
+    assert code == 0 and "wrote" in stdout and "perplexity" in stdout
+    assert (out / "model" / "config.json").is_file() and (out / pipeline.DONE).is_file()
+    code, stdout, _ = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 128,
+                          "--stages", "search:128", "--out", out, "--device", "cpu", "--resume", *SMALL)
+    assert code == 0 and "already complete" in stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stages", "search:128;finetune:128"], "--stages: 'search:128;finetune:128'"),
+    (["--stages", "grow:128"], "unknown stage 'grow'"),
+    (["--target-length", "64", "--stages", "search:64"], "--target-length 64 must be above the model's context 64"),
+    (["--stages", "search:2k", "--target-length", "2k"], "needs a document of 2048 tokens"),
+    (["--stages", "finetune:4k", "--target-length", "4k"], "finetune:4k: the documents hold about"),
+])
+def test_cli_extend_bad_input_is_one_line(tiny_model_dir, docs_file, tmp_path, capsys, extra, message):
+    argv = ["extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", "128", "--out",
+            tmp_path / "o", *SMALL, *extra]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_extend_resumes_after_sigkill(tiny_model_dir, docs_file, tmp_path, capsys):
+    """Kill the process during the fine-tune stage: --resume skips the finished search and
+    continues the fine-tune from its last checkpoint."""
+    out = tmp_path / "ext"
+    argv = ["extend", "--model", str(tiny_model_dir), "--data", str(docs_file), "--target-length", "128",
+            "--stages", "search:128,finetune:128:40", "--out", str(out), "--device", "cpu", "--lr", "1e-4",
+            "--checkpoint-every", "1", "--no-readjust", *SMALL]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "longrope", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = out / "stage-02-finetune-128" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (out / pipeline.DONE).exists()
+    first_marker = out / "stage-01-search-128" / pipeline.MARKER
+    stamp = first_marker.stat().st_mtime_ns
+
+    code, stdout, _ = run(capsys, *argv, "--resume")
+    assert code == 0 and "stage 1/2 search:128: done before, skipped" in stdout
+    assert first_marker.stat().st_mtime_ns == stamp
+    log = [json.loads(x) for x in (out / "stage-02-finetune-128" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 41))  # every step once, none lost or repeated
+    assert (out / pipeline.DONE).is_file()
