@@ -33,8 +33,8 @@ def tiny_config(arch: str = "llama", rope_parameters: dict | None = None, max_po
     if arch == "phi3":
         kwargs.pop("head_dim")
         kwargs["hidden_size"] = 64  # head_dim = 16, rotary dim = 8
-        if rope["rope_type"] == "longrope":
-            kwargs.setdefault("original_max_position_embeddings", rope.get("original_max_position_embeddings"))
+        # Phi3Config defaults this to 4096; the tiny models are "trained" at ORIGINAL
+        kwargs.setdefault("original_max_position_embeddings", rope.get("original_max_position_embeddings", ORIGINAL))
     return config_cls(**kwargs)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,9 @@ def attach(model, scaling: Scaling):
     scaling.validate(info.dim)
     original = getattr(scaling, "original_max_position_embeddings", None)
     if original is not None and original != info.original_length:
-        # not an error: a user may deliberately treat a model as trained shorter; but say so
-        print(f"note: scaling assumes an original context of {original}, model config says {info.original_length}")
+        # not an error: a user may deliberately treat a model as trained shorter; but say so (once)
+        warnings.warn(f"scaling assumes an original context of {original}, model config says {info.original_length}",
+                      stacklevel=2)
     if scaling.rope_theta is not None and abs(scaling.rope_theta - info.base) > 1e-6 * info.base:
         raise ScalingError(f"rope_theta: scaling has {scaling.rope_theta} but the model uses {info.base}; "
                            "remove rope_theta from the scaling file or use the matching model")
@@ -164,6 +166,7 @@ def _install_cache_reset(model, scaling: Scaling) -> None:
     """Generation that grows past the original context switches LongRoPE from short to long
     factors; keys cached under the short factors would then be stale. As transformers does for
     Phi-3, drop the cache at the switch so the prefix is recomputed with the long factors."""
+    model.__dict__.pop("prepare_inputs_for_generation", None)  # a previous attach's wrapper
     if not isinstance(scaling, sc.LongRoPEScaling) or not hasattr(model, "prepare_inputs_for_generation"):
         return
     cls_prepare = type(model).prepare_inputs_for_generation
