@@ -15,6 +15,10 @@ o_proj, post_attention_layernorm, mlp; the final norm), no grad, no KV cache, no
   no cos/sin table); a model's own transformers rotary module is called per chunk, or once for
   the whole sequence where its regime depends on the length (dynamic, longrope).
 
+A batch of B sequences of one length (`final_hidden_states_batch`) runs the same loop over
+(B, n, h) with B × chunk_size rows per position-wise op; with a `BatchedRotaryEmbedding` attached
+each sample rotates with its own scaling (the search's batched candidate evaluation).
+
 Llama, Mistral, Qwen2, Qwen3 and Phi-3 (fused projections, partial rotary) are supported;
 `unsupported_reason` says why anything else (or a sliding window shorter than the sequence)
 is left to transformers' own forward.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rotary import ScaledRotaryEmbedding, apply_rotary
+from .rotary import BatchedRotaryEmbedding, ScaledRotaryEmbedding, apply_rotary
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 DEFAULT_CHUNK = 4096
@@ -64,20 +68,25 @@ def unsupported_reason(model, n_tokens: int) -> str | None:
 
 
 class _Rotary:
-    """Rotates (c, heads, head_dim) chunks of q and k at positions [start, end) of n."""
+    """Rotates (B, c, heads, head_dim) chunks of q and k at positions [start, end) of n."""
 
     def __init__(self, module, n: int, like: torch.Tensor):
         self.module, self.n = module, n
         self.table = None
-        if not isinstance(module, ScaledRotaryEmbedding):
+        if not isinstance(module, (ScaledRotaryEmbedding, BatchedRotaryEmbedding)):
             kind = getattr(module, "rope_type", "default")
             if "dynamic" in kind or kind == "longrope":  # the regime depends on the largest position
                 self.table = module(like, torch.arange(n, device=like.device)[None])
 
     def __call__(self, q, k, start: int, end: int):
         positions = torch.arange(start, end, device=q.device)
-        if isinstance(self.module, ScaledRotaryEmbedding):
+        if isinstance(self.module, BatchedRotaryEmbedding):
             return self.module.rotate(q, k, positions, seq_len=self.n)
+        if isinstance(self.module, ScaledRotaryEmbedding):  # token-major (B·c, heads, head_dim)
+            b, c = q.shape[:2]
+            q2, k2 = self.module.rotate(q.reshape(b * c, *q.shape[2:]), k.reshape(b * c, *k.shape[2:]),
+                                        positions.repeat(b), seq_len=self.n)
+            return q2.view(q.shape), k2.view(k.shape)
         if self.table is not None:
             cos, sin = self.table[0][:, start:end], self.table[1][:, start:end]
         else:
@@ -86,26 +95,29 @@ class _Rotary:
 
 
 def _qkv(attn, x: torch.Tensor, head_dim: int, n_q: int, n_kv: int):
-    c = x.shape[0]
+    lead = x.shape[:-1]  # (rows,): the lean loop passes B·c rows
     if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection
         q, k, v = attn.qkv_proj(x).split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q, k, v = q.view(c, n_q, head_dim), k.view(c, n_kv, head_dim), v.view(c, n_kv, head_dim)
+    q, k, v = q.view(*lead, n_q, head_dim), k.view(*lead, n_kv, head_dim), v.view(*lead, n_kv, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
 
 
 def causal_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
-    """Causal attention of token-major q (n, Hq, d) over k, v (n, Hk, d), Hq a multiple of Hk;
-    the output replaces q. One SDPA call per group of KV heads (at most ATTENTION_BUDGET output
-    elements, at least one KV head), so only one group's output exists besides the buffers."""
-    n, n_q, d = q.shape
-    n_kv = k.shape[1]
+    """Causal attention of token-major q (n, Hq, d) over k, v (n, Hk, d), Hq a multiple of Hk,
+    or of a batch of them (B, n, H, d); the output replaces q. One SDPA call per group of KV heads
+    (at most ATTENTION_BUDGET output elements, at least one KV head), so only one group's output
+    exists besides the buffers."""
+    if q.dim() == 3:
+        q, k, v = q[None], k[None], v[None]
+    b, n, n_q, d = q.shape
+    n_kv = k.shape[2]
     rep = n_q // n_kv
-    per_call = max(1, min(n_kv, ATTENTION_BUDGET // max(1, n * rep * d)))
-    qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, n, d) views
+    per_call = max(1, min(n_kv, ATTENTION_BUDGET // max(1, b * n * rep * d)))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, n, d) views
     for g0 in range(0, n_kv, per_call):
         g1 = min(n_kv, g0 + per_call)
         qg, kg, vg = qt[:, g0 * rep:g1 * rep], kt[:, g0:g1], vt[:, g0:g1]
@@ -120,25 +132,28 @@ def causal_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _decoder_layer(layer, hidden: torch.Tensor, rotary: _Rotary, chunk: int, config) -> None:
-    """One decoder layer over the residual stream `hidden` (n, h), in place."""
+    """One decoder layer over the residual stream `hidden` (B, n, h), in place."""
     attn = layer.self_attn
-    n = hidden.shape[0]
+    b, n = hidden.shape[:2]
     n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = attn.head_dim
-    q = hidden.new_empty(n, n_q, head_dim)
-    k = hidden.new_empty(n, n_kv, head_dim)
-    v = hidden.new_empty(n, n_kv, head_dim)
-    for s in range(0, n, chunk):
+    q = hidden.new_empty(b, n, n_q, head_dim)
+    k = hidden.new_empty(b, n, n_kv, head_dim)
+    v = hidden.new_empty(b, n, n_kv, head_dim)
+    h = hidden.shape[-1]
+    for s in range(0, n, chunk):  # position-wise ops see (B·c, h) rows
         e = min(n, s + chunk)
-        qc, kc, vc = _qkv(attn, layer.input_layernorm(hidden[s:e]), head_dim, n_q, n_kv)
+        qc, kc, vc = _qkv(attn, layer.input_layernorm(hidden[:, s:e].reshape(b * (e - s), h)), head_dim, n_q, n_kv)
+        qc, kc, vc = (t.view(b, e - s, *t.shape[1:]) for t in (qc, kc, vc))
         qc, kc = rotary(qc, kc, s, e)
-        q[s:e], k[s:e], v[s:e] = qc, kc, vc
+        q[:, s:e], k[:, s:e], v[:, s:e] = qc, kc, vc
     causal_attention_inplace(q, k, v, attn.scaling)
     del k, v
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        hidden[s:e] += attn.o_proj(q[s:e].reshape(e - s, n_q * head_dim))
-        hidden[s:e] += layer.mlp(layer.post_attention_layernorm(hidden[s:e]))
+        hidden[:, s:e] += attn.o_proj(q[:, s:e].reshape(b * (e - s), n_q * head_dim)).view(b, e - s, h)
+        x = layer.post_attention_layernorm(hidden[:, s:e].reshape(b * (e - s), h))
+        hidden[:, s:e] += layer.mlp(x).view(b, e - s, h)
 
 
 @torch.inference_mode()
@@ -150,24 +165,42 @@ def final_hidden_states(model, input_ids: torch.Tensor, chunk_size: int = DEFAUL
     mask and no cache, as they would see transformers' own lean call.
     """
     ids = torch.as_tensor(input_ids).reshape(-1)
-    reason = unsupported_reason(model, ids.numel())
+    return final_hidden_states_batch(model, ids[None], chunk_size)[0]
+
+
+@torch.inference_mode()
+def final_hidden_states_batch(model, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """(B, n, hidden) final (normed) hidden states of B sequences of one length, `input_ids`
+    (B, n): the loop of `final_hidden_states` with B × `chunk_size` rows per position-wise op and
+    causal attention within each sequence. The model's rotary module rotates every sample alike,
+    except a `BatchedRotaryEmbedding` (of batch B), which gives each sample its own scaling."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() != 2:
+        raise ValueError(f"lean forward: expected input_ids (B, n), got shape {tuple(ids.shape)}")
+    reason = unsupported_reason(model, ids.shape[1])
     if reason:
         raise ValueError(f"lean forward: unsupported: {reason}")
     base = _base(model)
     chunk = max(1, int(chunk_size))
+    module = base.rotary_emb
+    if isinstance(module, BatchedRotaryEmbedding) and module.batch != ids.shape[0]:
+        raise ValueError(f"lean forward: the attached BatchedRotaryEmbedding has batch {module.batch}, "
+                         f"input_ids has {ids.shape[0]} sequences")
 
     def forward(input_ids=None, attention_mask=None, use_cache=False):
-        ids = input_ids.reshape(-1).to(base.embed_tokens.weight.device)
-        n = ids.numel()
+        ids = input_ids.to(base.embed_tokens.weight.device)
+        n = ids.shape[1]
         hidden = base.embed_tokens(ids)
         rotary = _Rotary(base.rotary_emb, n, hidden)
         for layer in base.layers[:model.config.num_hidden_layers]:
             _decoder_layer(layer, hidden, rotary, chunk, model.config)
+        b, h = hidden.shape[0], hidden.shape[-1]
         for s in range(0, n, chunk):
-            hidden[s:s + chunk] = base.norm(hidden[s:s + chunk])
+            e = min(n, s + chunk)
+            hidden[:, s:e] = base.norm(hidden[:, s:e].reshape(b * (e - s), h)).view(b, e - s, h)
         return hidden
 
-    return _call_as_forward(base, forward, input_ids=ids[None], attention_mask=None, use_cache=False)
+    return _call_as_forward(base, forward, input_ids=ids, attention_mask=None, use_cache=False)
 
 
 def _call_as_forward(module: torch.nn.Module, fn, **kwargs):

@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     p.add_argument("--samples", type=int, default=5, help="documents evaluated per candidate (default 5)")
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per forward chunk (default: evaluate's)")
+    p.add_argument("--batch-candidates", type=int, default=1, metavar="K",
+                   help="evaluate K candidates in one batched forward (K × --samples sequences, each with its "
+                        "own scaling): faster for small models, memory permitting; same result (default 1)")
     d = S.SearchConfig()
     g = p.add_argument_group("search (defaults: the paper's)")
     g.add_argument("--population", type=int, help=f"initial population (default {d.population})")
@@ -192,6 +195,11 @@ def _setup(args, rank: S.Rank | None) -> dict:
         raise UsageError(f"--samples {args.samples}: must be at least 1")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UsageError(f"--chunk-size {args.chunk_size}: must be at least 1")
+    batch = getattr(args, "batch_candidates", 1)
+    if batch < 1:
+        raise UsageError(f"--batch-candidates {batch}: must be at least 1")
+    if batch > 1 and rank is not None:
+        raise UsageError("--batch-candidates: not supported under torchrun yet (use one process, or 1)")
     S.check_out(args.out, args.resume, args.force)  # before the slow part
     from .. import data
 
@@ -229,7 +237,9 @@ def _search(args, setup: dict) -> int:
 
     model, device, info, space, config = (setup[k] for k in ("model", "device", "info", "space", "config"))
     kind, chosen = setup["kind"], setup["chosen"]
-    fitness = S.model_fitness(model, _on_device(setup["windows"], device), args.chunk_size or _default_chunk())
+    windows = _on_device(setup["windows"], device)
+    fitness = S.model_fitness(model, windows, args.chunk_size or _default_chunk())
+    batch = getattr(args, "batch_candidates", 1)
     if isinstance(space, S.CriticalDimSpace):
         print(f"critical dimension: theoretical d_tcd = {space.critical_dim} of {space.dim} "
               f"({space.critical_dim // 2} frequency pairs follow NTK in its seed)")
@@ -249,10 +259,17 @@ def _search(args, setup: dict) -> int:
              "data": {"source": args.data, "documents": [d.id for d in chosen], "tokens": args.target_length,
                       "fitness": kind},
              "environment": {**report.environment(device), "ranks": setup["world"]}}
+    if batch > 1:
+        extra["environment"]["batch_candidates"] = batch
     try:
-        result = S.run_distributed(space, fitness, config, args.out, identity=setup["identity"],
-                                   resume=args.resume, force=args.force, on_generation=progress,
-                                   extra_summary=extra)
+        if batch > 1:  # one process (checked in _setup)
+            evaluator = S.Batched(model, windows, batch, args.chunk_size or _default_chunk())
+            result = S.run(space, None, config, args.out, evaluator=evaluator, identity=setup["identity"],
+                           resume=args.resume, force=args.force, on_generation=progress, extra_summary=extra)
+        else:
+            result = S.run_distributed(space, fitness, config, args.out, identity=setup["identity"],
+                                       resume=args.resume, force=args.force, on_generation=progress,
+                                       extra_summary=extra)
     except KeyboardInterrupt:
         bar.close()
         print("interrupted; every evaluation so far is kept: continue with the same command and --resume")
