@@ -241,6 +241,17 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> tuple[Path
     return out, tmp
 
 
+def prepare_resumable_dir(out: Path, resume: bool, force: bool) -> None:
+    """The checks every resumable command (pretrain, finetune, extend) makes on --out first:
+    --resume and --force exclude each other, --out is a folder, --force clears it."""
+    if resume and force:
+        raise UsageError("--resume and --force contradict each other: --force starts over")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if force and out.exists():
+        shutil.rmtree(out)
+
+
 def commit_output_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)

@@ -420,12 +420,7 @@ def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Se
 
 
 def _prepare_out(out: Path, identity: dict, resume: bool, force: bool) -> None:
-    if resume and force:
-        raise UsageError("--resume and --force contradict each other: --force starts over")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if force and out.exists():
-        shutil.rmtree(out)
+    models.prepare_resumable_dir(out, resume, force)
     plan = out / PLAN
     if out.is_dir() and any(out.iterdir()):
         if not resume:

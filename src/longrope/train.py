@@ -406,12 +406,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def _prepare_out(out: Path, resume: bool, force: bool, record: str = RECORD) -> dict | None:
     """Checks --out; returns the checkpoint to resume from (or None). `record` marks a finished run."""
-    if resume and force:
-        raise UsageError("--resume and --force contradict each other: --force starts over")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if force and out.exists():
-        shutil.rmtree(out)
+    models.prepare_resumable_dir(out, resume, force)
     ckpt_path = out / CHECKPOINT
     if out.exists() and (out / record).is_file() and not ckpt_path.exists():
         raise UsageError(f"--out {out} already holds a finished model; choose another folder or pass --force")
