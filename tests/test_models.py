@@ -73,8 +73,9 @@ def test_n_hat_positions_match_unscaled_model():
     models.attach(base, scaling)
     ids = torch.randint(3, 259, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(2))
     ours, plain = logits(base, ids), logits(unscaled, ids)
-    # causal attention: the first n̂ positions see only unscaled positions
-    assert relative_error(ours[:, :16], plain[:, :16]) <= 1e-6
+    # causal attention: the first n̂ positions see only unscaled positions (up to the float32
+    # rounding of transformers' own angles, as in every comparison with transformers here)
+    assert relative_error(ours[:, :16], plain[:, :16]) <= 1e-5
     assert relative_error(ours[:, 16:], plain[:, 16:]) > 1e-3
     # the rest use the long factors: the rotary rows equal the n̂ = 0 scaling's
     rotary = base.model.rotary_emb

@@ -27,8 +27,22 @@ def precise_angles(positions: torch.Tensor, inv_freq64: torch.Tensor) -> torch.T
 
     The product is taken in float64 and reduced modulo 2π before rounding to float32.
     """
+    return _reduced_angles64(positions, inv_freq64).to(torch.float32)
+
+
+def _reduced_angles64(positions: torch.Tensor, inv_freq64: torch.Tensor) -> torch.Tensor:
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq64.to(positions.device)
-    return torch.remainder(angles, TWO_PI).to(torch.float32)
+    return torch.remainder(angles, TWO_PI)
+
+
+def _cos_sin(angles64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin of float64 angles in [0, 2π). On the CPU they are taken in float64:
+    torch's multi-threaded float32 cos on the CPU is intermittently off by ~1e-4 (seen in about
+    one process in ten with torch 2.13 on two cores), far above the ulp this layer promises. On
+    CUDA float32 is accurate to a few ulp and halves the memory of the table."""
+    if angles64.device.type != "cpu":
+        angles64 = angles64.to(torch.float32)
+    return angles64.cos().to(torch.float32), angles64.sin().to(torch.float32)
 
 
 def _split12(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +135,7 @@ class ScaledRotaryEmbedding(nn.Module):
         if seq_len is None:
             seq_len = int(position_ids.max().item()) + 1 if position_ids.numel() else 1
         device = position_ids.device
-        angles = precise_angles(position_ids, self._inv_freq(seq_len, device))
+        angles = _reduced_angles64(position_ids, self._inv_freq(seq_len, device))
         scale = self.scaling.attention_factor(seq_len)
         n_hat = self.scaling.n_hat
         if n_hat:
@@ -130,10 +144,10 @@ class ScaledRotaryEmbedding(nn.Module):
             if key not in self._cache:
                 self._cache[key] = rope_inv_freq(self.dim, self.base).to(device)
             start = (position_ids < n_hat).unsqueeze(-1)
-            angles = torch.where(start, precise_angles(position_ids, self._cache[key]), angles)
+            angles = torch.where(start, _reduced_angles64(position_ids, self._cache[key]), angles)
             scale = torch.where(start, 1.0, torch.tensor(scale, dtype=torch.float32, device=device))
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos() * scale, emb.sin() * scale
+        cos, sin = _cos_sin(angles)
+        return torch.cat((cos, cos), dim=-1) * scale, torch.cat((sin, sin), dim=-1) * scale
 
     def phase_constants(self, seq_len: int, device: torch.device, unscaled: bool = False) -> torch.Tensor:
         """`phase_constants` of this module's inverse frequencies for the regime of `seq_len`
@@ -240,14 +254,14 @@ class BatchedRotaryEmbedding(nn.Module):
         device = position_ids.device
         pos = position_ids if position_ids.dim() == 2 else position_ids[None]
         inv = self._get("inv", device)
-        angles = torch.remainder(pos.to(torch.float64).unsqueeze(-1) * inv[:, None, :], TWO_PI).to(torch.float32)
+        angles = torch.remainder(pos.to(torch.float64).unsqueeze(-1) * inv[:, None, :], TWO_PI)
         scale = self._get("scale", device)[:, None, None]
         if any(self.n_hats):
             start = (pos.unsqueeze(-1) < self._get("n_hat", device)[:, None, None])  # (B, n, 1)
-            angles = torch.where(start, precise_angles(pos, self._get("unscaled", device)), angles)
+            angles = torch.where(start, _reduced_angles64(pos, self._get("unscaled", device)), angles)
             scale = torch.where(start, 1.0, scale)
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos() * scale, emb.sin() * scale
+        cos, sin = _cos_sin(angles)
+        return torch.cat((cos, cos), dim=-1) * scale, torch.cat((sin, sin), dim=-1) * scale
 
     @torch.no_grad()
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, seq_len: int | None = None,
