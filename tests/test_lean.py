@@ -116,8 +116,10 @@ def test_bfloat16_close_to_transformers():
     model = tiny_model("llama").to(torch.bfloat16)
     models.attach(model, scalings(16)["longrope"])
     ids = _ids(150, seed=4)
-    ours = evaluate.nll_sum(model, ids, chunk_size=32, forward="lean")[0]
-    assert ours == pytest.approx(evaluate.nll_sum(model, ids, forward="modules")[0], rel=2e-2)
+    ours = evaluate.nll_sum(model, ids, chunk_size=32, forward="lean")[0] / (len(ids) - 1)
+    with torch.no_grad():  # the plain model: transformers' forward with labels (full logits)
+        plain = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    assert ours == pytest.approx(plain, rel=1e-3)  # the acceptance bound of the lean forward in bf16
 
 
 def test_lean_with_fused_rotary_kernel_in_interpreter(monkeypatch):

@@ -1,0 +1,63 @@
+"""GPU-only checks (skipped without CUDA): the lean forward against the plain model at 32k tokens
+in bf16, with transformers' own LongRoPE implementation as the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrope import evaluate, models
+from longrope import scaling as sc
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ORIGINAL, LENGTH = 4096, 32768
+
+
+def _model(rope_parameters, max_positions, device="cuda"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                         num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False,
+                         max_position_embeddings=max_positions, rope_parameters=rope_parameters, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():  # wider than the default init so that positions matter in the output
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.04)
+    return model.to(torch.bfloat16).eval()
+
+
+def test_lean_loss_equals_plain_model_at_32k_in_bf16():
+    check_lean_against_plain(ORIGINAL, LENGTH, "cuda")
+
+
+def check_lean_against_plain(original, length, device):
+    """The lean loss against (1) the plain bf16 model with the same rotary: transformers' forward
+    with labels, full logits; (2) transformers' own LongRoPE in float32 (bf16 transformers is
+    itself ~1e-3 off its float32 loss here: its cos/sin table is rounded to bf16)."""
+    factors = sc.yarn_factors(64, 10000.0, original, length / original).tolist()
+    scaling = sc.LongRoPEScaling.from_target(factors, original, length)
+    info = models.RopeInfo(dim=64, base=10000.0, original_length=original)
+    rope_parameters, max_positions = models.hf_rope_parameters(scaling, info)
+    model = _model({**rope_parameters, "rope_theta": 10000.0}, max_positions, device).float()
+    ids = torch.randint(0, 32000, (length,), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        reference = model(input_ids=ids[None], labels=ids[None]).loss.item()
+        reference_hidden = evaluate.final_hidden_states(model, ids).float()
+    model = model.to(torch.bfloat16)
+    models.attach(model, scaling)
+    with torch.inference_mode():
+        plain = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    ours = evaluate.nll_sum(model, ids, forward="lean")[0] / (length - 1)
+    assert ours == pytest.approx(plain, rel=1e-3), (ours, plain)
+    assert ours == pytest.approx(reference, rel=1e-3), (ours, reference)
+    # the loss of random weights is close to ln(vocab) whatever the positions; the hidden states are not
+    lean_hidden = evaluate.hidden_states(model, ids, forward="lean").float()
+    err = (lean_hidden - reference_hidden).norm() / reference_hidden.norm()
+    assert err < 0.1, err  # bf16 rounding through 6 layers: ~3.5% on the CPU at 1k tokens
+    models.attach(model, sc.LongRoPEScaling.from_target([1.0] * 32, original, length))  # another scaling
+    wrong = evaluate.hidden_states(model, ids, forward="lean").float()
+    assert (wrong - reference_hidden).norm() / reference_hidden.norm() > 5 * err
