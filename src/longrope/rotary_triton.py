@@ -23,8 +23,9 @@ from .rotary import LOW_BITS
 BLOCK_T = 32  # tokens per program
 
 
-def _rope_kernel(q_ptr, k_ptr, pos_ptr, c_ptr, c0_ptr, n_tokens, n_q_heads, n_k_heads,
+def _rope_kernel(q_ptr, k_ptr, pos_ptr, c_ptr, c0_ptr, n_tokens,
                  q_st, q_sh, k_st, k_sh, scale, n_hat,
+                 N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr,  # constexpr: a model has one pair, and
                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_NHAT: tl.constexpr,
                  LOW: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -67,13 +68,13 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, c_ptr, c0_ptr, n_tokens, n_q_heads, n_k_
 
     mask = tmask[:, None] & jmask[None, :]
     # transformers' rotate_half convention: pairs are (j, j + d/2)
-    for h in range(n_q_heads):
+    for h in range(N_Q_HEADS):
         ptr = q_ptr + t[:, None] * q_st + h * q_sh + j[None, :]
         x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptr, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
-    for h in range(n_k_heads):
+    for h in range(N_K_HEADS):
         ptr = k_ptr + t[:, None] * k_st + h * k_sh + j[None, :]
         x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -117,7 +118,7 @@ def rotate_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     positions = positions.to(q.device).contiguous()
     grid = (triton.cdiv(n, BLOCK_T),)
     _kernel(not q.is_cuda)[grid](
-        q, k, positions, consts, consts0, n, q.shape[1], k.shape[1], q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), float(scale), int(n_hat), HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)),
+        q, k, positions, consts, consts0, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1), float(scale),
+        int(n_hat), N_Q_HEADS=q.shape[1], N_K_HEADS=k.shape[1], HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)),
         BLOCK=BLOCK_T, HAS_NHAT=has_nhat, LOW=LOW_BITS)
 
