@@ -186,9 +186,13 @@ class ScaledRotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions, seq_len)
         return apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=1)
 
+    # The sequence length that picks the regime in `forward` when positions are a slice of a longer
+    # sequence (context parallelism: `parallel.global_regime`); None: the largest position + 1.
+    regime_length: int | None = None
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type=None):
-        cos, sin = self.cos_sin(position_ids)
+        cos, sin = self.cos_sin(position_ids, self.regime_length)
         return cos.to(x.dtype), sin.to(x.dtype)
 
     def extra_repr(self) -> str:

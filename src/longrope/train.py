@@ -17,6 +17,7 @@ logits. Checkpoints and resume work as for pretraining. One process on one devic
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import models
+from . import models, parallel
 from .data import Document, read_documents
 from .errors import UsageError
 from .evaluate import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
@@ -839,12 +840,6 @@ def _check_finetune_resumable(cfg: FinetuneConfig, identity: dict, saved: dict) 
                          "use the same ones or pass --force to start over")
 
 
-def _check_single_process() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("finetune: several processes (torchrun) are not supported yet: FSDP2 and context "
-                         "parallelism are still to be written; run one process on one GPU")
-
-
 def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig, out: str | os.PathLike, *,
              resume: bool = False, force: bool = False, keep_checkpoint: bool = False,
              callback: Callable[[StepInfo], None] | None = None, identity: dict | None = None,
@@ -860,40 +855,56 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
     step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
 
-    Several GPUs (not implemented): the seams are `_prepare_finetune_model` (where FSDP2's
-    `fully_shard` would wrap each decoder layer and then the model), `finetune_batch` (where the
-    data-parallel share and the context-parallel split of each sequence's positions would be
-    taken) and the loss (a sum of token NLLs and a count, all-reduced across ranks before the
-    division). Today a run with WORLD_SIZE > 1 is refused."""
+    Under torchrun (WORLD_SIZE > 1; `parallel`): every rank takes the same sequences and runs its
+    slice of their positions (context parallelism, RoPE at global positions, the short/long
+    choice on the global length) with the weights sharded by FSDP2; rank 0 writes every file.
+    A checkpoint holds full state dicts, so it resumes only with the same number of processes."""
     cfg.validate()
-    _check_single_process()
     device = _resolve_device(cfg.device)
+    ranks = parallel.init(device.type) if parallel.world_size() > 1 else None
+    if ranks is not None:
+        device = ranks.device
+        ranks.bounds(cfg.seq_len)  # --seq-len must split evenly over the ranks
+    main = ranks is None or ranks.is_main
     out = Path(out)
     packed = np.asarray(packed)
     if packed.ndim != 2 or packed.shape[1] != cfg.seq_len or len(packed) == 0:
         raise UsageError(f"finetune: expected packed sequences of shape (n >= 1, {cfg.seq_len}), got {packed.shape}")
     identity = {"scaling": scaling.to_dict(), **(identity or {})}
-    checkpoint = _prepare_out(out, resume, force, record=FT_RECORD)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".{CHECKPOINT}.tmp-*"):  # left by a process killed while saving
-        stale.unlink()
+    if ranks is None:
+        checkpoint = _prepare_out(out, resume, force, record=FT_RECORD)
+    else:  # rank 0 checks (and with --force clears) the folder; the others read the checkpoint after it
+        found = parallel.agree(ranks, lambda: _prepare_out(out, resume, force, record=FT_RECORD) is not None)
+        checkpoint = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if found else None
+        if checkpoint is not None and checkpoint.get("world", 1) != ranks.world:
+            raise UsageError(f"--resume: the checkpoint was made by {checkpoint.get('world', 1)} process(es), this "
+                             f"run has {ranks.world}; resume with the same number or pass --force")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(f".{CHECKPOINT}.tmp-*"):  # left by a process killed while saving
+            stale.unlink()
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = _prepare_finetune_model(model, scaling, cfg, device)
-    optimizer = make_optimizer(model, cfg, device)
+    model = _prepare_finetune_model(model, scaling, cfg, device, context_parallel=ranks is not None)
+    trainable = model if ranks is None else parallel.shard_model(model, ranks, cfg.loss_chunk)
+    optimizer = make_optimizer(trainable, cfg, device)
     start_step, tokens_seen, wall_before, recent, first_loss = 0, 0, 0.0, [], None
     if checkpoint is not None:
         _check_finetune_resumable(cfg, identity, checkpoint)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if ranks is None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        else:
+            parallel.load_full_state(trainable, optimizer, checkpoint["model"], checkpoint["optimizer"])
         _set_rng_state(checkpoint["rng"], device)
         start_step, tokens_seen = int(checkpoint["step"]), int(checkpoint["tokens_seen"])
         wall_before, recent = float(checkpoint["wall_time_s"]), list(checkpoint["recent_losses"])
         first_loss = checkpoint.get("first_loss")
-        _truncate_log(out / LOG, start_step)
-    else:
+        if main:
+            _truncate_log(out / LOG, start_step)
+    elif main:
         (out / LOG).unlink(missing_ok=True)
     del checkpoint
     autocast = _autocast(device, cfg.dtype)
@@ -905,28 +916,43 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     last_loss, last_tps, grad_norm = None, None, None
 
     def save_checkpoint(step: int) -> None:
-        _atomic_torch_save({
-            "step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "identity": identity,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
-            "wall_time_s": wall_before + time.perf_counter() - t_run, "recent_losses": recent,
-            "first_loss": first_loss,
-        }, out / CHECKPOINT)
+        if ranks is None:
+            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        else:  # a collective: every rank gathers, rank 0 writes
+            model_state, optimizer_state = parallel.full_state(trainable, optimizer)
+        if main:
+            _atomic_torch_save({
+                "step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "identity": identity,
+                "model": model_state, "optimizer": optimizer_state, "rng": _rng_state(device),
+                "wall_time_s": wall_before + time.perf_counter() - t_run, "recent_losses": recent,
+                "first_loss": first_loss, "world": 1 if ranks is None else ranks.world,
+            }, out / CHECKPOINT)
+        if ranks is not None:
+            parallel.barrier()
 
-    with open(out / LOG, "a", encoding="utf-8") as log:
+    with (open(out / LOG, "a", encoding="utf-8") if main else contextlib.nullcontext()) as log:
         for step in range(start_step + 1, cfg.steps + 1):
             lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 batch = finetune_batch(packed, cfg, step, micro).to(device, non_blocking=True)
-                with autocast:
-                    nll, _ = chunked_lm_loss(model, batch, cfg.loss_chunk)
-                loss = nll / targets_per_step  # the step's mean over all its micro-batches
-                loss.backward()
-                step_loss += loss.detach()
+                if ranks is None:
+                    with autocast:
+                        nll, _ = chunked_lm_loss(model, batch, cfg.loss_chunk)
+                    loss = nll / targets_per_step  # the step's mean over all its micro-batches
+                    loss.backward()
+                    step_loss += loss.detach()
+                else:  # this rank's slice of positions; the step's loss is the sum over the ranks
+                    with autocast:
+                        nll, _ = trainable(batch)
+                    (nll * ranks.loss_scale / targets_per_step).backward()
+                    step_loss += parallel.all_reduce_sum(nll) / targets_per_step
             if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                    grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tokens_per_step
@@ -943,8 +969,9 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
                          "tokens_per_s": round(last_tps, 1), "elapsed_s": round(wall_before + now - t_run, 3)}
                 if grad_norm is not None:
                     entry["grad_norm"] = round(float(grad_norm), 4)
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
                 if not math.isfinite(last_loss):
                     raise FloatingPointError(f"loss became {last_loss} at step {step}; lower --lr")
                 loss_sum.zero_()
@@ -956,6 +983,13 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
                 callback(StepInfo(step, cfg.steps, last_loss, lr, last_tps))
     wall = wall_before + time.perf_counter() - t_run
 
+    if ranks is not None:  # the export is made by rank 0 from an unsharded copy
+        model_state, _ = parallel.full_state(trainable, optimizer)
+        if not main:
+            parallel.barrier()  # wait for rank 0's export
+            return FinetuneResult(out=out, model=None, record={})
+        model = parallel.unsharded_copy(model, model_state)
+        models.attach(model, scaling)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
     model.eval()
@@ -970,18 +1004,26 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(), "command": command if command is not None else _argv(),
     }
-    _export_into(model, tokenizer, scaling, out, record)
-    if not keep_checkpoint:
-        (out / CHECKPOINT).unlink(missing_ok=True)
+    if ranks is not None:
+        record["processes"] = ranks.world
+    try:
+        _export_into(model, tokenizer, scaling, out, record)
+        if not keep_checkpoint:
+            (out / CHECKPOINT).unlink(missing_ok=True)
+    finally:
+        if ranks is not None:
+            parallel.barrier()
     return FinetuneResult(out=out, model=model, record=record)
 
 
-def _prepare_finetune_model(model, scaling, cfg: FinetuneConfig, device: torch.device):
+def _prepare_finetune_model(model, scaling, cfg: FinetuneConfig, device: torch.device, context_parallel: bool = False):
     """float32 master weights on `device`, the scaling attached, gradient checkpointing on, train
-    mode. (FSDP2 would shard the model here: `fully_shard` per decoder layer, then the root.)"""
+    mode; with `context_parallel`, attention over the ranks' slices (`parallel`)."""
     model.to(device=device, dtype=torch.float32)
     models.attach(model, scaling)
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+    if context_parallel:
+        parallel.use_context_parallel_attention(model)
+    elif getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flash_attention_2", "flash_attention_3"):
         print(f"note: attention implementation {model.config._attn_implementation!r}; load with sdpa for long sequences")
     model.config.use_cache = False
     if cfg.gradient_checkpointing:

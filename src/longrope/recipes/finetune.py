@@ -83,18 +83,22 @@ def cmd_finetune(args) -> int:
         save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32"),
     ).validate()
 
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
-    docs = data.load_tokenized(args.data, tokenizer, progress=not args.no_progress)
+    docs = data.load_tokenized(args.data, tokenizer, progress=not (args.no_progress or quiet))
     packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if scaling.target_length is not None and seq_len > scaling.target_length:
+    if scaling.target_length is not None and seq_len > scaling.target_length and not quiet:
         print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
               file=sys.stderr)
-    print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(docs)} documents "
-          f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × {cfg.sequences_per_step} "
-          f"sequences on {device} ({dtype})", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"{world} processes (context parallel + FSDP2)" if world > 1 else device
+    if not quiet:
+        print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(docs)} documents "
+              f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × "
+              f"{cfg.sequences_per_step} sequences on {where} ({dtype})", file=sys.stderr)
 
     bar = None
-    if not args.no_progress:
+    if not (args.no_progress or quiet):
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -122,6 +126,8 @@ def cmd_finetune(args) -> int:
         if bar is not None:
             bar.close()
     rec = result.record
+    if quiet or not rec:
+        return 0
     print(f"wrote {result.out}: loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, "
           f"{rec['tokens_seen'] / 1e6:.2f}M tokens in {rec['wall_time_s']:.0f} s")
     return 0

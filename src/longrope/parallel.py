@@ -1,0 +1,277 @@
+"""Several processes (torchrun) for fine-tuning: FSDP2 shards the weights, context parallelism
+splits each sequence's positions across the ranks.
+
+Context parallelism here is the all-gather form (the one Llama 3's long-context training used):
+rank r holds positions [r·n/W, (r+1)·n/W) of every sequence, computes its queries, keys and
+values there with the *global* positions (so RoPE, n̂ and the short/long choice are those of the
+whole sequence), gathers the keys and values of the ranks before it and attends causally with a
+bottom-right-aligned mask (flash/efficient SDPA kernels, no materialised mask on CUDA). Its
+backward all-reduces the key/value gradients and keeps the local slice. Compared with ring
+attention it holds the (GQA-small) keys and values of the whole sequence on every rank, and
+needs nothing beyond all_gather/all_reduce, so the same code runs with NCCL and with gloo on
+the CPU (which is how the tests check it against one process).
+
+The loss of a sequence is the sum of the ranks' token NLLs divided by the global target count,
+so the gradient is the sum of the ranks' gradients. FSDP2's reduce-scatter averages over the
+ranks (a sum without averaging needs PREMUL_SUM, which gloo lacks), so each rank scales its
+loss by the world size before the backward (`Group.loss_scale`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+ATTENTION = "longrope_cp"
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a torchrun world: every rank works on the same sequences, each on
+    its own slice of positions."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def loss_scale(self) -> float:
+        """Multiply this rank's loss by this before backward: FSDP2 averages gradients over the
+        ranks, and the true gradient is their sum."""
+        return float(self.world)
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """[start, end) of this rank's positions in a sequence of `length` tokens."""
+        return shard_bounds(length, self.world, self.rank)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device_type: str) -> Group:
+    """Join the torchrun world (NCCL on CUDA, gloo on the CPU); one GPU per local rank."""
+    rank, world, local = int(os.environ["RANK"]), world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"torchrun local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
+                             "use --nproc-per-node at most the number of GPUs")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return Group(rank, world, device)
+
+
+def shard_bounds(length: int, world: int, rank: int) -> tuple[int, int]:
+    if length % world:
+        raise UsageError(f"--seq-len {length} must be a multiple of the number of processes ({world}) "
+                         "for context parallelism")
+    size = length // world
+    return rank * size, (rank + 1) * size
+
+
+class _GatherPositions(torch.autograd.Function):
+    """All-gather along dim 2 (positions of (batch, heads, positions, head_dim)); the backward
+    sums the full gradient over the ranks and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world, ctx.size = dist.get_rank(), dist.get_world_size(), x.shape[2]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[:, :, ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def context_parallel_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal=None, **kwargs):
+    """transformers attention interface: query (B, H, c, d), key/value (B, Hk, c, d) of this rank's
+    c positions, already rotated at their global positions. Returns ((B, c, H, d), None)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    if attention_mask is not None:
+        raise ValueError("context parallelism: padded or packed-document masks are not supported")
+    rank, c = dist.get_rank(), query.shape[2]
+    keys = _GatherPositions.apply(key)[:, :, :(rank + 1) * c]  # later ranks' keys are all masked
+    values = _GatherPositions.apply(value)[:, :, :(rank + 1) * c]
+    if keys.shape[1] != query.shape[1]:  # GQA
+        repeat = query.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(c, keys.shape[2]),
+                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, context_parallel_attention)
+
+
+def use_context_parallel_attention(model) -> None:
+    """Make `model` (a transformers causal LM) attend with `context_parallel_attention`; no mask is
+    built for it (transformers skips mask creation for an attention it has no mask function for)."""
+    _register()
+    try:
+        model.set_attn_implementation(ATTENTION)
+    except (ValueError, AttributeError):  # older transformers: set it on the config
+        model.config._attn_implementation = ATTENTION
+
+
+@contextmanager
+def global_regime(model, length: int):
+    """The attached rotary picks short or long factors from the *global* sequence length, not from
+    the largest position of this rank's slice."""
+    rotary = model.model.rotary_emb
+    previous = getattr(rotary, "regime_length", None)
+    rotary.regime_length = length
+    try:
+        yield
+    finally:
+        rotary.regime_length = previous
+
+
+class ContextParallelLM(torch.nn.Module):
+    """The root FSDP2 unit: `forward(input_ids)` returns this rank's (summed NLL, global target
+    count) for a batch every rank holds whole. Wrapping the loss in one module puts the
+    embeddings, the final norm and the head (tied or not) in one FSDP unit that is gathered once
+    per step, while the decoder stack is called directly for the final hidden states."""
+
+    def __init__(self, model, group: Group, chunk: int):
+        super().__init__()
+        self.model, self.group, self.chunk = model, group, chunk
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return local_lm_loss(self.model, input_ids, self.group, self.chunk)
+
+
+def shard_model(model, group: Group, chunk: int) -> ContextParallelLM:
+    """FSDP2: each decoder layer, then the root (`ContextParallelLM`: embeddings, final norm,
+    head). Gradients are averaged over the ranks: scale the loss by `group.loss_scale`."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    root = ContextParallelLM(model, group, chunk)
+    fully_shard(root)
+    return root
+
+
+def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> tuple[torch.Tensor, int]:
+    """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
+    every rank holds whole: this rank runs positions [start, end) and scores the targets
+    start+1 .. end (the last rank has one fewer)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .train import _chunk_nll, _decoder
+
+    batch, n = input_ids.shape
+    start, end = group.bounds(n)
+    positions = torch.arange(start, end, device=input_ids.device)[None].expand(batch, -1)
+    with global_regime(model, n):
+        out = _decoder(model)(input_ids=input_ids[:, start:end], position_ids=positions, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    targets = input_ids[:, start + 1:end + 1]  # shorter by one on the last rank
+    head = model.get_output_embeddings()
+    scale = getattr(model.config, "logits_scaling", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.is_grad_enabled()
+    for row in range(batch):
+        for s in range(0, targets.shape[1], chunk):
+            e = min(s + chunk, targets.shape[1])
+            args = (head, hidden[row, s:e], targets[row, s:e], scale, cap)
+            total = total + (checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args))
+    if targets.shape[1] == 0:  # keep every parameter of the head in the graph on every rank
+        total = total + 0.0 * hidden.sum()
+    return total, batch * (n - 1)
+
+
+def full_gradients(model) -> dict[str, torch.Tensor]:
+    """{name: full gradient} on every rank (FSDP2 keeps shards as DTensors), named as in the
+    unwrapped model."""
+    out = {}
+    inner = model.model if isinstance(model, ContextParallelLM) else model
+    for name, p in inner.named_parameters():
+        if p.grad is not None:
+            g = p.grad
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().cpu()
+    return out
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def agree(group: Group, fn):
+    """Run `fn` on rank 0 only (it may touch the file system) and give every rank its result, or
+    raise its UsageError on every rank (so no rank is left waiting in a collective)."""
+    box = [None, None]
+    if group.is_main:
+        try:
+            box[0] = fn()
+        except UsageError as exc:
+            box[1] = str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UsageError(box[1])
+    return box[0]
+
+
+_PREFIX = "model."  # ContextParallelLM holds the model as `.model`
+
+
+def full_state(root: ContextParallelLM, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts on the CPU of rank 0 (empty elsewhere), the model's
+    keys as in the unwrapped model. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len(_PREFIX):]: v for k, v in msd.items()}, osd
+
+
+def load_full_state(root: ContextParallelLM, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Inverse of `full_state`; every rank passes the same full dicts (read from the checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(root, optimizer, model_state_dict={_PREFIX + k: v for k, v in model_state.items()},
+                   optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def unsharded_copy(model, model_state: dict, attention: str = "sdpa"):
+    """A plain (unsharded, CPU, float32) copy of `model` holding `model_state`, attending with
+    `attention`: what gets exported after a sharded run."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = attention
+    with torch.device("cpu"):
+        fresh = type(model)(config)
+    fresh.load_state_dict(model_state)
+    return fresh.float()

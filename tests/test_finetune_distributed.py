@@ -1,0 +1,114 @@
+"""Fine-tuning over two processes (gloo on the CPU): context parallelism + FSDP2 give the loss,
+the gradients and the trained weights of one process, and resume after an interruption.
+
+The ranks are started with torch.multiprocessing and the environment torchrun would set
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so `train.finetune` takes its torchrun path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import torch
+
+from conftest import ORIGINAL, tiny_model
+from longrope import models, parallel, train
+from longrope import scaling as sc
+from longrope.tokenization import byte_tokenizer
+from test_finetune import SEQ, Stop, config, packed_data
+
+WORLD = 2
+
+
+def scaling():  # n̂ > 0: rank 0 alone holds the start positions
+    return sc.make("longrope", ORIGINAL, SEQ, dim=16, base=10000.0).replace(n_hat=8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, work: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    work = Path(work)
+    try:
+        group = parallel.init("cpu")
+        report = {}
+        # one step's loss and full gradients
+        model = tiny_model().float()
+        models.attach(model, scaling())
+        model.train()
+        parallel.use_context_parallel_attention(model)
+        root = parallel.shard_model(model, group, chunk=16)
+        ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
+        nll, count = root(ids)
+        (nll * group.loss_scale / count).backward()
+        report["loss"] = parallel.all_reduce_sum(nll).item() / count
+        report["grads"] = parallel.full_gradients(root)
+        # whole runs: uninterrupted, and stopped after step 3 then resumed
+        tok, packed = byte_tokenizer(), packed_data()
+        cfg = config(steps=4, checkpoint_every=2)
+        train.finetune(tiny_model(), tok, scaling(), packed, cfg, work / "whole", command="test")
+
+        def stop_at_3(info):
+            if info.step == 3:
+                raise Stop
+
+        try:
+            train.finetune(tiny_model(), tok, scaling(), packed, cfg, work / "resumed", callback=stop_at_3)
+        except Stop:
+            report["stopped"] = True
+        train.finetune(tiny_model(), tok, scaling(), packed, cfg, work / "resumed", resume=True, command="test")
+        if rank == 0:
+            (work / "report.pkl").write_bytes(pickle.dumps(report))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "ranks"
+    work.mkdir()
+    mp.spawn(_rank_main, args=(_free_port(), str(work)), nprocs=WORLD, join=True)
+    report = pickle.loads((work / "report.pkl").read_bytes())
+
+    # one process: the same step
+    model = tiny_model().float()
+    models.attach(model, scaling())
+    model.train()
+    ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    nll, count = train.chunked_lm_loss(model, ids, 16)
+    (nll / count).backward()
+    assert abs(report["loss"] - nll.item() / count) <= 1e-6 * nll.item() / count
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max()
+        assert (report["grads"][name] - p.grad).abs().max() <= 1e-5 * scale, name
+
+    # one process: the same run; the two-process runs (whole and resumed) end with its weights and losses
+    train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), config(steps=4, checkpoint_every=2),
+                   tmp_path / "one", command="test")
+    one, _ = models.load(str(tmp_path / "one"))
+    reference = one.state_dict()
+    one_log = [json.loads(x)["loss"] for x in (tmp_path / "one" / train.LOG).read_text().splitlines()]
+    assert report["stopped"]
+    for run in ("whole", "resumed"):
+        two, _ = models.load(str(work / run))
+        for name, value in two.state_dict().items():
+            assert torch.allclose(value, reference[name], rtol=1e-4, atol=1e-5), (run, name)
+        log = [json.loads(x)["loss"] for x in (work / run / train.LOG).read_text().splitlines()]
+        assert len(log) == 4 and max(abs(a - b) for a, b in zip(log, one_log)) < 1e-4, (run, log, one_log)
+        record = json.loads((work / run / train.FT_RECORD).read_text())
+        assert record["processes"] == WORLD
+        assert not (work / run / train.CHECKPOINT).exists()
