@@ -19,7 +19,7 @@ import torch
 
 from _common import (environment, fmt_len, gpu_memory_gib, measured, random_llama, ratio, require_cuda, swap_rotary,
                      write_json)
-from longrope import evaluate
+from longrope import evaluate, lean
 
 
 def run(model, impl: str, ids: torch.Tensor, layers: int, rotary: dict) -> dict:
@@ -44,7 +44,10 @@ def main():
     p.add_argument("--max-length", type=int, default=1 << 24)
     p.add_argument("--budget-s", type=float, default=150.0, help="skip a run predicted to take longer")
     p.add_argument("--out", default=None)
+    p.add_argument("--sdpa-backends", default=None,
+                   help="SDPA kernel preference for our forward, e.g. cudnn,flash (default: torch's choice)")
     args = p.parse_args()
+    lean.set_sdpa_backends(args.sdpa_backends)  # ours only: stock never goes through the lean forward
     device = require_cuda("longest_forward")
     model = random_llama(args.shape)
     total_layers = model.config.num_hidden_layers

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from _common import environment, fmt_len, measured, ratio, require_cuda, write_json
-from longrope import cli, data, evaluate, models
+from longrope import cli, data, evaluate, lean, models
 
 
 def parse_length(text: str) -> int:
@@ -38,7 +38,10 @@ def main():
     p.add_argument("--impls", default="lean,modules", help="lean, modules or both")
     p.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK)
     p.add_argument("--out", default="smollm2_long.json")
+    p.add_argument("--sdpa-backends", default=None,
+                   help="SDPA kernel preference for our forward, e.g. cudnn,flash (default: torch's choice)")
     args = p.parse_args()
+    lean.set_sdpa_backends(args.sdpa_backends)  # ours only: stock never goes through the lean forward
     device = require_cuda("smollm2_long")
     model, tokenizer = models.load(args.model, dtype=torch.bfloat16, device=device)
     info = models.rope_info(model.config)

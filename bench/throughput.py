@@ -16,13 +16,14 @@ import torch
 
 from _common import (environment, fmt_len, forward_flops, matmul_peak_tflops, measured, random_llama, ratio,
                      require_cuda, swap_rotary, write_json)
-from longrope import evaluate
+from longrope import evaluate, lean
 
 
-def forward(model, impl, ids, rotary):
-    model.model.rotary_emb = rotary[impl]
+def forward(model, impl, ids, rotary, sdpa=None):
+    model.model.rotary_emb = rotary["stock" if impl == "stock" else "ours"]
+    lean.set_sdpa_backends(sdpa if impl == "ours-sdpa" else None)
     with torch.inference_mode():
-        if impl == "ours":
+        if impl.startswith("ours"):
             return evaluate.nll_sum(model, ids)[0] / (ids.numel() - 1)
         return model(input_ids=ids[None], labels=ids[None]).loss.item()
 
@@ -32,6 +33,8 @@ def main():
     p.add_argument("--shape", choices=["8b", "1b"], default="8b")
     p.add_argument("--lengths", default="32768,65536")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sdpa-backends", default=None,
+                   help="also run ours with this SDPA kernel preference, e.g. cudnn,flash (row 'ours-sdpa')")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = require_cuda("throughput")
@@ -41,17 +44,18 @@ def main():
     ours, stock = swap_rotary(model)
     rotary = {"ours": ours, "stock": stock}
     rows = []
-    print(f"{'length':>7} {'impl':6} {'seconds':>8} {'TFLOP/s':>8} {'% peak':>7} {'peak GiB':>9} nll/token")
+    print(f"{'length':>7} {'impl':9} {'seconds':>8} {'TFLOP/s':>8} {'% peak':>7} {'peak GiB':>9} nll/token")
     for n in (int(x) for x in args.lengths.split(",")):
         ids = torch.randint(0, model.config.vocab_size, (n,), device=device)
         flops = forward_flops(model, n)
-        for impl in ("ours", "stock"):
-            forward(model, impl, ids[:4096], rotary)  # warm-up: kernels compiled, allocator primed
+        impls = ("ours", "ours-sdpa", "stock") if args.sdpa_backends else ("ours", "stock")
+        for impl in impls:
+            forward(model, impl, ids[:4096], rotary, args.sdpa_backends)  # warm-up: kernels compiled
             times, row = [], {"impl": impl, "n": n, "flops": flops}
             for _ in range(args.repeats):
                 r = {}
                 with measured(r):
-                    row["nll_per_token"] = forward(model, impl, ids, rotary)
+                    row["nll_per_token"] = forward(model, impl, ids, rotary, args.sdpa_backends)
                 if r["oom"]:
                     row.update(oom=True, peak_gib=r["peak_gib"])
                     break
@@ -61,15 +65,17 @@ def main():
                 row.update(seconds=statistics.median(times), all_seconds=times)
                 row["tflops"] = flops / row["seconds"] / 1e12
                 row["percent_of_peak"] = 100 * row["tflops"] / peak
-                print(f"{fmt_len(n):>7} {impl:6} {row['seconds']:8.3f} {row['tflops']:8.1f} "
+                print(f"{fmt_len(n):>7} {impl:9} {row['seconds']:8.3f} {row['tflops']:8.1f} "
                       f"{row['percent_of_peak']:6.1f}% {row['peak_gib']:9.2f} {row['nll_per_token']:.4f}")
             else:
-                print(f"{fmt_len(n):>7} {impl:6} {'OOM':>8}")
+                print(f"{fmt_len(n):>7} {impl:9} {'OOM':>8}")
             rows.append(row)
-        a, b = rows[-2], rows[-1]
-        if not a["oom"] and not b["oom"]:
-            print(f"{fmt_len(n):>7} ours/stock: time {ratio(a['seconds'], b['seconds']):.3f}x, "
-                  f"peak memory {ratio(a['peak_gib'], b['peak_gib']):.3f}x")
+        here = {r["impl"]: r for r in rows[-len(impls):]}
+        for impl in impls[:-1]:
+            a, b = here[impl], here["stock"]
+            if not a["oom"] and not b["oom"]:
+                print(f"{fmt_len(n):>7} {impl}/stock: time {ratio(a['seconds'], b['seconds']):.3f}x, "
+                      f"peak memory {ratio(a['peak_gib'], b['peak_gib']):.3f}x")
         del ids
     write_json(args.out or f"throughput_{args.shape}.json",
                {"benchmark": "throughput", "shape": args.shape, "matmul_peak_tflops": peak, "rows": rows,

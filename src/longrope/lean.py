@@ -26,6 +26,9 @@ is left to transformers' own forward.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +38,34 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 DEFAULT_CHUNK = 4096
 ATTENTION_BUDGET = 1 << 28  # output elements per SDPA call (512 MiB in bf16); whole KV groups
 _GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+# LONGROPE_SDPA_BACKENDS=cudnn,flash,efficient,math: the SDPA kernels the lean forward may use on
+# CUDA, in order of preference (torch picks flash first by default; cuDNN's kernel can be faster
+# on Hopper). Unset: torch's own choice. Measured by bench/throughput.py --sdpa-backends.
+_backends_setting: str | None = None
+
+
+def set_sdpa_backends(names: str | None) -> None:
+    """Comma-separated preference (see SDPA_BACKENDS), or None for torch's default choice."""
+    global _backends_setting
+    if names:
+        unknown = [n for n in names.split(",") if n.strip() not in SDPA_BACKENDS]
+        if unknown:
+            raise ValueError(f"SDPA backends: unknown {unknown}; choose from {', '.join(SDPA_BACKENDS)}")
+    _backends_setting = names or None
+
+
+set_sdpa_backends(os.environ.get("LONGROPE_SDPA_BACKENDS"))
+
+
+def _sdpa_preference(device: torch.device):
+    if not _backends_setting or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, SDPA_BACKENDS[n.strip()]) for n in _backends_setting.split(",")]
+    return sdpa_kernel(backends, set_priority=True)
 
 
 def _base(model):
@@ -118,6 +149,11 @@ def causal_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     rep = n_q // n_kv
     per_call = max(1, min(n_kv, ATTENTION_BUDGET // max(1, b * n * rep * d)))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, n, d) views
+    with _sdpa_preference(q.device):
+        _attend_groups(qt, kt, vt, n_kv, rep, per_call, scale)
+
+
+def _attend_groups(qt, kt, vt, n_kv: int, rep: int, per_call: int, scale: float) -> None:
     for g0 in range(0, n_kv, per_call):
         g1 = min(n_kv, g0 + per_call)
         qg, kg, vg = qt[:, g0 * rep:g1 * rep], kt[:, g0:g1], vt[:, g0:g1]
