@@ -300,3 +300,11 @@ def test_cli_extend_resumes_after_sigkill(tiny_model_dir, docs_file, tmp_path, c
     log = [json.loads(x) for x in (out / "stage-02-finetune-128" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 41))  # every step once, none lost or repeated
     assert (out / pipeline.DONE).is_file()
+
+
+def test_cli_extend_under_torchrun_is_refused(tiny_model_dir, docs_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", "128",
+                       "--out", tmp_path / "o", *SMALL)
+    assert code == 2 and "run its stages one by one" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ readjustment, export and report, resumable stage by stage."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..cli import add_model_args, device_and_dtype, parse_length
@@ -90,6 +91,9 @@ def cmd_extend(args) -> int:
     from .. import data, models, pipeline, train
     from ..search import SearchConfig
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("extend runs in one process; on several GPUs run its stages one by one: "
+                         "`torchrun ... -m longrope search` and `torchrun ... -m longrope finetune`")
     stages = pipeline.parse_stages(args.stages) if args.stages else (pipeline.Stage("search", args.target_length),)
     if args.resume and args.force:
         raise UsageError("--resume and --force contradict each other: --force starts over")
