@@ -181,9 +181,7 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> t
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
     every rank holds whole: this rank runs positions [start, end) and scores the targets
     start+1 .. end (the last rank has one fewer)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from .train import _chunk_nll, _decoder
+    from .train import _decoder, scored_nll  # train imports this module
 
     batch, n = input_ids.shape
     start, end = group.bounds(n)
@@ -192,18 +190,7 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> t
         out = _decoder(model)(input_ids=input_ids[:, start:end], position_ids=positions, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     targets = input_ids[:, start + 1:end + 1]  # shorter by one on the last rank
-    head = model.get_output_embeddings()
-    scale = getattr(model.config, "logits_scaling", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad = torch.is_grad_enabled()
-    for row in range(batch):
-        for s in range(0, targets.shape[1], chunk):
-            e = min(s + chunk, targets.shape[1])
-            args = (head, hidden[row, s:e], targets[row, s:e], scale, cap)
-            total = total + (checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args))
-    if targets.shape[1] == 0:  # keep every parameter of the head in the graph on every rank
-        total = total + 0.0 * hidden.sum()
+    total = scored_nll(model, hidden[:, :targets.shape[1]], targets, chunk)
     return total, batch * (n - 1)
 
 

@@ -803,22 +803,28 @@ def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = DEFAULT_LOSS_CH
     `lm_head` and scored `chunk` positions at a time; with autograd on, each chunk runs under
     activation checkpointing, so its logits are freed at once and recomputed in the backward pass
     (peak: one chunk's logits, not the sequence's)."""
-    from torch.utils.checkpoint import checkpoint
-
     out = _decoder(model)(input_ids=input_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    batch, length = input_ids.shape
+    return scored_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk), batch * (length - 1)
+
+
+def scored_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed float32 cross entropy of `targets` [batch, m] predicted from `hidden` [batch, m, h],
+    projected `chunk` positions at a time (under activation checkpointing when autograd is on)."""
+    from torch.utils.checkpoint import checkpoint
+
     head = model.get_output_embeddings()
     scale = getattr(model.config, "logits_scaling", None)
     cap = getattr(model.config, "final_logit_softcapping", None)
     grad = torch.is_grad_enabled()
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    batch, length = input_ids.shape
-    for row in range(batch):
-        for start in range(0, length - 1, chunk):
-            end = min(start + chunk, length - 1)
-            args = (head, hidden[row, start:end], input_ids[row, start + 1:end + 1], scale, cap)
+    for row in range(targets.shape[0]):
+        for start in range(0, targets.shape[1], chunk):
+            end = min(start + chunk, targets.shape[1])
+            args = (head, hidden[row, start:end], targets[row, start:end], scale, cap)
             total = total + (checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args))
-    return total, batch * (length - 1)
+    return total
 
 
 @dataclass
