@@ -100,13 +100,22 @@ def nll_sum(model, input_ids, chunk_size: int = DEFAULT_CHUNK, score_from: int =
     if n <= first:
         return 0.0, 0
     hidden = hidden_states(model, ids, chunk_size, forward)
+    return nll_of_hidden(model, hidden, ids, chunk_size, first), n - first
+
+
+@torch.inference_mode()
+def nll_of_hidden(model, hidden: torch.Tensor, input_ids, chunk_size: int = DEFAULT_CHUNK, first: int = 1) -> float:
+    """Summed NLL of tokens first.. of one sequence from its final hidden states (n, h): projected
+    and scored `chunk_size` positions at a time in float32, summed in float64."""
+    ids = _as_batch(input_ids)
+    n = ids.shape[1]
     targets = ids[0].to(hidden.device)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(first, n, chunk_size):
         end = min(start + chunk_size, n)
         logits = _project(model, hidden[start - 1:end - 1])
         total += F.cross_entropy(logits, targets[start:end], reduction="sum").double()
-    return float(total.item()), n - first
+    return float(total.item())
 
 
 @torch.inference_mode()

@@ -224,19 +224,34 @@ def final_hidden_states_batch(model, input_ids: torch.Tensor, chunk_size: int = 
                          f"input_ids has {ids.shape[0]} sequences")
 
     def forward(input_ids=None, attention_mask=None, use_cache=False):
-        ids = input_ids.to(base.embed_tokens.weight.device)
-        n = ids.shape[1]
-        hidden = base.embed_tokens(ids)
-        rotary = _Rotary(base.rotary_emb, n, hidden)
-        for layer in base.layers[:model.config.num_hidden_layers]:
-            _decoder_layer(layer, hidden, rotary, chunk, model.config)
-        b, h = hidden.shape[0], hidden.shape[-1]
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            hidden[:, s:e] = base.norm(hidden[:, s:e].reshape(b * (e - s), h)).view(b, e - s, h)
-        return hidden
+        hidden = base.embed_tokens(input_ids.to(base.embed_tokens.weight.device))
+        run_layers(model, hidden, range(model.config.num_hidden_layers), chunk)
+        return final_norm_(model, hidden, chunk)
 
     return _call_as_forward(base, forward, input_ids=ids, attention_mask=None, use_cache=False)
+
+
+@torch.inference_mode()
+def run_layers(model, hidden: torch.Tensor, layers: range, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Decoder layers `layers` applied in place to the residual stream `hidden` (B, n, h) of
+    positions 0..n-1: the body of the lean forward, exposed so that a forward can be split across
+    processes (bench/resumable_forward.py saves `hidden` between layers)."""
+    base = _base(model)
+    rotary = _Rotary(base.rotary_emb, hidden.shape[1], hidden)
+    for i in layers:
+        _decoder_layer(base.layers[i], hidden, rotary, max(1, int(chunk_size)), model.config)
+    return hidden
+
+
+@torch.inference_mode()
+def final_norm_(model, hidden: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """The final norm over `hidden` (B, n, h), in place, `chunk_size` positions at a time."""
+    norm, chunk = _base(model).norm, max(1, int(chunk_size))
+    b, n, h = hidden.shape
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        hidden[:, s:e] = norm(hidden[:, s:e].reshape(b * (e - s), h)).view(b, e - s, h)
+    return hidden
 
 
 def _call_as_forward(module: torch.nn.Module, fn, **kwargs):
