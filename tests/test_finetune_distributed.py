@@ -24,8 +24,28 @@ from test_finetune import SEQ, Stop, config, packed_data
 WORLD = 2
 
 
-def scaling():  # n̂ > 0: rank 0 alone holds the start positions
-    return sc.make("longrope", ORIGINAL, SEQ, dim=16, base=10000.0).replace(n_hat=8)
+ARCHS = ("llama", "qwen3", "phi3")  # GQA; q/k norms; fused qkv with partial rotary (rotary dim 8)
+
+
+def scaling(dim: int = 16):  # n̂ > 0: rank 0 alone holds the start positions
+    return sc.make("longrope", ORIGINAL, SEQ, dim=dim, base=10000.0).replace(n_hat=8)
+
+
+def one_step(arch: str, group=None):
+    """(loss, {name: gradient}) of one step on a fixed batch: one process, or this rank's part."""
+    model = tiny_model(arch).float()
+    models.attach(model, scaling(models.rope_info(model.config).dim))
+    model.train()
+    ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    if group is None:
+        nll, count = train.chunked_lm_loss(model, ids, 16)
+        (nll / count).backward()
+        return nll.item() / count, {n: p.grad for n, p in model.named_parameters()}
+    parallel.use_context_parallel_attention(model)
+    root = parallel.shard_model(model, group, chunk=16)
+    nll, count = root(ids)
+    (nll * group.loss_scale / count).backward()
+    return parallel.all_reduce_sum(nll).item() / count, parallel.full_gradients(root)
 
 
 def _free_port() -> int:
@@ -43,17 +63,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
     try:
         group = parallel.init("cpu")
         report = {}
-        # one step's loss and full gradients
-        model = tiny_model().float()
-        models.attach(model, scaling())
-        model.train()
-        parallel.use_context_parallel_attention(model)
-        root = parallel.shard_model(model, group, chunk=16)
-        ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
-        nll, count = root(ids)
-        (nll * group.loss_scale / count).backward()
-        report["loss"] = parallel.all_reduce_sum(nll).item() / count
-        report["grads"] = parallel.full_gradients(root)
+        report["steps"] = {arch: one_step(arch, group) for arch in ARCHS}  # loss and full gradients
         # whole runs: uninterrupted, and stopped after step 3 then resumed
         tok, packed = byte_tokenizer(), packed_data()
         cfg = config(steps=4, checkpoint_every=2)
@@ -84,17 +94,14 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     mp.spawn(_rank_main, args=(_free_port(), str(work)), nprocs=WORLD, join=True)
     report = pickle.loads((work / "report.pkl").read_bytes())
 
-    # one process: the same step
-    model = tiny_model().float()
-    models.attach(model, scaling())
-    model.train()
-    ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
-    nll, count = train.chunked_lm_loss(model, ids, 16)
-    (nll / count).backward()
-    assert abs(report["loss"] - nll.item() / count) <= 1e-6 * nll.item() / count
-    for name, p in model.named_parameters():
-        scale = p.grad.abs().max()
-        assert (report["grads"][name] - p.grad).abs().max() <= 1e-5 * scale, name
+    # one process: the same steps
+    for arch in ARCHS:
+        loss, grads = one_step(arch)
+        two_loss, two_grads = report["steps"][arch]
+        assert abs(two_loss - loss) <= 1e-6 * loss, arch
+        assert two_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            assert (two_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), (arch, name)
 
     # one process: the same run; the two-process runs (whole and resumed) end with its weights and losses
     train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), config(steps=4, checkpoint_every=2),
