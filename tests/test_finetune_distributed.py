@@ -112,10 +112,34 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     assert report["stopped"]
     for run in ("whole", "resumed"):
         two, _ = models.load(str(work / run))
+        # AdamW (lr 1e-3) turns a rounding-level gradient difference into a visible update difference
+        # for elements whose gradient is near zero; everything else agrees to float32 summation order
         for name, value in two.state_dict().items():
-            assert torch.allclose(value, reference[name], rtol=1e-4, atol=1e-5), (run, name)
+            diff = (value - reference[name]).abs()
+            assert diff.max() < 2e-4 and (diff > 1e-5).float().mean() < 1e-3, (run, name, diff.max().item())
         log = [json.loads(x)["loss"] for x in (work / run / train.LOG).read_text().splitlines()]
         assert len(log) == 4 and max(abs(a - b) for a, b in zip(log, one_log)) < 1e-4, (run, log, one_log)
         record = json.loads((work / run / train.FT_RECORD).read_text())
         assert record["processes"] == WORLD
         assert not (work / run / train.CHECKPOINT).exists()
+
+
+def test_load_balanced_chunks_cover_the_sequence_and_reorder_back():
+    n = 48
+    for world in (1, 2, 3, 4):
+        held = [parallel.shard_chunks(n, world, r) for r in range(world)]
+        positions = sorted(p for chunks in held for a, b in chunks for p in range(a, b))
+        assert positions == list(range(n)), world
+        # causal work per rank (keys attended, summed over its positions) is the same for every rank
+        work = {sum(p + 1 for a, b in chunks for p in range(a, b)) for chunks in held}
+        assert len(work) == 1, (world, work)
+        # what all_gather returns (rank order, each rank's two chunks) goes back to sequence order
+        gathered = torch.cat([torch.arange(a, b) for chunks in held for a, b in chunks]).float()
+        ordered = parallel._sequence_order(gathered.view(1, 1, n, 1), world)
+        assert ordered.flatten().tolist() == list(range(n)), world
+    try:
+        parallel.shard_chunks(50, 2, 0)
+    except parallel.UsageError as exc:
+        assert "multiple of twice the number of processes (4)" in str(exc)
+    else:
+        raise AssertionError("an uneven split must be refused")

@@ -1,12 +1,15 @@
 """Several processes (torchrun) for fine-tuning: FSDP2 shards the weights, context parallelism
 splits each sequence's positions across the ranks.
 
-Context parallelism here is the all-gather form (the one Llama 3's long-context training used):
-rank r holds positions [r·n/W, (r+1)·n/W) of every sequence, computes its queries, keys and
-values there with the *global* positions (so RoPE, n̂ and the short/long choice are those of the
-whole sequence), gathers the keys and values of the ranks before it and attends causally with a
-bottom-right-aligned mask (flash/efficient SDPA kernels, no materialised mask on CUDA). Its
-backward all-reduces the key/value gradients and keeps the local slice. Compared with ring
+Context parallelism here is the all-gather form (the one Llama 3's long-context training used),
+load-balanced: the sequence is cut into 2W chunks and rank r holds chunks r and 2W−1−r, so
+every rank has the same share of the causal attention work (with contiguous slices the last rank
+would do 2W−1 times the first one's). Each rank computes queries, keys and values at the
+*global* positions of its chunks (so RoPE, n̂ and the short/long choice are those of the whole
+sequence), gathers everybody's keys and values, puts them back in sequence order, and each of
+its two chunks attends to the keys up to its own end with a bottom-right-aligned causal mask
+(flash/efficient SDPA kernels, no materialised mask on CUDA). The backward all-reduces the
+key/value gradients and keeps the local part. Compared with ring
 attention it holds the (GQA-small) keys and values of the whole sequence on every rank, and
 needs nothing beyond all_gather/all_reduce, so the same code runs with NCCL and with gloo on
 the CPU (which is how the tests check it against one process).
@@ -51,9 +54,9 @@ class Group:
         ranks, and the true gradient is their sum."""
         return float(self.world)
 
-    def bounds(self, length: int) -> tuple[int, int]:
-        """[start, end) of this rank's positions in a sequence of `length` tokens."""
-        return shard_bounds(length, self.world, self.rank)
+    def chunks(self, length: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The two [start, end) position ranges this rank holds in a sequence of `length` tokens."""
+        return shard_chunks(length, self.world, self.rank)
 
 
 def world_size() -> int:
@@ -77,12 +80,23 @@ def init(device_type: str) -> Group:
     return Group(rank, world, device)
 
 
-def shard_bounds(length: int, world: int, rank: int) -> tuple[int, int]:
-    if length % world:
-        raise UsageError(f"--seq-len {length} must be a multiple of the number of processes ({world}) "
-                         "for context parallelism")
-    size = length // world
-    return rank * size, (rank + 1) * size
+def shard_chunks(length: int, world: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Chunks `rank` and 2·world−1−rank of 2·world equal chunks (the load-balanced layout)."""
+    if length % (2 * world):
+        raise UsageError(f"--seq-len {length} must be a multiple of twice the number of processes "
+                         f"({2 * world}) for context parallelism")
+    c = length // (2 * world)
+    late = 2 * world - 1 - rank
+    return (rank * c, (rank + 1) * c), (late * c, (late + 1) * c)
+
+
+def _sequence_order(gathered: torch.Tensor, world: int) -> torch.Tensor:
+    """(B, H, world·2c, d) gathered in rank order (each rank: its early chunk, then its late one)
+    -> the same positions in sequence order (chunk j held by rank j, or by rank 2W−1−j)."""
+    b, h, n, d = gathered.shape
+    parts = gathered.view(b, h, world, 2, n // (2 * world), d)
+    chunks = [parts[:, :, r, 0] for r in range(world)] + [parts[:, :, r, 1] for r in reversed(range(world))]
+    return torch.cat(chunks, dim=2)
 
 
 class _GatherPositions(torch.autograd.Function):
@@ -105,21 +119,26 @@ class _GatherPositions(torch.autograd.Function):
 
 def context_parallel_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,
                                scaling: float | None = None, is_causal=None, **kwargs):
-    """transformers attention interface: query (B, H, c, d), key/value (B, Hk, c, d) of this rank's
-    c positions, already rotated at their global positions. Returns ((B, c, H, d), None)."""
+    """transformers attention interface: query (B, H, 2c, d), key/value (B, Hk, 2c, d) of this
+    rank's two chunks (`shard_chunks`), already rotated at their global positions. Returns
+    ((B, 2c, H, d), None)."""
     from torch.nn.attention.bias import causal_lower_right
 
     if attention_mask is not None:
         raise ValueError("context parallelism: padded or packed-document masks are not supported")
-    rank, c = dist.get_rank(), query.shape[2]
-    keys = _GatherPositions.apply(key)[:, :, :(rank + 1) * c]  # later ranks' keys are all masked
-    values = _GatherPositions.apply(value)[:, :, :(rank + 1) * c]
+    rank, world, c = dist.get_rank(), dist.get_world_size(), query.shape[2] // 2
+    keys = _sequence_order(_GatherPositions.apply(key), world)
+    values = _sequence_order(_GatherPositions.apply(value), world)
     if keys.shape[1] != query.shape[1]:  # GQA
         repeat = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(c, keys.shape[2]),
-                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    outs = []
+    for half, (_, end) in enumerate(shard_chunks(2 * world * c, world, rank)):  # keys after `end` are all masked
+        q = query[:, :, half * c:(half + 1) * c]
+        outs.append(F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end],
+                                                   attn_mask=causal_lower_right(c, end),
+                                                   dropout_p=dropout if module.training else 0.0, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
@@ -179,18 +198,19 @@ def shard_model(model, group: Group, chunk: int) -> ContextParallelLM:
 
 def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> tuple[torch.Tensor, int]:
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
-    every rank holds whole: this rank runs positions [start, end) and scores the targets
-    start+1 .. end (the last rank has one fewer)."""
+    every rank holds whole: this rank runs the positions of its two chunks and scores, for each
+    position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer)."""
     from .train import _decoder, scored_nll  # train imports this module
 
     batch, n = input_ids.shape
-    start, end = group.bounds(n)
-    positions = torch.arange(start, end, device=input_ids.device)[None].expand(batch, -1)
+    ranges = group.chunks(n)
+    index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
     with global_regime(model, n):
-        out = _decoder(model)(input_ids=input_ids[:, start:end], position_ids=positions, use_cache=False)
+        out = _decoder(model)(input_ids=input_ids[:, index], position_ids=index[None].expand(batch, -1),
+                              use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    targets = input_ids[:, start + 1:end + 1]  # shorter by one on the last rank
-    total = scored_nll(model, hidden[:, :targets.shape[1]], targets, chunk)
+    scored = index < n - 1  # every position but the sequence's last predicts a token
+    total = scored_nll(model, hidden[:, scored], input_ids[:, index[scored] + 1], chunk)
     return total, batch * (n - 1)
 
 

@@ -870,7 +870,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     ranks = parallel.init(device.type) if parallel.world_size() > 1 else None
     if ranks is not None:
         device = ranks.device
-        ranks.bounds(cfg.seq_len)  # --seq-len must split evenly over the ranks
+        ranks.chunks(cfg.seq_len)  # --seq-len must split evenly into 2 × ranks chunks
     main = ranks is None or ranks.is_main
     out = Path(out)
     packed = np.asarray(packed)
