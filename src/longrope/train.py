@@ -240,21 +240,12 @@ class PretrainConfig:
              f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
         need(self.intermediate_size is None or self.intermediate_size >= 1, "--intermediate-size must be positive")
         need(self.rope_theta > 1, f"--rope-theta must be > 1, got {self.rope_theta}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
-        need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
-        need(self.schedule in ("cosine", "linear"), f"--schedule must be cosine or linear, got {self.schedule!r}")
-        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
-        need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
+        _check_optimisation(self)
         need(0 <= self.passkey_share <= 1, f"--passkey-share must be in [0, 1], got {self.passkey_share}")
         if self.passkey_share > 0:
             shortest = passkey_fixed_tokens(intro=False)
             need(self.context >= shortest, f"--passkey-share > 0 needs --context >= {shortest} (the passkey prompt "
                                            f"alone is that long); use a longer context or --passkey-share 0")
-        need(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        need(self.save_dtype in ("float16", "bfloat16", "float32"),
-             f"--save-dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -262,6 +253,25 @@ class PretrainConfig:
         d["intermediate_size"] = self.ffn_size
         d["warmup"] = self.warmup_steps
         return d
+
+
+def _check_optimisation(cfg) -> None:
+    """The checks pretraining and fine-tuning share (AdamW, schedule, dtypes); one UsageError line."""
+    checks = [
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}"),
+        (cfg.warmup is None or cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}"),
+        (cfg.schedule in ("cosine", "linear"), f"--schedule must be cosine or linear, got {cfg.schedule!r}"),
+        (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "AdamW betas must be in [0, 1)"),
+        (cfg.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)"),
+        (cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}"),
+        (cfg.save_dtype in ("float16", "bfloat16", "float32"),
+         f"--save-dtype must be float16, bfloat16 or float32, got {cfg.save_dtype!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 
 def llama_config(cfg: PretrainConfig):
@@ -719,16 +729,7 @@ class FinetuneConfig:
         need(self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}")
         for name in ("steps", "batch_size", "grad_accum", "loss_chunk", "checkpoint_every", "log_every"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
-        need(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
-        need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}")
-        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
-        need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
-        need(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        need(self.save_dtype in ("float16", "bfloat16", "float32"),
-             f"--save-dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+        _check_optimisation(self)
         return self
 
     def to_dict(self) -> dict:
