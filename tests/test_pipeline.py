@@ -302,9 +302,26 @@ def test_cli_extend_resumes_after_sigkill(tiny_model_dir, docs_file, tmp_path, c
     assert (out / pipeline.DONE).is_file()
 
 
-def test_cli_extend_under_torchrun_is_refused(tiny_model_dir, docs_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", "128",
-                       "--out", tmp_path / "o", *SMALL)
-    assert code == 2 and "run its stages one by one" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "o").exists()
+def test_cli_extend_under_torchrun_matches_one_process(tiny_model_dir, docs_file, tmp_path, capsys):
+    """Two ranks (torchrun, gloo): the searches split each generation and equal one process's; the
+    fine-tune runs context-parallel; rank 0 alone writes; --resume then finds it complete."""
+    plan = ["--target-length", "256", "--stages", "search:128,finetune:128:2,search:256", "--device", "cpu",
+            "--readjust-evals", "4", "--finetune-steps", "2", *SMALL]
+    code, _, _ = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--out", tmp_path / "one", *plan)
+    assert code == 0
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "longrope", "extend", "--model", str(tiny_model_dir), "--data", str(docs_file),
+           "--out", str(tmp_path / "two"), *[str(a) for a in plan]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 reports, rank 1 is quiet
+    one = json.loads((tmp_path / "one" / pipeline.DONE).read_text())["stages"]
+    two = json.loads((tmp_path / "two" / pipeline.DONE).read_text())["stages"]
+    assert [m["stage"] for m in two] == [m["stage"] for m in one]
+    assert two[0]["scaling"] == one[0]["scaling"] and two[0]["summary"]["fitness"] == one[0]["summary"]["fitness"]
+    assert abs(two[1]["summary"]["final_loss"] - one[1]["summary"]["final_loss"]) < 1e-3
+    assert (tmp_path / "two" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "two" / "stage-02-finetune-128" / "finetune.json").read_text())["processes"] == 2
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "already complete" in resumed.stdout, resumed.stderr[-3000:]

@@ -236,14 +236,19 @@ def barrier() -> None:
     dist.barrier()
 
 
-def agree(group: Group, fn):
-    """Run `fn` on rank 0 only (it may touch the file system) and give every rank its result, or
-    raise its UsageError on every rank (so no rank is left waiting in a collective)."""
+def agree(group: Group, fn, everyone: bool = False):
+    """Run `fn` on rank 0 only (it may touch the file system), or on every rank with `everyone`
+    (a collective job such as a distributed search), and give every rank rank 0's result, or
+    raise rank 0's UsageError on every rank (so no rank is left waiting in a collective)."""
     box = [None, None]
-    if group.is_main:
+    if group.is_main or everyone:
         try:
-            box[0] = fn()
+            value = fn()
+            if group.is_main:
+                box[0] = value
         except UsageError as exc:
+            if not group.is_main:
+                raise
             box[1] = str(exc)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:

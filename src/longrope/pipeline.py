@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from . import data as D
-from . import models
+from . import models, parallel
 from . import scaling as sc
 from . import search as S
 from . import train
@@ -226,6 +226,7 @@ class Context:
         self.data_digest = documents_digest(documents)
         self._loaded: tuple[str, Any] | None = None
         self.eval_documents: list[D.TokenizedDocument] | None = None  # the report's; None: `documents`
+        self.ranks: parallel.Group | None = None  # under torchrun: this process's place (rank 0 writes)
 
     @property
     def device(self) -> str:
@@ -277,8 +278,12 @@ def _search(ctx: Context, space: S.SearchSpace, config: S.SearchConfig, windows,
     identity = {"model": ctx.model_label(), "data": ctx.data_digest, "samples": len(windows)}
     fresh = not (folder / S.STATE).is_file()  # nothing to resume: start (clears a torn first generation)
     t0 = time.time()
-    result = S.run(space, ctx.fitness(windows), config, folder, identity=identity, resume=not fresh, force=fresh,
-                   extra_summary={"documents": ids})
+    kwargs = dict(identity=identity, resume=not fresh, force=fresh, extra_summary={"documents": ids})
+    if ctx.ranks is None:
+        result = S.run(space, ctx.fitness(windows), config, folder, **kwargs)
+    else:  # every rank evaluates its share of each generation; rank 0 breeds, writes, and tells the others
+        result = parallel.agree(ctx.ranks, lambda: S.run_distributed(space, ctx.fitness(windows), config, folder,
+                                                                      **kwargs), everyone=True)
     ctx.log(f"  {what}: best perplexity {result.fitness:.4g} ({result.summary['evals']} evaluations, "
             f"{time.time() - t0:.0f} s)")
     return result
@@ -320,7 +325,7 @@ def run_finetune_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome
                                       tok.eos_token_id)
         ctx._loaded = None  # free the evaluation copy; training loads its own float32 one
         model, _ = models.load(ctx.model_spec, dtype=torch.float32, device=ctx.device)
-        bar = _progress_bar(cfg.steps, stage.label)
+        bar = _progress_bar(cfg.steps, stage.label) if ctx.ranks is None or ctx.ranks.is_main else _NoBar()
         try:
             train.finetune(model, tok, scaling, packed, cfg, folder, resume=True, callback=bar,
                            identity={"model": ctx.model_label(), "data": ctx.data_digest},
@@ -452,12 +457,22 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
     out = Path(out)
     info = models.rope_info(models.load_config(model_spec))
     validate_inputs(config, info, documents)
+    # under torchrun: searches split each generation over the ranks, fine-tunes split each sequence
+    # (`parallel`); rank 0 alone writes files, exports and evaluates the report
+    ranks = parallel.init(torch.device(config.device).type) if parallel.world_size() > 1 else None
+    main = ranks is None or ranks.is_main
+    if ranks is not None:
+        config = dataclasses.replace(config, device=str(ranks.device))
+        log = log if main else (lambda message: None)
     stages = list(config.stages)
     if config.readjust:
         stages.append(Stage("readjust", info.original_length))
     where = os.path.abspath(model_spec) if os.path.exists(model_spec) else model_spec
     identity = {"model": where, "data": documents_digest(documents), **config.identity()}
-    _prepare_out(out, identity, resume, force)
+    if ranks is None:
+        _prepare_out(out, identity, resume, force)
+    else:
+        parallel.agree(ranks, lambda: _prepare_out(out, identity, resume, force))
     if (out / DONE).is_file():
         done = json.loads((out / DONE).read_text())
         log(f"{out}: already complete")
@@ -466,10 +481,13 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
 
     ctx = Context(model_spec, tokenizer, documents, config, info, out, log)
     ctx.eval_documents = list(eval_documents) if eval_documents else None
+    ctx.ranks = ranks
     markers = []
     for index, stage in enumerate(stages, start=1):
         folder = out / stage.folder(index)
         marker = folder / MARKER
+        if ranks is not None:
+            parallel.barrier()  # every rank sees the same finished stages
         if marker.is_file():
             saved = json.loads(marker.read_text())
             ctx.scaling = sc.from_dict(saved["scaling"])
@@ -486,7 +504,8 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
                  "scaling": outcome.scaling.to_dict(),
                  "model": os.path.relpath(outcome.model, out) if outcome.model else None,
                  "summary": outcome.summary, "seconds": round(time.time() - t0, 2)}
-        _write_atomic(marker, json.dumps(saved, indent=2) + "\n")
+        if main:
+            _write_atomic(marker, json.dumps(saved, indent=2) + "\n")
         ctx.scaling = sc.from_dict(saved["scaling"])  # as a resumed run reads it back
         if outcome.model:
             ctx.model_spec = outcome.model
@@ -494,6 +513,10 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
 
     final = ctx.scaling
     model_dir = out / MODEL_DIR
+    if not main:  # rank 0 exports and measures the report
+        parallel.barrier()
+        done = json.loads((out / DONE).read_text())
+        return ExtendResult(out, final, model_dir, json.loads((out / REPORT_JSON).read_text()), done["stages"])
     if not (model_dir / "config.json").is_file():
         model = ctx.model()
         models.attach(model, final)
@@ -502,6 +525,8 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
     report = write_report(ctx, model_dir, final, markers)
     done = {"scaling": final.to_dict(), "stages": markers, "model": MODEL_DIR, "identity": identity}
     _write_atomic(out / DONE, json.dumps(done, indent=2) + "\n")
+    if ranks is not None:
+        parallel.barrier()
     return ExtendResult(out, final, model_dir, report, markers)
 
 

@@ -91,9 +91,7 @@ def cmd_extend(args) -> int:
     from .. import data, models, pipeline, train
     from ..search import SearchConfig
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("extend runs in one process; on several GPUs run its stages one by one: "
-                         "`torchrun ... -m longrope search` and `torchrun ... -m longrope finetune`")
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
     stages = pipeline.parse_stages(args.stages) if args.stages else (pipeline.Stage("search", args.target_length),)
     if args.resume and args.force:
         raise UsageError("--resume and --force contradict each other: --force starts over")
@@ -117,17 +115,20 @@ def cmd_extend(args) -> int:
         passkey_trials=args.passkey_trials, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
         chunk_size=args.chunk_size).validate()
     tokenizer = _tokenizer(args.model)
-    docs = data.load_tokenized(args.data, tokenizer, progress=True)
+    docs = data.load_tokenized(args.data, tokenizer, progress=not quiet)
     pipeline.validate_inputs(config, info, docs)  # every stage's needs, before anything is written
-    print(f"extend: {args.model} (context {info.original_length}) -> {args.target_length}; plan "
-          f"{', '.join(s.label for s in stages)}{'' if args.no_readjust else ', readjust'}", file=sys.stderr)
+    if not quiet:
+        print(f"extend: {args.model} (context {info.original_length}) -> {args.target_length}; plan "
+              f"{', '.join(s.label for s in stages)}{'' if args.no_readjust else ', readjust'}", file=sys.stderr)
     try:
-        eval_docs = data.load_tokenized(args.eval_data, tokenizer, progress=True) if args.eval_data else None
+        eval_docs = data.load_tokenized(args.eval_data, tokenizer, progress=not quiet) if args.eval_data else None
         result = pipeline.extend(args.model, tokenizer, docs, config, args.out, resume=args.resume, force=args.force,
                                  eval_documents=eval_docs)
     except KeyboardInterrupt:
         print("\ninterrupted; finished stages are kept: continue with the same command and --resume", file=sys.stderr)
         return 130
+    if quiet:
+        return 0
     for row in result.report["results"]:
         ppl = "n/a" if row["ppl"] is None else f"{row['ppl']:.3f}"
         pk = "n/a" if row["passkey"] is None else f"{row['passkey']:.0%}"
