@@ -114,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"longrope: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group a command joined: a gloo/NCCL group left to the
+    interpreter's exit can abort the process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
