@@ -110,19 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except UsageError as exc:
         print(f"longrope: error: {exc}", file=sys.stderr)
+        _leave_process_group(wait=False)
         return 2
-    finally:
-        _leave_process_group()
+    _leave_process_group(wait=code == 0)
+    return code
 
 
-def _leave_process_group() -> None:
-    """Under torchrun, leave the process group a command joined: a gloo/NCCL group left to the
-    interpreter's exit can abort the process ("terminate called without an active exception")."""
+def _leave_process_group(wait: bool = True) -> None:
+    """Under torchrun, leave the process group a command joined: a gloo group left to the
+    interpreter's exit can abort the process ("terminate called without an active exception").
+    `wait`: first a barrier, so that nobody tears down while another rank's last messages are in
+    flight (only after success: after a failure the other ranks may never arrive). After
+    an unexpected exception nothing is done: the process exits and torchrun stops the others."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -167,26 +167,20 @@ def _default_chunk() -> int:
 
 
 def cmd_search(args) -> int:
-    rank = S.init_distributed()  # None: one process
+    rank = S.init_distributed()  # None: one process; `cli.main` leaves the process group at the end
+    if rank is not None and rank.rank != 0:
+        return _worker(args, rank)
     try:
-        if rank is not None and rank.rank != 0:
-            return _worker(args, rank)
-        try:
-            setup = _setup(args, rank)
-        except Exception as exc:
-            if rank is not None:
-                _agree(f"{exc}")  # releases the other ranks
-            raise
+        setup = _setup(args, rank)
+    except Exception as exc:
         if rank is not None:
-            failed, _ = _agree(None, setup["windows"])
-            if failed:
-                raise UsageError(failed)
-        return _search(args, setup)
-    finally:
-        if rank is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            _agree(f"{exc}")  # releases the other ranks
+        raise
+    if rank is not None:
+        failed, _ = _agree(None, setup["windows"])
+        if failed:
+            raise UsageError(failed)
+    return _search(args, setup)
 
 
 def _setup(args, rank: S.Rank | None) -> dict:
