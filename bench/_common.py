@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 GiB = 1024 ** 3
 # LONGROPE_BENCH_SMOKE=1: run a script end to end on the CPU with tiny shapes (checks the script, measures nothing)
 SMOKE = bool(os.environ.get("LONGROPE_BENCH_SMOKE"))
-SHAPES = {  # the real shapes (config.json of Meta-Llama-3-8B and Llama-3.2-1B)
+SHAPES = {  # the real shapes (config.json of Meta-Llama-3-8B, Llama-3.2-1B and SmolLM2-135M)
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
                rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -28,6 +28,10 @@ SHAPES = {  # the real shapes (config.json of Meta-Llama-3-8B and Llama-3.2-1B)
                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 8192}),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
 }
 
 
@@ -45,15 +49,15 @@ def require_cuda(what: str) -> torch.device:
     return torch.device("cuda")
 
 
-def random_llama(shape: str):
-    """A bf16 LlamaForCausalLM of the given real shape with random weights, built on the GPU."""
+def random_llama(shape: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None):
+    """A LlamaForCausalLM of the given real shape with random weights (bf16, on the GPU unless told)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{**SHAPES[shape], **(TINY if SMOKE else {})}, attn_implementation="sdpa")
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cpu" if SMOKE else "cuda"):
+        with torch.device(device or ("cpu" if SMOKE else "cuda")):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)

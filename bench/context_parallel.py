@@ -8,7 +8,7 @@ against one GPU, and the longest step each can run.
 2. Lengths doubling from --start: rank 0 alone until it runs out of memory, then both ranks
    together until they do; time and peak memory per rank.
 
-Random weights of a real shape (`_common.SHAPES`, or `smollm2` for SmolLM2-135M's); a LongRoPE
+Random weights of a real shape (`_common.SHAPES`: 8b, 1b, smollm2); a LongRoPE
 scaling to --target attached.
 
     torchrun --nproc-per-node 2 bench/context_parallel.py --shape 1b --out context_parallel.json
@@ -23,23 +23,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from _common import SHAPES, SMOKE, TINY, environment, fmt_len, write_json
+from _common import SHAPES, SMOKE, TINY, environment, fmt_len, random_llama, write_json
 from longrope import models, parallel, train
 from longrope import scaling as sc
 
-SHAPES = {**SHAPES, "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                                    max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0})}
-
 
 def build(shape: str, target: int, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{**SHAPES[shape], **(TINY if SMOKE else {})}, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)  # float32 master weights, as finetune keeps them
+    torch.manual_seed(0)  # every rank, and rank 0's one-GPU copy, start from the same weights
+    model = random_llama(shape, torch.float32, device)  # float32 master weights, as finetune keeps them
     info = models.rope_info(model.config)
     original = 64 if SMOKE else info.original_length
     factors = sc.yarn_factors(info.dim, info.base, original, target / original).tolist()

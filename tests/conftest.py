@@ -76,3 +76,26 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     save_tiny_model(tiny_model("llama"), path)
     return path
+
+
+def assert_same_training_run(dir_a, dir_b, checkpoint: str = "checkpoint.pt", log: str = "train_log.jsonl"):
+    """Two runs of six steps (one interrupted and resumed) left the same checkpoint and log:
+    step, tokens, every weight and optimizer tensor bit for bit, the same logged losses."""
+    import json
+    from pathlib import Path
+
+    a = torch.load(Path(dir_a) / checkpoint, weights_only=True)
+    b = torch.load(Path(dir_b) / checkpoint, weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["tokens_seen"] == b["tokens_seen"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    log_a = [json.loads(x) for x in (Path(dir_a) / log).read_text().splitlines()]
+    log_b = [json.loads(x) for x in (Path(dir_b) / log).read_text().splitlines()]
+    assert [e["step"] for e in log_b] == [1, 2, 3, 4, 5, 6]
+    assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b]
+    return a, b

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import assert_same_training_run
 from longrope import models, train
 from longrope.cli import main
 from longrope.data import Document
@@ -195,21 +196,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         train.pretrain(tiny(passkey_share=0.25, context=128, lr=1e-3), docs, tmp_path / "b", resume=True)
     train.pretrain(cfg, docs, tmp_path / "b", resume=True, keep_checkpoint=True)
 
-    a = torch.load(tmp_path / "a" / train.CHECKPOINT, weights_only=True)
-    b = torch.load(tmp_path / "b" / train.CHECKPOINT, weights_only=True)
-    assert a["step"] == b["step"] == 6 and a["tokens_seen"] == b["tokens_seen"]
+    a, b = assert_same_training_run(tmp_path / "a", tmp_path / "b", train.CHECKPOINT, train.LOG)
     assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
-    log_a = [json.loads(x) for x in (tmp_path / "a" / train.LOG).read_text().splitlines()]
-    log_b = [json.loads(x) for x in (tmp_path / "b" / train.LOG).read_text().splitlines()]
-    assert [e["step"] for e in log_b] == [1, 2, 3, 4, 5, 6]
-    assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b]
     # a finished folder is not overwritten by accident
     with pytest.raises(UsageError):
         train.pretrain(cfg, docs, tmp_path / "a")

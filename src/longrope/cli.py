@@ -62,6 +62,13 @@ def device_and_dtype(args):
     return device, getattr(torch, dtype)
 
 
+def interrupted(checkpoint_every: int, out) -> int:
+    """Ctrl-C in a training command: say how to continue; exit code 130."""
+    print(f"\ninterrupted; continue from the last checkpoint with the same command and --resume "
+          f"(checkpoints every {checkpoint_every} steps in {out})", file=sys.stderr)
+    return 130
+
+
 def cmd_export(args) -> int:
     info = models.rope_info(models.load_config(args.model))
     scaling = resolve_scaling(args.scaling, args.method, args.target_length, info)  # fail before loading weights

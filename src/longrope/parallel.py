@@ -60,7 +60,13 @@ class Group:
 
 
 def world_size() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), readable before joining."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def init(device_type: str) -> Group:

@@ -761,7 +761,9 @@ def init_distributed(timeout_minutes: float = DIST_TIMEOUT_MINUTES) -> Rank | No
     objects) and fitness values travel, so the same code runs on CPUs and GPUs."""
     import datetime
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from .parallel import world_size
+
+    if world_size() <= 1:
         return None
     import torch.distributed as dist
 

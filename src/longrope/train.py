@@ -883,9 +883,10 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     else:  # rank 0 checks (and with --force clears) the folder; the others read the checkpoint after it
         found = parallel.agree(ranks, lambda: _prepare_out(out, resume, force, record=FT_RECORD) is not None)
         checkpoint = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if found else None
-        if checkpoint is not None and checkpoint.get("world", 1) != ranks.world:
-            raise UsageError(f"--resume: the checkpoint was made by {checkpoint.get('world', 1)} process(es), this "
-                             f"run has {ranks.world}; resume with the same number or pass --force")
+    world = 1 if ranks is None else ranks.world
+    if checkpoint is not None and checkpoint.get("world", 1) != world:  # its state dicts are laid out per world
+        raise UsageError(f"--resume: the checkpoint was made by {checkpoint.get('world', 1)} process(es), this "
+                         f"run has {world}; resume with the same number or pass --force")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(f".{CHECKPOINT}.tmp-*"):  # left by a process killed while saving
@@ -932,7 +933,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
                 "step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "identity": identity,
                 "model": model_state, "optimizer": optimizer_state, "rng": _rng_state(device),
                 "wall_time_s": wall_before + time.perf_counter() - t_run, "recent_losses": recent,
-                "first_loss": first_loss, "world": 1 if ranks is None else ranks.world,
+                "first_loss": first_loss, "world": world,
             }, out / CHECKPOINT)
         if ranks is not None:
             parallel.barrier()

@@ -155,7 +155,11 @@ def _config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
-def _finish(args, results: dict) -> int:
+def _finish(args, command: str, model, info, device, records: list[dict]) -> int:
+    """Detach the scalings, print the table, write --out: the end of every eval command."""
+    models.attach(model, sc.NoScaling())
+    results = {"command": command, "config": _config(args), "model": asdict(info) | {"spec": args.model},
+               "environment": report.environment(device), "records": records}
     print(report.table(results))
     if args.out:
         out = report.write_results(args.out, results, force=args.force)
@@ -201,10 +205,7 @@ def cmd_ppl(args) -> int:
                                 "seconds": time.perf_counter() - started, "scaling": scaling.to_dict(),
                                 "docs": per_doc})
     bar.close()
-    models.attach(model, sc.NoScaling())
-    results = {"command": "ppl", "config": _config(args), "model": asdict(info) | {"spec": args.model},
-               "environment": report.environment(device), "records": records}
-    return _finish(args, results)
+    return _finish(args, "ppl", model, info, device, records)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,10 +263,7 @@ def cmd_passkey(args) -> int:
                                 "seconds": time.perf_counter() - started, "scaling": scaling.to_dict(),
                                 "trials": trials})
     bar.close()
-    models.attach(model, sc.NoScaling())
-    results = {"command": "passkey", "config": _config(args), "model": asdict(info) | {"spec": args.model},
-               "environment": report.environment(device), "records": records}
-    return _finish(args, results)
+    return _finish(args, "passkey", model, info, device, records)
 
 
 # --------------------------------------------------------------------------------------------

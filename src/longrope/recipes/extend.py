@@ -4,7 +4,6 @@ readjustment, export and report, resumable stage by stage."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..cli import add_model_args, device_and_dtype, parse_length
@@ -88,10 +87,10 @@ def register(sub) -> None:
 def cmd_extend(args) -> int:
     import dataclasses
 
-    from .. import data, models, pipeline, train
+    from .. import data, models, parallel, pipeline, train
     from ..search import SearchConfig
 
-    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
+    quiet = parallel.launched_rank() != 0  # under torchrun only rank 0 reports
     stages = pipeline.parse_stages(args.stages) if args.stages else (pipeline.Stage("search", args.target_length),)
     if args.resume and args.force:
         raise UsageError("--resume and --force contradict each other: --force starts over")

@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from ..cli import add_model_args, add_scaling_args, parse_length, resolve_scaling
+from ..cli import add_model_args, add_scaling_args, interrupted, parse_length, resolve_scaling
 from ..errors import UsageError
 
 DESCRIPTION = """\
@@ -61,7 +61,7 @@ def register(sub) -> None:
 def cmd_finetune(args) -> int:
     import torch
 
-    from .. import data, models, train
+    from .. import data, models, parallel, train
 
     if args.resume and args.force:
         raise UsageError("--resume and --force contradict each other: --force starts over")
@@ -83,14 +83,14 @@ def cmd_finetune(args) -> int:
         save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32"),
     ).validate()
 
-    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
+    quiet = parallel.launched_rank() != 0  # under torchrun only rank 0 reports
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
     docs = data.load_tokenized(args.data, tokenizer, progress=not (args.no_progress or quiet))
     packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
     if scaling.target_length is not None and seq_len > scaling.target_length and not quiet:
         print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
               file=sys.stderr)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = parallel.world_size()
     where = f"{world} processes (context parallel + FSDP2)" if world > 1 else device
     if not quiet:
         print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(docs)} documents "
@@ -119,9 +119,7 @@ def cmd_finetune(args) -> int:
                                 force=args.force, keep_checkpoint=args.keep_checkpoint, callback=progress,
                                 identity=identity, command=shlex.join(["longrope", *sys.argv[1:]]))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with the same command and --resume "
-              f"(checkpoints every {cfg.checkpoint_every} steps in {args.out})", file=sys.stderr)
-        return 130
+        return interrupted(cfg.checkpoint_every, args.out)
     finally:
         if bar is not None:
             bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from ..cli import interrupted
 from ..errors import UsageError
 
 
@@ -132,9 +133,7 @@ def cmd_pretrain(args) -> int:
                                 keep_checkpoint=args.keep_checkpoint, callback=progress, command=command,
                                 data_info=data_info, validation=validation)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with the same command and --resume "
-              f"(checkpoints every {cfg.checkpoint_every} steps in {args.out})", file=sys.stderr)
-        return 130
+        return interrupted(cfg.checkpoint_every, args.out)
     finally:
         if bar is not None:
             bar.close()
