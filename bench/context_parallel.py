@@ -5,7 +5,7 @@ against one GPU, and the longest step each can run.
    master weights, bf16 autocast, gradient checkpointing, chunked loss: what `longrope finetune`
    does); then both ranks run it with context parallelism. Reported: the loss of each, and per
    parameter the relative error of the gathered gradient (bf16 tolerance).
-2. Lengths doubling from --start: rank 0 alone until it runs out of memory, then both ranks
+2. Lengths doubling from --first-length: rank 0 alone until it runs out of memory, then both ranks
    together until they do; time and peak memory per rank.
 
 Random weights of a real shape (`_common.SHAPES`: 8b, 1b, smollm2); a LongRoPE
@@ -89,13 +89,13 @@ def main():
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--target", type=int, default=2 * 1024 * 1024, help="the scaling's target length")
     p.add_argument("--check-length", type=int, default=32768)
-    p.add_argument("--start", type=int, default=65536)
+    p.add_argument("--first-length", type=int, default=65536)
     p.add_argument("--max-length", type=int, default=1 << 22)
     p.add_argument("--chunk", type=int, default=4096, help="loss chunk")
     p.add_argument("--out", default="context_parallel.json")
     args = p.parse_args()
     if SMOKE:
-        args.target, args.check_length, args.start, args.max_length, args.chunk = 512, 128, 256, 512, 32
+        args.target, args.check_length, args.first_length, args.max_length, args.chunk = 512, 128, 256, 512, 32
     group = parallel.init("cpu" if SMOKE else "cuda")
     device = group.device
     vocab = (TINY if SMOKE else SHAPES[args.shape])["vocab_size"]
@@ -131,7 +131,7 @@ def main():
     del grads, reference
 
     # 2. the longest step: one GPU (rank 0; the unsharded model), then context parallel
-    n, single_ok = args.start, True
+    n, single_ok = args.first_length, True
     single = build(args.shape, args.target, device) if group.is_main else None
     while n <= args.max_length:
         ids = ids_for(n)

@@ -35,13 +35,16 @@ def main():
     p.add_argument("--data", required=True, help="documents to read (any `longrope eval --data` source)")
     p.add_argument("--scaling", default="smollm2-135m-128k", help="a preset name or a scaling JSON file")
     p.add_argument("--lengths", default="256k,512k,1m,2m")
-    p.add_argument("--impls", default="lean,modules", help="lean, modules or both")
+    p.add_argument("--impls", default="lean,modules",
+                   help="any of lean, lean-sdpa (lean with --sdpa-backends), modules")
     p.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK)
     p.add_argument("--out", default="smollm2_long.json")
     p.add_argument("--sdpa-backends", default=None,
-                   help="SDPA kernel preference for our forward, e.g. cudnn,flash (default: torch's choice)")
+                   help="SDPA kernel preference of the lean-sdpa rows, e.g. cudnn,flash")
     args = p.parse_args()
-    lean.set_sdpa_backends(args.sdpa_backends)  # ours only: stock never goes through the lean forward
+    impls = args.impls.split(",")
+    if "lean-sdpa" in impls and not args.sdpa_backends:
+        p.error("--impls lean-sdpa needs --sdpa-backends")
     device = require_cuda("smollm2_long")
     model, tokenizer = models.load(args.model, dtype=torch.bfloat16, device=device)
     info = models.rope_info(model.config)
@@ -54,7 +57,6 @@ def main():
     if distinct < max(lengths):
         stream = np.tile(stream, -(-max(lengths) // distinct))
         print(f"note: {args.data} has {distinct:,} tokens; the text repeats from its start beyond that")
-    impls = args.impls.split(",")
     evaluate.nll_sum(model, torch.as_tensor(stream[:8192]), args.chunk_size)  # warm-up (Triton compiles here)
     rows = []
     print(f"{'length':>7} {'forward':8} {'ppl':>10} {'seconds':>8} {'peak GiB':>9}")
@@ -62,24 +64,33 @@ def main():
         ids = torch.as_tensor(stream[:n]).to(device)
         result = {}
         for impl in impls:
-            r = {"n": n, "forward": impl}
-            with measured(r):
-                nll, count = evaluate.nll_sum(model, ids, args.chunk_size, forward=impl)
-                r.update(nll_sum=nll, n_tokens=count, ppl=evaluate.perplexity_from(nll, count))
+            r = {"n": n, "forward": impl, "sdpa_backends": args.sdpa_backends if impl == "lean-sdpa" else None}
+            # the modules path never goes through the lean forward, so the setting only affects lean rows
+            lean.set_sdpa_backends(r["sdpa_backends"])
+            try:
+                with measured(r):
+                    nll, count = evaluate.nll_sum(model, ids, args.chunk_size, forward=impl.split("-")[0])
+                    r.update(nll_sum=nll, n_tokens=count, ppl=evaluate.perplexity_from(nll, count))
+            except RuntimeError as e:  # e.g. a kernel that refuses this length: recorded, the others still run
+                r.update(oom=False, error=str(e).splitlines()[0][:300])
             rows.append(r)
             result[impl] = r
-            if r["oom"]:
+            if r.get("error"):
+                print(f"{fmt_len(n):>7} {impl:8} error: {r['error']}")
+            elif r["oom"]:
                 print(f"{fmt_len(n):>7} {impl:8} {'OOM':>10} {'':>8} {r['peak_gib']:9.2f}")
             else:
                 print(f"{fmt_len(n):>7} {impl:8} {r['ppl']:10.3f} {r['seconds']:8.2f} {r['peak_gib']:9.2f}")
-        if len(result) == 2 and not any(r["oom"] for r in result.values()):
-            a, b = result["lean"], result["modules"]
-            print(f"{fmt_len(n):>7} lean/modules: time {ratio(a['seconds'], b['seconds']):.3f}x, peak memory "
-                  f"{ratio(a['peak_gib'], b['peak_gib']):.3f}x, ppl {ratio(a['ppl'], b['ppl']):.5f}x")
+        b = result.get("modules")
+        for name, a in result.items():
+            if name != "modules" and b and "seconds" in a and "seconds" in b:
+                print(f"{fmt_len(n):>7} {name}/modules: time {ratio(a['seconds'], b['seconds']):.3f}x, peak memory "
+                      f"{ratio(a['peak_gib'], b['peak_gib']):.3f}x, ppl {ratio(a['ppl'], b['ppl']):.5f}x")
         del ids
-    write_json(args.out, {"benchmark": "smollm2_long", "model": args.model, "data": args.data,
-                          "distinct_tokens": distinct, "scaling": scaling.to_dict(), "chunk_size": args.chunk_size,
-                          "rows": rows, "environment": environment()})
+        # after every length, so that a call cut short keeps what it measured
+        write_json(args.out, {"benchmark": "smollm2_long", "model": args.model, "data": args.data,
+                              "distinct_tokens": distinct, "scaling": scaling.to_dict(),
+                              "chunk_size": args.chunk_size, "rows": rows, "environment": environment()})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def forward(model, impl, ids, rotary, sdpa=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["8b", "1b"], default="8b")
+    p.add_argument("--shape", choices=["8b", "1b", "smollm2"], default="8b")
     p.add_argument("--lengths", default="32768,65536")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sdpa-backends", default=None,
