@@ -132,6 +132,12 @@ def context_parallel_attention(module, query, key, value, attention_mask=None, d
 
     if attention_mask is not None:
         raise ValueError("context parallelism: padded or packed-document masks are not supported")
+    # Under autocast transformers' rotary leaves q and k in float32 (its cos/sin follow the float32
+    # residual) while v comes out of a bf16 matmul; plain SDPA would cast them, but the
+    # causal_lower_right mask checks the dtypes before autocast does.
+    kind = query.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     rank, world, c = dist.get_rank(), dist.get_world_size(), query.shape[2] // 2
     keys = _sequence_order(_GatherPositions.apply(key), world)
     values = _sequence_order(_GatherPositions.apply(value), world)
