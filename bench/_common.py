@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -120,11 +121,16 @@ def gpu_memory_gib() -> float:
 
 @contextmanager
 def measured(result: dict):
-    """Fills result with seconds and peak_gib (max allocated during the block), or oom=True."""
+    """Fills result with seconds and peak_gib (max allocated during the block), or oom=True, and
+    live_gib_before (allocated when the block began: weights, inputs, anything leaked)."""
     sync()
+    # An out-of-memory error caught earlier leaves its frames, and the tensors they hold, in a
+    # reference cycle until the cyclic collector runs: collect them now, or they count as ours.
+    gc.collect()
     if not SMOKE:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        result["live_gib_before"] = torch.cuda.memory_allocated() / GiB
     t = time.perf_counter()
     try:
         yield
@@ -133,6 +139,7 @@ def measured(result: dict):
     except torch.OutOfMemoryError:
         result.update(oom=True, peak_gib=peak_gib())
     finally:
+        gc.collect()
         if not SMOKE:
             torch.cuda.empty_cache()
 
