@@ -63,15 +63,17 @@ def config(stages: str, target: int, **kw) -> pipeline.PipelineConfig:
 
 
 def test_parse_stages():
-    assert parse_stages("search:64k, finetune:64k:400,SEARCH:2048k") == (
-        Stage("search", 65536), Stage("finetune", 65536, 400), Stage("search", 2097152))
+    assert parse_stages("search:64k, finetune:64k:400,SEARCH:2048k:4") == (
+        Stage("search", 65536), Stage("finetune", 65536, 400), Stage("search", 2097152, 4))
+    assert Stage("search", 2097152, 4).label == "search:2048k:4"
     assert Stage("finetune", 65536, 400).label == "finetune:64k:400"
     assert Stage("search", 2097152).folder(3) == "stage-03-search-2048k"
 
 
 @pytest.mark.parametrize("bad, message", [
     ("", "empty plan"), ("search:64k,,search:128k", "empty stage"), ("serch:64k", "unknown stage 'serch'"),
-    ("search", "not KIND:LENGTH"), ("search:64k:3", "not KIND:LENGTH"), ("search:lots", "not a length"),
+    ("search", "not KIND:LENGTH"), ("search:64k:3:1", "not KIND:LENGTH"),
+    ("search:64k:0", "evaluations must be a positive integer"), ("search:lots", "not a length"),
     ("finetune:64k:x", "steps must be a positive integer"), ("search:0", "not a length"),
 ])
 def test_parse_stages_rejects_bad_plans(bad, message):
@@ -119,7 +121,7 @@ def counting_runners(calls: dict, fail_on: str | None = None):
 
 def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_model_dir, docs_file, tmp_path):
     docs, tok = tokenized(docs_file), byte_tokenizer()
-    cfg = config("search:128,finetune:128:2,search:256", 256)
+    cfg = config("search:128,finetune:128:2,search:256:3", 256)  # the last search: 3 evaluations at most
     out = tmp_path / "ext"
     calls: dict = {}
     with pytest.raises(Boom):
@@ -138,7 +140,7 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_mo
                              runners=counting_runners(calls), log=lambda m: None)
     # stage 1 skipped; the finetune stage ran again (it finds its finished output), then the rest
     assert calls == {"search": 2, "finetune": 2, "readjust": 1}
-    assert [m["stage"] for m in result.stages] == ["search:128", "finetune:128:2", "search:256", "readjust:64"]
+    assert [m["stage"] for m in result.stages] == ["search:128", "finetune:128:2", "search:256:3", "readjust:64"]
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["plan.json", "extend.json", "model", "report.md", "report.json",
                             "stage-01-search-128", "stage-02-finetune-128", "stage-03-search-256",
@@ -152,6 +154,9 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_mo
     history = S.read_history(out / "stage-03-search-256")
     space = S.SearchSpace(16, 10000.0, ORIGINAL, 256)
     assert history[0]["factors"] == list(space.lambdas(space.snap(first)))  # evaluated first
+    carried = S.rescale_factors(first, 128 / ORIGINAL, 256 / ORIGINAL)
+    assert history[1]["factors"] == list(space.lambdas(space.snap(carried)))  # then carried to the new scale
+    assert len(history) == 3  # search:256:3
 
     # the final checkpoint carries the last search's long factors and the readjusted short ones
     final = result.scaling

@@ -5,7 +5,9 @@ A plan is a list of stages run in order, e.g. ``search:64k,finetune:64k,search:2
 - ``search:L`` searches LongRoPE factors for L tokens on the current model (the base model, or
   the last fine-tuned one). Its initial population holds PI, NTK and YaRN and, after the first
   stage, the previous stage's factors as they are and carried to the new scale
-  (`search.rescale_factors`).
+  (`search.rescale_factors`), evaluated first. ``search:L:EVALS`` caps that stage's evaluations
+  (at 2M tokens each candidate is minutes of GPU time: ``search:2048k:2`` tries the previous
+  factors as they are and carried to the new scale, and keeps the better).
 - ``finetune:L`` (or ``finetune:L:STEPS``) fine-tunes the current model at L tokens with the
   current scaling (when it targets L; otherwise LongRoPE with YaRN's factors for L), and the
   stages after it use the fine-tuned model.
@@ -83,7 +85,7 @@ def format_length(n: int) -> str:
 class Stage:
     kind: str  # "search", "finetune" (or "readjust", added by the pipeline)
     length: int
-    steps: int | None = None  # finetune: optimizer steps (None: the pipeline's default)
+    steps: int | None = None  # finetune: optimizer steps; search: most evaluations (None: the pipeline's default)
 
     @property
     def label(self) -> str:
@@ -94,7 +96,8 @@ class Stage:
 
 
 def parse_stages(text: str) -> tuple[Stage, ...]:
-    """``search:64k,finetune:64k:400,search:256k`` -> Stages (UsageError naming the bad item)."""
+    """``search:64k,finetune:64k:400,search:256k:8`` -> Stages (UsageError naming the bad item).
+    A third field is a finetune's steps or a search's largest number of evaluations."""
     hint = "write e.g. search:64k,finetune:64k,search:256k"
     if not str(text).strip():
         raise UsageError(f"--stages: empty plan; {hint}")
@@ -107,8 +110,9 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
         if kind not in STAGE_KINDS:
             raise UsageError(f"--stages: unknown stage {parts[0]!r} in {item.strip()!r}; kinds: "
                              f"{', '.join(STAGE_KINDS)}; {hint}")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and kind != "finetune"):
-            raise UsageError(f"--stages: {item.strip()!r} is not KIND:LENGTH (or finetune:LENGTH:STEPS); {hint}")
+        if len(parts) not in (2, 3):
+            raise UsageError(f"--stages: {item.strip()!r} is not KIND:LENGTH (or finetune:LENGTH:STEPS, "
+                             f"search:LENGTH:EVALS); {hint}")
         try:
             length = parse_length(parts[1])
         except UsageError as exc:
@@ -116,7 +120,8 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
         steps = None
         if len(parts) == 3:
             if not parts[2].isdigit() or int(parts[2]) < 1:
-                raise UsageError(f"--stages: {item.strip()!r}: steps must be a positive integer")
+                what = "steps" if kind == "finetune" else "evaluations"
+                raise UsageError(f"--stages: {item.strip()!r}: {what} must be a positive integer")
             steps = int(parts[2])
         stages.append(Stage(kind, length, steps))
     return tuple(stages)
@@ -299,7 +304,10 @@ def run_search_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
         seeds = ((tuple(previous.long_factor), previous.n_hat), (carried, previous.n_hat))
     space = S.SeededSearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds)
     windows, ids = ctx.windows(stage.length)
-    result = _search(ctx, space, ctx.config.search, windows, ids, folder, stage.label)
+    config = ctx.config.search
+    if stage.steps is not None:  # search:L:EVALS, e.g. a few candidates where each is a 2M-token forward
+        config = dataclasses.replace(config, max_evals=min(stage.steps, config.max_evals or stage.steps))
+    result = _search(ctx, space, config, windows, ids, folder, stage.label)
     return StageOutcome(result.scaling, None, {"fitness": result.fitness, "documents": ids,
                                                "baselines": result.summary["baselines"],
                                                "evals": result.summary["evals"]})
