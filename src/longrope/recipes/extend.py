@@ -16,8 +16,8 @@ Extend --model's context to --target-length following a plan of stages (LongRoPE
 
 search:L searches LongRoPE factors for L tokens on the current model (seeded with PI, NTK, YaRN
 and the previous stage's factors, carried to the new scale; search:L:EVALS caps its evaluations);
-finetune:L[:STEPS] fine-tunes the
-current model at L tokens with the current scaling, and later stages use the fine-tuned model.
+finetune:L[:STEPS] fine-tunes the current model at L tokens with the current scaling, and later
+stages use the fine-tuned model.
 Then short_factor is readjusted at the model's original context (factors in [1, --readjust-cap],
 long_factor kept; never worse than all-ones there on the search documents), the checkpoint is
 exported to OUT/model and OUT/report.md gives perplexity and passkey accuracy at a few lengths.
