@@ -36,7 +36,7 @@ def test_export_with_scaling_file_and_n_hat_note(tiny_model_dir, tmp_path, capsy
     path.write_text(json.dumps({**GOOD, "n_hat": 4}))
     code, stdout, _ = run(capsys, "export", "--model", tiny_model_dir, "--scaling", path, "--out", tmp_path / "o",
                           "--device", "cpu")
-    assert code == 0 and "n_hat=4 cannot be expressed" in stdout
+    assert code == 0 and "n_hat=4: transformers' config cannot express this" in stdout
 
 
 BAD_SCALINGS = [

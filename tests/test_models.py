@@ -185,3 +185,49 @@ def test_smollm2_export_reload_identical_logits(tmp_path):
         a = reloaded(ids, position_ids=pos).logits
         b = model(ids, position_ids=pos).logits
     assert relative_error(a, b) <= 1e-4  # transformers' float32 angles at ~8k: ~5e-4 rad off
+
+
+def test_short_attention_factor_matches_transformers_phimoe_and_round_trips(tmp_path):
+    """The short regime's own attention factor: cos/sin against transformers' PhiMoE rotary (the
+    one transformers model that reads short_mscale / long_mscale), and an export that our loader
+    restores exactly."""
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding
+
+    from longrope.rotary import ScaledRotaryEmbedding
+    from longrope.testing import save_tiny_model
+
+    factors = [1.0 + 0.2 * i for i in range(8)]  # PhiMoE's rotary always uses short_factor: keep them equal
+    params = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors, "long_factor": factors,
+              "original_max_position_embeddings": ORIGINAL, "short_mscale": 1.0, "long_mscale": 1.3}
+    config = PhimoeConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
+                          intermediate_size=32, max_position_embeddings=4 * ORIGINAL, rope_parameters=params)
+    scaling = models.scaling_from_hf_config(config)
+    assert scaling.short_attention_factor == 1.0 and scaling.attention_factor() == pytest.approx(1.3)
+    theirs, ours = PhimoeRotaryEmbedding(config), ScaledRotaryEmbedding(scaling, 16, 10000.0)
+    for n in (ORIGINAL - 8, 3 * ORIGINAL):  # short, then long regime
+        x, positions = torch.zeros(1, n, 16), torch.arange(n)[None]
+        for a, b in zip(theirs(x, positions), ours(x, positions)):
+            torch.testing.assert_close(b, a, atol=3e-5, rtol=0)
+    assert ours(torch.zeros(1, 4, 16), torch.arange(4)[None])[0][0, 0, 0] == pytest.approx(1.0)  # cos 0 · 1.0
+
+    # export: config.json carries short_mscale / long_mscale, longrope.json the scaling; our loader restores it
+    src = save_tiny_model(tiny_model("llama"), tmp_path / "src")
+    model, tokenizer = models.load(str(src))
+    scaling = sc.make("longrope", ORIGINAL, 4 * ORIGINAL, dim=16, base=10000.0).replace(short_attention_factor=1.0)
+    models.attach(model, scaling)
+    out = models.export(model, tokenizer, scaling, tmp_path / "export")
+    written = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert written["short_mscale"] == 1.0 and written["long_mscale"] == pytest.approx(scaling.attention_factor())
+    assert "short_attention_factor" not in written
+    back = models.scaling_from_hf_config(AutoConfig.from_pretrained(out))
+    assert back.to_dict() == {**scaling.to_dict(), "original_max_position_embeddings": ORIGINAL}
+    reloaded, _ = models.load(str(out))
+    assert models.attached_scaling(reloaded).short_attention_factor == 1.0
+    for n in (ORIGINAL // 2, 2 * ORIGINAL):
+        ids = torch.randint(3, 259, (1, n), generator=torch.Generator().manual_seed(n))
+        assert relative_error(logits(reloaded, ids), logits(model, ids)) <= 1e-6
+    # and in the short regime the model is the unscaled one (short factors 1, attention factor 1)
+    plain, _ = models.load(str(src))
+    ids = torch.randint(3, 259, (1, ORIGINAL // 2), generator=torch.Generator().manual_seed(9))
+    assert relative_error(logits(reloaded, ids), logits(plain, ids)) <= 1e-5

@@ -216,6 +216,34 @@ def test_readjusted_short_factors_are_never_worse_than_all_ones(docs_file):
     assert readjusted < ones  # with a real budget the search finds better than all-ones here
 
 
+def test_readjustment_with_the_model_s_own_temperature_gives_back_the_base_model(tiny_model_dir, docs_file, tmp_path):
+    """readjust_attention="one" (the default): inside the original window the all-ones candidate
+    is the base model itself when nothing was fine-tuned (short factors 1, attention factor 1),
+    whatever the long scaling's attention factor, so the readjusted export is never worse than the
+    base model there; "keep" leaves the long factor on short inputs (whether that costs depends on
+    the model: this untrained one even gains from the sharper attention)."""
+    docs, tok = tokenized(docs_file), byte_tokenizer()
+    base, _ = models.load(str(tiny_model_dir))
+    by_id = {d.id: d for d in docs}
+    ppl = {}
+    for mode in ("one", "keep"):
+        result = pipeline.extend(str(tiny_model_dir), tok, docs, config("search:512", 512, readjust_attention=mode),
+                                 tmp_path / mode, log=lambda m: None)
+        scaling = result.scaling
+        assert scaling.attention_factor() > 1.2  # sqrt(1 + ln 8 / ln 64)
+        assert scaling.attention_factor(ORIGINAL) == (1.0 if mode == "one" else scaling.attention_factor())
+        readjust = json.loads((tmp_path / mode / "stage-02-readjust-64" / pipeline.MARKER).read_text())["summary"]
+        assert readjust["short_attention_factor"] == scaling.attention_factor(ORIGINAL)
+        windows = [torch.as_tensor(by_id[i].tokens[:ORIGINAL]) for i in readjust["documents"]]
+        model, _ = models.load(str(result.model_dir))  # the export, as a user loads it
+        ppl[mode] = evaluate.perplexity(model, windows)
+        assert ppl[mode] == pytest.approx(readjust["fitness"], rel=1e-5)
+        if mode == "one":
+            base_ppl = evaluate.perplexity(base, windows)
+            assert readjust["all_ones_fitness"] == pytest.approx(base_ppl, rel=1e-5)
+            assert ppl[mode] <= base_ppl * (1 + 1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # the LongRoPEModel facade
 

@@ -75,8 +75,9 @@ def cmd_export(args) -> int:
     device, dtype = device_and_dtype(args)
     model, tokenizer = models.load(args.model, dtype=dtype, device=device)
     models.attach(model, scaling)
-    if scaling.n_hat:
-        print(f"note: n_hat={scaling.n_hat} cannot be expressed in transformers' config; it is stored in "
+    missing = models.needs_sidecar(scaling)
+    if missing:
+        print(f"note: {missing}: transformers' config cannot express this; it is stored in "
               f"{models.SIDECAR} and restored by longrope.load(), plain transformers ignores it")
     out = models.export(model, tokenizer, scaling, args.out, force=args.force)
     print(f"wrote {out} ({scaling.rope_type}, max_position_embeddings={scaling.target_length or info.original_length})")

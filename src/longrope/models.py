@@ -197,6 +197,9 @@ def hf_rope_parameters(scaling: Scaling, info: RopeInfo) -> tuple[dict, int]:
         return ({"rope_type": "default", "rope_theta": sc.ntk_base(info.base, scaling.factor, info.dim)}, target)
     params = scaling.to_dict()
     params.pop("n_hat", None)
+    short = params.pop("short_attention_factor", None)
+    if short is not None:  # vLLM's longrope and transformers' PhiMoE read these; its Llama/Phi-3 do not
+        params["short_mscale"], params["long_mscale"] = float(short), params["attention_factor"]
     params["rope_theta"] = info.base
     params.setdefault("original_max_position_embeddings", info.original_length)
     if isinstance(scaling, sc.DynamicNTKScaling):
@@ -258,9 +261,22 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def needs_sidecar(scaling: Scaling) -> str | None:
+    """What of `scaling` plain transformers would not apply from config.json (kept in longrope.json,
+    restored by `load`), or None."""
+    missing = []
+    if getattr(scaling, "n_hat", 0):
+        missing.append(f"n_hat={scaling.n_hat}")
+    if getattr(scaling, "short_attention_factor", None) is not None:
+        missing.append(f"short_attention_factor={scaling.short_attention_factor:g} (written as short_mscale, "
+                       "which vLLM reads)")
+    return ", ".join(missing) or None
+
+
 def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bool = False) -> Path:
     """Write a complete checkpoint that plain `AutoModelForCausalLM.from_pretrained(out)` loads
-    with `scaling` applied (n̂ > 0 is stored in longrope.json; only our loader restores it)."""
+    with `scaling` applied (n̂ > 0 and a short-regime attention factor are stored in longrope.json;
+    only our loader restores them)."""
     info = rope_info(model.config)
     scaling.validate(info.dim)
     out, tmp = atomic_output_dir(out, force)
@@ -286,7 +302,7 @@ def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bo
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        if scaling.n_hat:
+        if needs_sidecar(scaling):
             (tmp / SIDECAR).write_text(scaling.to_json())
         commit_output_dir(tmp, out)
     except BaseException:

@@ -13,8 +13,11 @@ A plan is a list of stages run in order, e.g. ``search:64k,finetune:64k,search:2
   stages after it use the fine-tuned model.
 
 Then (unless turned off) the short-context readjustment: `short_factor` is searched at the
-original context L₀ with `long_factor`, n̂ and the attention factor kept, fitness = perplexity of
-the first L₀ tokens of the search documents. The factors lie in [1, cap] (default 1.5; see
+original context L₀ with `long_factor`, n̂ and the long attention factor kept and, by default,
+the short regime's attention factor set to 1 (`readjust_attention`: the temperature
+sqrt(1 + ln s / ln L) corrects long inputs but sharpens short ones; transformers' longrope has
+one factor for both, so this part travels as short_mscale and in longrope.json); fitness =
+perplexity of the first L₀ tokens of the search documents. The factors lie in [1, cap] (default 1.5; see
 `search.ShortFactorSpace`). Only L₀ is searched: the exported scaling has one short vector, used
 for sequences up to L₀ (2·L₀ is in the long regime, where `long_factor` applies). All-ones is in the
 initial population and the search returns the best it evaluated, so the result is never worse
@@ -58,6 +61,7 @@ MARKER = "stage.json"  # written last into a finished stage's folder
 PLAN, DONE = "plan.json", "extend.json"
 MODEL_DIR, REPORT_MD, REPORT_JSON = "model", "report.md", "report.json"
 MAX_REPORT_LENGTHS = 6
+READJUST_ATTENTION = ("one", "keep")
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +170,10 @@ class PipelineConfig:
     readjust: bool = True
     readjust_cap: float = S.SHORT_CAP
     readjust_search: S.SearchConfig | None = None  # None: `search`
+    # the short regime's attention factor after readjustment: "one" (the model's own temperature
+    # inside its trained window; exported as short_mscale, which plain transformers ignores for
+    # Llama / Phi-3) or "keep" (the long one at every length, transformers' longrope as it stands)
+    readjust_attention: str = "one"
     report_lengths: tuple[int, ...] | None = None  # None: default_report_lengths
     report_docs: int = 3
     passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
@@ -182,6 +190,8 @@ class PipelineConfig:
             (self.passkey_trials >= 0, f"--passkey-trials must be >= 0, got {self.passkey_trials}"),
             (all(0 <= d <= 1 for d in self.passkey_depths), "passkey depths must be in [0, 1]"),
             (self.dtype in ("float32", "bfloat16", "float16"), f"--dtype: unknown {self.dtype!r}"),
+            (self.readjust_attention in READJUST_ATTENTION,
+             f"--readjust-attention: one of {', '.join(READJUST_ATTENTION)}, got {self.readjust_attention!r}"),
             (self.chunk_size is None or self.chunk_size >= 1, "--chunk-size must be at least 1"),
             (self.report_lengths is None or all(n >= 2 for n in self.report_lengths),
              "--report-lengths must be at least 2 tokens each"),
@@ -203,6 +213,7 @@ class PipelineConfig:
         out["finetune"]["default_steps"] = self.finetune.steps
         if self.readjust:
             out["readjust_cap"] = self.readjust_cap
+            out["readjust_attention"] = self.readjust_attention
             out["readjust_search"] = (self.readjust_search or self.search).to_dict()
         return out
 
@@ -352,12 +363,16 @@ def run_readjust_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome
     if not isinstance(ctx.scaling, sc.LongRoPEScaling):
         raise UsageError("readjustment needs a LongRoPE scaling from an earlier stage")
     info = ctx.info
-    space = S.ShortFactorSpace.for_scaling(ctx.scaling, info.dim, info.base, ctx.config.readjust_cap)
+    extended = ctx.scaling
+    if ctx.config.readjust_attention == "one":  # inside the trained window, the model's own temperature
+        extended = extended.replace(short_attention_factor=1.0)
+    space = S.ShortFactorSpace.for_scaling(extended, info.dim, info.base, ctx.config.readjust_cap)
     windows, ids = ctx.windows(stage.length)
     result = _search(ctx, space, ctx.config.readjust_search or ctx.config.search, windows, ids, folder,
                      f"readjust short factors at {format_length(stage.length)}")
     ones = result.summary["baselines"]["ones"]
     return StageOutcome(result.scaling, None, {"fitness": result.fitness, "all_ones_fitness": ones,
+                                               "short_attention_factor": result.scaling.attention_factor(stage.length),
                                                "documents": ids, "evals": result.summary["evals"]})
 
 

@@ -288,6 +288,11 @@ class LongRoPEScaling(Scaling):
     Positions < n_hat keep the original frequencies and no attention factor; the rest use
     `long_factor` when the sequence exceeds the original context, `short_factor` otherwise
     (chosen, as transformers does, from the largest position in the batch).
+
+    `short_attention_factor` (None: the same as the long one, transformers' longrope) is the
+    attention factor of the short regime: the temperature sqrt(1 + ln s / ln L) corrects long
+    inputs and sharpens short ones, so the short-context readjustment sets it to 1. It exports as
+    `short_mscale` / `long_mscale`, the keys vLLM's longrope and transformers' PhiMoE read.
     """
 
     rope_type: ClassVar[str] = "longrope"
@@ -297,6 +302,7 @@ class LongRoPEScaling(Scaling):
     short_factor: tuple[float, ...] | None = None  # None: all 1.0
     attention_factor_value: float | str = "su"  # serialised as "attention_factor"
     n_hat: int = 0
+    short_attention_factor: float | None = None  # None: attention_factor in both regimes
 
     def __post_init__(self):
         # lists from JSON become tuples so the value stays hashable and immutable
@@ -324,6 +330,9 @@ class LongRoPEScaling(Scaling):
         return rope_inv_freq(dim, base) / lam
 
     def attention_factor(self, seq_len=None):
+        """The long regime's factor; the short one's for a `seq_len` inside the original context."""
+        if self.short_attention_factor is not None and seq_len and not self.is_long(seq_len):
+            return float(self.short_attention_factor)
         return longrope_attention_factor(self.attention_factor_value, self.factor,
                                          self.original_max_position_embeddings)
 
@@ -351,6 +360,10 @@ class LongRoPEScaling(Scaling):
         a = self.attention_factor()
         if not (math.isfinite(a) and a > 0):
             raise ScalingError(f"attention_factor: must be a positive finite number, got {a}")
+        short = self.short_attention_factor
+        if short is not None and (isinstance(short, bool) or not isinstance(short, (int, float))
+                                  or not math.isfinite(short) or short <= 0):
+            raise ScalingError(f"short_attention_factor: must be a positive finite number, got {short!r}")
 
     def to_dict(self):
         out = super().to_dict()
@@ -396,6 +409,13 @@ def from_dict(data: dict[str, Any], dim: int | None = None) -> Scaling:
     for hf_key, ours in (("attention_factor", "attention_factor_value"),):
         if hf_key in data and "attention_factor_value" in {f.name for f in dataclasses.fields(cls)}:
             data[ours] = data.pop(hf_key)
+    if cls is LongRoPEScaling and ("short_mscale" in data or "long_mscale" in data):
+        # per-regime factors as vLLM and transformers' PhiMoE write them; long_mscale rules the long regime
+        short, long = data.pop("short_mscale", None), data.pop("long_mscale", None)
+        if long is not None:
+            data["attention_factor_value"] = long
+        if short is not None and short != long:
+            data.setdefault("short_attention_factor", short)
     if cls is LongRoPEScaling and "factor" not in data and "max_position_embeddings" in data:
         data["factor"] = data["max_position_embeddings"] / data["original_max_position_embeddings"]
     known = {f.name for f in dataclasses.fields(cls)}

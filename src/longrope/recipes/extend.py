@@ -77,6 +77,10 @@ def register(sub) -> None:
     r.add_argument("--readjust-cap", type=float, default=SHORT_CAP,
                    help=f"largest searched short factor (default {SHORT_CAP})")
     r.add_argument("--readjust-evals", type=int, default=None, help="evaluations of the readjustment search at most")
+    r.add_argument("--readjust-attention", choices=("one", "keep"), default="one",
+                   help="short-regime attention factor: one (default: the model's own inside its window; "
+                        "exported as short_mscale, which vLLM and longrope.load apply and plain transformers "
+                        "ignores for Llama/Phi-3) or keep (the long factor at every length)")
     r.add_argument("--report-lengths", default=None,
                    help="lengths of the final report, e.g. 4k,16k,64k (default: the original context doubling to "
                         "the target, at most 6)")
@@ -111,6 +115,7 @@ def cmd_extend(args) -> int:
     config = pipeline.PipelineConfig(
         target_length=args.target_length, stages=stages, samples=args.samples, search=search, finetune=finetune,
         readjust=not args.no_readjust, readjust_cap=args.readjust_cap, readjust_search=readjust_search,
+        readjust_attention=args.readjust_attention,
         report_lengths=_lengths(args.report_lengths), report_docs=args.report_docs,
         passkey_trials=args.passkey_trials, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
         chunk_size=args.chunk_size).validate()
