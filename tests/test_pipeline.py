@@ -242,6 +242,10 @@ def test_readjustment_with_the_model_s_own_temperature_gives_back_the_base_model
             base_ppl = evaluate.perplexity(base, windows)
             assert readjust["all_ones_fitness"] == pytest.approx(base_ppl, rel=1e-5)
             assert ppl[mode] <= base_ppl * (1 + 1e-5)
+        # the report puts the base model beside the extended one inside the original window
+        row = json.loads((tmp_path / mode / "report.json").read_text())["results"][0]
+        windows = [torch.as_tensor(by_id[i].tokens[:ORIGINAL]) for i in row["documents"]]
+        assert row["length"] == ORIGINAL and row["base_ppl"] == pytest.approx(evaluate.perplexity(base, windows), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

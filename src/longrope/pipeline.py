@@ -607,6 +607,20 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
     rows = evaluate_lengths(model, tokenizer, ctx.eval_documents if held_apart else ctx.documents, lengths, n_docs=config.report_docs,
                             depths=config.passkey_depths, trials=config.passkey_trials, seed=config.seed,
                             device=config.device, chunk_size=config.chunk_size)
+    from . import evaluate
+
+    # inside the original window, the base model on the same documents: what readjustment must keep
+    short_rows = [r for r in rows if r["length"] <= info.original_length and r["ppl"] is not None]
+    if short_rows:
+        del model
+        base, _ = models.load(ctx.base_spec, dtype=getattr(torch, config.dtype), device=config.device)
+        by_id = {d.id: d for d in (ctx.eval_documents if held_apart else ctx.documents)}
+        for r in short_rows:
+            windows = [torch.as_tensor(by_id[i].tokens[:r["length"]], dtype=torch.long, device=config.device)
+                       for i in r["documents"]]
+            kwargs = {} if config.chunk_size is None else {"chunk_size": config.chunk_size}
+            r["base_ppl"] = float(evaluate.perplexity(base, windows, **kwargs))
+        del base
     report = {"model": ctx.base_spec, "original_length": info.original_length,
               "target_length": config.target_length, "scaling": final.to_dict(), "results": rows,
               "stages": [{k: m[k] for k in ("stage", "summary", "seconds")} for m in markers],
@@ -626,11 +640,12 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
         else:
             what = f"search perplexity {s['fitness']:.4g} ({s['evals']} evaluations)"
         lines.append(f"| {m['stage']} | {what} |")
-    lines += ["", "| length | perplexity | passkey |", "| ---: | ---: | ---: |"]
+    lines += ["", "| length | perplexity | base model | passkey |", "| ---: | ---: | ---: | ---: |"]
     for r in rows:
         ppl = "n/a" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        base_ppl = f"{r['base_ppl']:.3f}" if "base_ppl" in r else ""
         pk = "n/a" if r["passkey"] is None else f"{r['passkey']:.0%} of {r['passkey_trials']}"
-        lines.append(f"| {format_length(r['length'])} | {ppl} | {pk} |")
+        lines.append(f"| {format_length(r['length'])} | {ppl} | {base_ppl} | {pk} |")
     lines += ["", f"Checkpoint: `{MODEL_DIR}/` ({final.rope_type}, factor {final.factor:g}, n̂ = {final.n_hat}).",
               report["note"] + "."]
     _write_atomic(out / REPORT_MD, "\n".join(lines) + "\n")
