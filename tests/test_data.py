@@ -83,7 +83,7 @@ def test_jsonl_line_without_text_names_the_line(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     (lambda p: (p / "e.txt").write_text("") and None or p / "e.txt", "no text"),
     (lambda p: p / "missing.txt", "no such file"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", "no .txt or .md"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no .txt, .md, .jsonl"),
     (lambda p: (p / "x.csv").write_text("a,b") and None or p / "x.csv", "unknown file type"),
     (lambda p: (p / "latin.txt").write_bytes(b"caf\xe9") and None or p / "latin.txt", "not UTF-8"),
 ])
@@ -195,6 +195,21 @@ def test_cache_reuses_and_invalidates(tmp_path, tok, cache_root):
     assert fourth[0].tokens.tolist() == tok("changed", add_special_tokens=False)["input_ids"]
     assert len(list(cache_root.rglob("*.npz"))) == 3
     assert not list(cache_root.rglob("*.tmp"))
+
+
+def test_folder_mixes_text_and_jsonl_files(tmp_path):
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("plain text")
+    with gzip.open(folder / "sub" / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"id": "x", "text": "first"}) + "\n" + json.dumps({"id": "y", "text": "second"}) + "\n")
+    (folder / "notes.csv").write_text("ignored")
+    docs = data.read_documents(folder)
+    assert [(d.id, d.text) for d in docs] == [("a.txt", "plain text"), ("x", "first"), ("y", "second")]
+    (folder / "a.txt").unlink()
+    (folder / "sub" / "b.jsonl.gz").unlink()
+    with pytest.raises(UsageError, match="folder holds no .txt, .md, .jsonl"):
+        data.read_documents(folder)
 
 
 def test_cache_key_covers_folder_contents(tmp_path, tok):

@@ -1,7 +1,8 @@
 """Data: documents from files or the bundled sample, a tokenisation cache, reproducible selection.
 
-`--data` accepts a .txt/.md file (one document), a folder of them, .jsonl/.jsonl.gz with a `text`
-field, .parquet with a `text` column (needs pyarrow), or the name `bundled`.
+`--data` accepts a .txt/.md file (one document), .jsonl/.jsonl.gz with a `text` field, .parquet
+with a `text` column (needs pyarrow), a folder of any of these (read in name order), or the name
+`bundled`.
 
 Tokenised documents are cached under $XDG_CACHE_HOME/longrope (default ~/.cache/longrope), keyed
 by a hash of the tokenizer (its serialized form and the special tokens it adds) and of the
@@ -28,6 +29,7 @@ from .errors import UsageError
 
 BUNDLED = Path(__file__).parent / "bundled" / "bundled.jsonl.gz"
 TEXT_SUFFIXES = (".txt", ".md")
+DOCUMENT_FILES = TEXT_SUFFIXES + (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a --data folder may hold
 CACHE_VERSION = 1
 PIECE_CHARS = 200_000  # long documents are tokenised in pieces of about this many characters
 _CHECK_CHARS = 256  # characters either side of a cut that are re-tokenised to verify it
@@ -83,9 +85,9 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(DOCUMENT_FILES))
     if not files:
-        raise UsageError(f"--data {path}: folder holds no .txt or .md files")
+        raise UsageError(f"--data {path}: folder holds no .txt, .md, .jsonl(.gz) or .parquet files")
     return files
 
 
