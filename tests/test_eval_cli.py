@@ -81,6 +81,28 @@ def test_eval_ppl_compare(tiny_model_dir, docs_file, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
+def test_an_extended_model_is_evaluated_as_it_is_configured(tiny_model_dir, docs_file, tmp_path, capsys):
+    """An export carrying a scaling (here with n̂ and a short-regime attention factor, which live in
+    longrope.json) is evaluated with that scaling by default ("model"); "none" strips it."""
+    model, tokenizer = models.load(str(tiny_model_dir))
+    scaling = sc.make("longrope", ORIGINAL, 4 * ORIGINAL, dim=16, base=10000.0, n_hat=4).replace(short_attention_factor=1.0)
+    exported = models.export(model, tokenizer, scaling, tmp_path / "extended")
+    rc = cli.main(["eval", "ppl", "--model", str(exported), "--data", str(docs_file), "--lengths", "64,256",
+                   "--docs", "2", "--compare", "model,none", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 0
+    records = {(r["method"], r["length"]): r for r in json.loads((tmp_path / "out" / "results.json").read_text())["records"]}
+    assert sc.from_dict(records["model", 256]["scaling"]).to_dict() == scaling.to_dict()
+    models.attach(model, scaling)
+    chosen = [{d.id: d.tokens for d in data.load_tokenized(docs_file, tokenizer)}[d["id"]]
+              for d in records["model", 256]["docs"]]
+    assert records["model", 256]["ppl"] == pytest.approx(_reference_ppl(model, chosen, 256), rel=1e-5)
+    assert records["none", 256]["ppl"] != pytest.approx(records["model", 256]["ppl"], rel=1e-3)
+    capsys.readouterr()
+    assert cli.main(["eval", "ppl", "--model", str(exported), "--data", str(docs_file), "--lengths", "64",
+                     "--docs", "1", "--device", "cpu"]) == 0
+    assert "| model |" in capsys.readouterr().out  # the default for a model that carries a scaling
+
+
 def test_eval_ppl_sliding_and_stock(tiny_model_dir, docs_file, tmp_path, capsys):
     out = tmp_path / "sliding"
     rc = cli.main(["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(docs_file), "--lengths", "64",

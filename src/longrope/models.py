@@ -93,6 +93,16 @@ def load_config(spec: str):
     return AutoConfig.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
 
 
+def configured_scaling(spec: str) -> Scaling:
+    """The scaling a model carries: its config's rope parameters, or longrope.json beside an
+    export of ours (n̂, the short-regime attention factor); NoScaling for plain RoPE."""
+    folder, gguf = resolve(spec)
+    sidecar = Path(folder) / SIDECAR
+    if not gguf and sidecar.is_file():
+        return sc.load(sidecar)
+    return scaling_from_hf_config(load_config(spec))
+
+
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa"):
     """(model, tokenizer) from a local spec; offline only."""

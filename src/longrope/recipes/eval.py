@@ -16,7 +16,9 @@ from ..errors import UsageError
 
 METHOD_HELP = """\
 Scaling methods (all evaluated on the same documents / prompts):
-  --method M            one method: none, linear (PI), ntk, dynamic, yarn, llama3, longrope
+  --method M            one method: none, linear (PI), ntk, dynamic, yarn, llama3, longrope, or
+                        model (the scaling the model carries: an extended or exported model as it
+                        is configured; the default when it carries one, else none)
   --scaling S.json      one scaling file (or preset name), used as is at every length
   --compare A,B,...     several, each a method name or a scaling file, e.g. none,linear,ntk,yarn,S.json
 
@@ -75,12 +77,16 @@ def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
         raise UsageError("give only one of --compare, --scaling and --method")
     if args.scaling:
         return [MethodSpec(scaling_label(args.scaling), scaling=resolve_scaling(args.scaling, None, None, info))]
-    entries = [e.strip() for e in args.compare.split(",") if e.strip()] if args.compare else [args.method or "none"]
+    own = models.configured_scaling(args.model)
+    default = "none" if isinstance(own, sc.NoScaling) else "model"  # a model is evaluated as it is configured
+    entries = [e.strip() for e in args.compare.split(",") if e.strip()] if args.compare else [args.method or default]
     if not entries:
         raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
     specs, labels = [], set()
     for entry in entries:
-        if _is_method(entry):
+        if entry.lower() == "model":
+            spec = MethodSpec("model", scaling=own)
+        elif _is_method(entry):
             spec = MethodSpec(entry.lower(), method=entry)
         elif Path(entry).exists() or (PRESETS / f"{entry}.json").is_file():
             spec = MethodSpec(scaling_label(entry), scaling=resolve_scaling(entry, None, None, info))
@@ -114,7 +120,8 @@ def scaling_at(spec: MethodSpec, length: int, info: models.RopeInfo, target_leng
 def _add_common(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 8k,16k,32k")
-    p.add_argument("--method", help="one scaling method (none, linear, ntk, dynamic, yarn, llama3, longrope)")
+    p.add_argument("--method", help="one scaling method (none, linear, ntk, dynamic, yarn, llama3, longrope) "
+                                    "or model (its own; the default when it has one)")
     p.add_argument("--scaling", help="scaling JSON file or preset name, used as is")
     p.add_argument("--compare", help="comma-separated methods and/or scaling files, e.g. none,linear,ntk,yarn,S.json")
     p.add_argument("--target-length", type=parse_length,
