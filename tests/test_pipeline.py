@@ -296,6 +296,23 @@ def test_cli_extend_end_to_end(tiny_model_dir, docs_file, tmp_path, capsys):
     assert code == 0 and "already complete" in stdout
 
 
+def test_cli_extend_max_stages_pauses_and_resume_finishes(tiny_model_dir, docs_file, tmp_path, capsys):
+    """--max-stages N: N stages now (skipped ones do not count), a clean stop, --resume the rest."""
+    out = tmp_path / "ext"
+    args = ["extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 256,
+            "--stages", "search:128,search:256", "--out", out, "--device", "cpu", *SMALL]
+    code, stdout, _ = run(capsys, *args, "--max-stages", 1)
+    assert code == 0 and "paused after --max-stages 1" in stdout
+    assert (out / "stage-01-search-128" / pipeline.MARKER).is_file() and not (out / "stage-02-search-256").exists()
+    assert not (out / "model").exists() and not (out / pipeline.DONE).exists()
+    code, stdout, _ = run(capsys, *args, "--resume", "--max-stages", 1)  # stage 1 skipped, stage 2 runs
+    assert code == 0 and "paused" in stdout and (out / "stage-02-search-256" / pipeline.MARKER).is_file()
+    code, stdout, _ = run(capsys, *args, "--resume")  # readjust, export, report
+    assert code == 0 and "wrote" in stdout and (out / pipeline.DONE).is_file()
+    code, _, stderr = run(capsys, *args, "--resume", "--max-stages", 0)
+    assert code == 2 and "--max-stages must be at least 1" in stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--stages", "search:128;finetune:128"], "--stages: 'search:128;finetune:128'"),
     (["--stages", "grow:128"], "unknown stage 'grow'"),

@@ -416,9 +416,10 @@ def _progress_bar(total: int, label: str):
 class ExtendResult:
     out: Path
     scaling: sc.LongRoPEScaling  # the final scaling (long factors of the last search, readjusted short ones)
-    model_dir: Path  # the exported checkpoint carrying it
-    report: dict  # what report.json holds
+    model_dir: Path | None  # the exported checkpoint carrying it (None: paused before the export)
+    report: dict | None  # what report.json holds (None: paused)
     stages: list[dict] = field(default_factory=list)  # each stage's marker
+    paused: bool = False  # `max_stages` reached with stages left: continue with resume=True
 
 
 def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Sequence[D.TokenizedDocument]) -> None:
@@ -469,13 +470,18 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
            out: str | os.PathLike, *, resume: bool = False, force: bool = False,
            runners: Mapping[str, Callable[[Context, Stage, Path], StageOutcome]] | None = None,
            log: Callable[[str], None] = print,
-           eval_documents: Sequence[D.TokenizedDocument] | None = None) -> ExtendResult:
+           eval_documents: Sequence[D.TokenizedDocument] | None = None,
+           max_stages: int | None = None) -> ExtendResult:
     """Run the plan on the model at `model_spec` (an HF folder, .gguf or named model) with
     `documents` (tokenised with `tokenizer`), writing everything into `out`; with `resume`,
     finished stages are skipped and an unfinished one continues. `runners` maps a stage kind to
     the function that runs it (default `RUNNERS`; tests count calls through it).
     `eval_documents`: what the final report is measured on; keep them apart from `documents`
-    (default: `documents`, and the report says so)."""
+    (default: `documents`, and the report says so). `max_stages`: run at most this many stages in
+    this call (skipped ones do not count) and return `paused` if any remain: for time-limited jobs.
+    """
+    if max_stages is not None and max_stages < 1:
+        raise UsageError(f"--max-stages must be at least 1, got {max_stages}")
     runners = {**RUNNERS, **(runners or {})}
     out = Path(out)
     info = models.rope_info(models.load_config(model_spec))
@@ -505,12 +511,17 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
     ctx = Context(model_spec, tokenizer, documents, config, info, out, log)
     ctx.eval_documents = list(eval_documents) if eval_documents else None
     ctx.ranks = ranks
-    markers = []
+    markers, ran = [], 0
     for index, stage in enumerate(stages, start=1):
         folder = out / stage.folder(index)
         marker = folder / MARKER
         if ranks is not None:
             parallel.barrier()  # every rank sees the same finished stages
+        if max_stages is not None and ran == max_stages and not marker.is_file():
+            log(f"paused after {ran} stage(s) (max_stages); {len(stages) - index + 1} left: run again with resume")
+            if ranks is not None:
+                parallel.barrier()
+            return ExtendResult(out, ctx.scaling, None, None, markers, paused=True)
         if marker.is_file():
             saved = json.loads(marker.read_text())
             ctx.scaling = sc.from_dict(saved["scaling"])
@@ -523,6 +534,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         outcome = runners[stage.kind](ctx, stage, folder)
+        ran += 1
         saved = {"index": index, "stage": stage.label, "kind": stage.kind, "length": stage.length,
                  "scaling": outcome.scaling.to_dict(),
                  "model": os.path.relpath(outcome.model, out) if outcome.model else None,

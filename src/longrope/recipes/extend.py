@@ -53,6 +53,8 @@ def register(sub) -> None:
                                                    "(default: search:TARGET)")
     p.add_argument("--out", required=True, help="output folder (also what --resume continues)")
     p.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
+    p.add_argument("--max-stages", type=int, default=None,
+                   help="run at most N stages now and stop cleanly (for time-limited jobs); --resume continues")
     p.add_argument("--force", action="store_true", help="delete an existing --out and start over")
     p.add_argument("--seed", type=int, default=0, help="searches, document choice, training order")
     d = SearchConfig()
@@ -128,11 +130,14 @@ def cmd_extend(args) -> int:
     try:
         eval_docs = data.load_tokenized(args.eval_data, tokenizer, progress=not quiet) if args.eval_data else None
         result = pipeline.extend(args.model, tokenizer, docs, config, args.out, resume=args.resume, force=args.force,
-                                 eval_documents=eval_docs)
+                                 eval_documents=eval_docs, max_stages=args.max_stages)
     except KeyboardInterrupt:
         print("\ninterrupted; finished stages are kept: continue with the same command and --resume", file=sys.stderr)
         return 130
     if quiet:
+        return 0
+    if result.paused:
+        print(f"paused after --max-stages {args.max_stages}; continue with the same command and --resume")
         return 0
     for row in result.report["results"]:
         ppl = "n/a" if row["ppl"] is None else f"{row['ppl']:.3f}"
