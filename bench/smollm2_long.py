@@ -15,11 +15,12 @@ for (the JSON records how many tokens were distinct); the first L tokens are sco
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import torch
 
-from _common import environment, fmt_len, measured, ratio, require_cuda, write_json
+from _common import environment, fmt_len, measured, ratio, require_cuda, sync, write_json
 from longrope import cli, data, evaluate, lean, models
 
 
@@ -27,6 +28,27 @@ def parse_length(text: str) -> int:
     text = text.strip().lower()
     scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
     return int(float(text.rstrip("km")) * scale)
+
+
+def attention_seconds(config, n: int, device) -> float:
+    """Seconds of one layer's causal attention at n tokens: one SDPA call over all heads (GQA),
+    bf16, as transformers' sdpa path makes it (a warm-up call first, then the median of 3)."""
+    import torch.nn.functional as F
+
+    heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, n, d, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, kv, n, d, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, kv, n, d, device=device, dtype=torch.bfloat16, generator=g)
+    times = []
+    for i in range(4):
+        sync()
+        t = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads)
+        sync()
+        if i:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[1]
 
 
 def main():
@@ -38,6 +60,9 @@ def main():
     p.add_argument("--impls", default="lean,modules",
                    help="any of lean, lean-sdpa (lean with --sdpa-backends), modules")
     p.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK)
+    p.add_argument("--attention-floor", action="store_true",
+                   help="also time the model's causal attention alone (one SDPA call per layer, random q/k/v of "
+                        "its shapes, torch's kernel choice): the part of either forward no rewrite of the rest removes")
     p.add_argument("--out", default="smollm2_long.json")
     p.add_argument("--sdpa-backends", default=None,
                    help="SDPA kernel preference of the lean-sdpa rows, e.g. cudnn,flash")
@@ -81,9 +106,20 @@ def main():
                 print(f"{fmt_len(n):>7} {impl:8} {'OOM':>10} {'':>8} {r['peak_gib']:9.2f}")
             else:
                 print(f"{fmt_len(n):>7} {impl:8} {r['ppl']:10.3f} {r['seconds']:8.2f} {r['peak_gib']:9.2f}")
+        if args.attention_floor:
+            r = {"n": n, "forward": "attention alone"}
+            with measured(r):
+                r["seconds_per_layer"] = attention_seconds(model.config, n, device)
+            r["seconds"] = r["seconds_per_layer"] * model.config.num_hidden_layers
+            rows.append(r)
+            result["attention alone"] = r
+            print(f"{fmt_len(n):>7} {'attention alone':8} {'':>10} {r['seconds']:8.2f} "
+                  f"({model.config.num_hidden_layers} layers × {r['seconds_per_layer']:.3f} s)")
         b = result.get("modules")
         for name, a in result.items():
-            if name != "modules" and b and "seconds" in a and "seconds" in b:
+            if name == "attention alone" and b and "seconds" in b:
+                print(f"{fmt_len(n):>7} attention alone/modules: time {ratio(a['seconds'], b['seconds']):.3f}x")
+            elif name != "modules" and b and "seconds" in a and "seconds" in b:
                 print(f"{fmt_len(n):>7} {name}/modules: time {ratio(a['seconds'], b['seconds']):.3f}x, peak memory "
                       f"{ratio(a['peak_gib'], b['peak_gib']):.3f}x, ppl {ratio(a['ppl'], b['ppl']):.5f}x")
         del ids
