@@ -67,7 +67,7 @@ def main():
     p.add_argument("--sdpa-backends", default=None,
                    help="SDPA kernel preference of the lean-sdpa rows, e.g. cudnn,flash")
     args = p.parse_args()
-    impls = args.impls.split(",")
+    impls = [x for x in args.impls.split(",") if x.strip()]  # "" with --attention-floor: the floor alone
     if "lean-sdpa" in impls and not args.sdpa_backends:
         p.error("--impls lean-sdpa needs --sdpa-backends")
     device = require_cuda("smollm2_long")
