@@ -48,6 +48,13 @@ def build(shape: str, target: int, device: torch.device):
     return model.train()
 
 
+def sharded(args, group, device):
+    """The model every rank holds its FSDP2 shard of, attending with context parallelism."""
+    model = build(args.shape, args.target, device)
+    parallel.use_context_parallel_attention(model)
+    return parallel.shard_model(model, group, args.chunk)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,9 +154,7 @@ def main():
         del model
     release(device)
     dist.barrier()
-    model = build(args.shape, args.target, device)
-    parallel.use_context_parallel_attention(model)
-    root = parallel.shard_model(model, group, args.chunk)
+    root = sharded(args, group, device)
     for bf16, name in ((False, "fp32"), (True, "bf16")):
         loss, _ = parallel_step(root, group, ids, device, bf16=bf16)
         grads = parallel.full_gradients(root)  # every rank takes part in the gather
@@ -169,7 +174,7 @@ def main():
     save()
 
     # 2. the longest step: one GPU alone (rank 0; only the unsharded model on it), then context parallel
-    del root, model
+    del root
     release(device)
     n = args.first_length
     if group.is_main:
@@ -193,9 +198,7 @@ def main():
         del single
     release(device)
     dist.barrier()
-    model = build(args.shape, args.target, device)
-    parallel.use_context_parallel_attention(model)
-    root = parallel.shard_model(model, group, args.chunk)
+    root = sharded(args, group, device)
     n, fits = args.first_length, []  # fits: (n, largest peak over the ranks) of the runs so far
     while n <= args.max_length:
         if len(fits) >= 2:
