@@ -125,7 +125,7 @@ def main():
     if not SMOKE:  # a rank stuck in a collective fails after this instead of waiting forever
         local = int(__import__("os").environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=datetime.timedelta(minutes=5))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=datetime.timedelta(minutes=15))
     group = parallel.init("cpu" if SMOKE else "cuda")
     device = group.device
     vocab = (TINY if SMOKE else SHAPES[args.shape])["vocab_size"]
