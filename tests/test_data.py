@@ -201,13 +201,16 @@ def test_folder_mixes_text_and_jsonl_files(tmp_path):
     folder = tmp_path / "f"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text("plain text")
-    with gzip.open(folder / "sub" / "b.jsonl.gz", "wt") as f:
+    (folder / "sub" / "c.md").write_text("nested text")
+    with gzip.open(folder / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"id": "x", "text": "first"}) + "\n" + json.dumps({"id": "y", "text": "second"}) + "\n")
+    (folder / "sub" / "history.jsonl").write_text('{"not": "a document"}\n')  # below the top: not read
     (folder / "notes.csv").write_text("ignored")
     docs = data.read_documents(folder)
-    assert [(d.id, d.text) for d in docs] == [("a.txt", "plain text"), ("x", "first"), ("y", "second")]
-    (folder / "a.txt").unlink()
-    (folder / "sub" / "b.jsonl.gz").unlink()
+    assert [(d.id, d.text) for d in docs] == [("a.txt", "plain text"), ("x", "first"), ("y", "second"),
+                                              ("sub/c.md", "nested text")]
+    for name in ("a.txt", "b.jsonl.gz", "sub/c.md"):
+        (folder / name).unlink()
     with pytest.raises(UsageError, match="folder holds no .txt, .md, .jsonl"):
         data.read_documents(folder)
 

@@ -1,8 +1,8 @@
 """Data: documents from files or the bundled sample, a tokenisation cache, reproducible selection.
 
 `--data` accepts a .txt/.md file (one document), .jsonl/.jsonl.gz with a `text` field, .parquet
-with a `text` column (needs pyarrow), a folder of any of these (read in name order), or the name
-`bundled`.
+with a `text` column (needs pyarrow), a folder (its .txt/.md files at any depth and its
+.jsonl(.gz)/.parquet files at the top, in name order), or the name `bundled`.
 
 Tokenised documents are cached under $XDG_CACHE_HOME/longrope (default ~/.cache/longrope), keyed
 by a hash of the tokenizer (its serialized form and the special tokens it adds) and of the
@@ -85,7 +85,10 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(DOCUMENT_FILES))
+    # .txt/.md anywhere below; .jsonl/.parquet only at the top, so that outputs written inside a
+    # data folder (a search's history.jsonl, say) are not taken for documents
+    files = sorted({p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES}
+                   | {p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DOCUMENT_FILES)})
     if not files:
         raise UsageError(f"--data {path}: folder holds no .txt, .md, .jsonl(.gz) or .parquet files")
     return files
