@@ -379,3 +379,8 @@ def test_cli_extend_under_torchrun_matches_one_process(tiny_model_dir, docs_file
     assert json.loads((tmp_path / "two" / "stage-02-finetune-128" / "finetune.json").read_text())["processes"] == 2
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "already complete" in resumed.stdout, resumed.stderr[-3000:]
+    # bad input that every rank meets: exit 2 and one line, from rank 0
+    bad = [a if a != "search:128,finetune:128:2,search:256" else "search:2k" for a in cmd]
+    bad[bad.index("256")] = "2k"  # --target-length
+    failed = subprocess.run(bad + ["--force"], env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and (failed.stdout + failed.stderr).count("longrope: error:") == 1, failed.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from . import models
@@ -114,12 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RANK_ERROR_GRACE_S = 20.0  # how long a rank > 0 waits for rank 0 to report a shared error
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
     except UsageError as exc:
+        under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if under_torchrun and not getattr(exc, "rank_specific", False) and os.environ.get("RANK", "0") != "0":
+            # under torchrun every rank meets the same bad input: rank 0 prints it, torchrun then
+            # stops this rank; exiting first could get rank 0 stopped before it prints
+            time.sleep(RANK_ERROR_GRACE_S)
         print(f"longrope: error: {exc}", file=sys.stderr)
         _leave_process_group(wait=False)
         return 2

@@ -75,7 +75,7 @@ def init(device_type: str) -> Group:
     if device_type == "cuda":
         if local >= torch.cuda.device_count():
             raise UsageError(f"torchrun local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
-                             "use --nproc-per-node at most the number of GPUs")
+                             "use --nproc-per-node at most the number of GPUs", rank_specific=True)
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
