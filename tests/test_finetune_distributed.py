@@ -24,7 +24,13 @@ from test_finetune import SEQ, Stop, config, packed_data
 WORLD = 2
 
 
-ARCHS = ("llama", "qwen3", "phi3")  # GQA; q/k norms; fused qkv with partial rotary (rotary dim 8)
+# GQA; q/k norms; fused qkv with partial rotary (rotary dim 8); input and output embeddings tied
+# (SmolLM2's layout: one parameter in two places of the root FSDP unit)
+ARCHS = ("llama", "qwen3", "phi3", "llama-tied")
+
+
+def _tiny(arch: str):
+    return tiny_model("llama", tie_word_embeddings=True) if arch == "llama-tied" else tiny_model(arch)
 
 
 def scaling(dim: int = 16):  # n̂ > 0: rank 0 alone holds the start positions
@@ -39,7 +45,7 @@ def one_step(arch: str, group=None, autocast: bool = False):
 
 
 def _step(arch: str, group):
-    model = tiny_model(arch).float()
+    model = _tiny(arch).float()
     models.attach(model, scaling(models.rope_info(model.config).dim))
     model.train()
     ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
