@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -125,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except UsageError as exc:
-        under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if under_torchrun and not getattr(exc, "rank_specific", False) and os.environ.get("RANK", "0") != "0":
+        from . import parallel
+
+        if parallel.world_size() > 1 and parallel.launched_rank() != 0 and not exc.rank_specific:
             # under torchrun every rank meets the same bad input: rank 0 prints it, torchrun then
             # stops this rank; exiting first could get rank 0 stopped before it prints
             time.sleep(RANK_ERROR_GRACE_S)

@@ -17,8 +17,8 @@ original context L₀ with `long_factor`, n̂ and the long attention factor kept
 the short regime's attention factor set to 1 (`readjust_attention`: the temperature
 sqrt(1 + ln s / ln L) corrects long inputs but sharpens short ones; transformers' longrope has
 one factor for both, so this part travels as short_mscale and in longrope.json); fitness =
-perplexity of the first L₀ tokens of the search documents. The factors lie in [1, cap] (default 1.5; see
-`search.ShortFactorSpace`). Only L₀ is searched: the exported scaling has one short vector, used
+perplexity of the first L₀ tokens of the search documents. The factors lie in [1, cap]
+(default 1.5; see `search.ShortFactorSpace`). Only L₀ is searched: the exported scaling has one short vector, used
 for sequences up to L₀ (2·L₀ is in the long regime, where `long_factor` applies). All-ones is in the
 initial population and the search returns the best it evaluated, so the result is never worse
 than all-ones there, by construction. Last, the checkpoint carrying the final scaling is exported
@@ -519,8 +519,6 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
             parallel.barrier()  # every rank sees the same finished stages
         if max_stages is not None and ran == max_stages and not marker.is_file():
             log(f"paused after {ran} stage(s) (max_stages); {len(stages) - index + 1} left: run again with resume")
-            if ranks is not None:
-                parallel.barrier()
             return ExtendResult(out, ctx.scaling, None, None, markers, paused=True)
         if marker.is_file():
             saved = json.loads(marker.read_text())
@@ -608,6 +606,8 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
 def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, markers: list[dict]) -> dict:
     """Evaluate the exported checkpoint (reloaded, so the export is what is measured) and write
     report.json and report.md (atomically; a resumed run reuses a finished report)."""
+    from . import evaluate
+
     out, config, info = ctx.out, ctx.config, ctx.info
     if (out / REPORT_JSON).is_file():
         return json.loads((out / REPORT_JSON).read_text())
@@ -616,21 +616,20 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
     model, tokenizer = models.load(str(model_dir), dtype=getattr(torch, config.dtype), device=config.device)
     models.attach(model, final)  # our float64-angle rotary rather than transformers' own
     held_apart = ctx.eval_documents is not None
-    rows = evaluate_lengths(model, tokenizer, ctx.eval_documents if held_apart else ctx.documents, lengths, n_docs=config.report_docs,
+    documents = ctx.eval_documents if held_apart else ctx.documents
+    rows = evaluate_lengths(model, tokenizer, documents, lengths, n_docs=config.report_docs,
                             depths=config.passkey_depths, trials=config.passkey_trials, seed=config.seed,
                             device=config.device, chunk_size=config.chunk_size)
-    from . import evaluate
-
     # inside the original window, the base model on the same documents: what readjustment must keep
     short_rows = [r for r in rows if r["length"] <= info.original_length and r["ppl"] is not None]
     if short_rows:
         del model
         base, _ = models.load(ctx.base_spec, dtype=getattr(torch, config.dtype), device=config.device)
-        by_id = {d.id: d for d in (ctx.eval_documents if held_apart else ctx.documents)}
+        by_id = {d.id: d for d in documents}
+        kwargs = {} if config.chunk_size is None else {"chunk_size": config.chunk_size}
         for r in short_rows:
             windows = [torch.as_tensor(by_id[i].tokens[:r["length"]], dtype=torch.long, device=config.device)
                        for i in r["documents"]]
-            kwargs = {} if config.chunk_size is None else {"chunk_size": config.chunk_size}
             r["base_ppl"] = float(evaluate.perplexity(base, windows, **kwargs))
         del base
     report = {"model": ctx.base_spec, "original_length": info.original_length,

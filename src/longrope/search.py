@@ -396,9 +396,10 @@ class ShortFactorSpace(SearchSpace):
     A genome is d/2 non-decreasing factors on the 0.01 grid in [1, cap]: a short sequence needs at
     most a mild interpolation (the model was trained there with λ = 1; what the factors can offset
     is a fine-tune's drift and, where the short regime keeps the long attention factor, some of
-    that temperature), so the cap is far below 1.25·s. The all-ones vector is the first seed (and the scaling's own short factors,
-    if any, the second), so it is always evaluated and the search's best is never worse than
-    all-ones on the fitness documents. Build it with `for_scaling`."""
+    that temperature), so the cap is far below 1.25·s. The all-ones vector is the first seed (and
+    the scaling's own short factors, if any, the second), so it is always evaluated and the
+    search's best is never worse than all-ones on the fitness documents. Build it with
+    `for_scaling`."""
 
     long: LongRoPEScaling | None = None
     cap: float = SHORT_CAP
