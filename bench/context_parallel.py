@@ -98,9 +98,18 @@ def parallel_step(root, group, ids, device, bf16=True) -> tuple[float, float]:
     return loss, time.perf_counter() - t
 
 
-def grad_errors(grads: dict, truth: dict) -> dict:
-    """Relative error of each parameter's gradient against `truth`: max, median, worst name."""
-    errors = {n: ((grads[n].float() - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in truth.items()}
+def grad_errors(grads, truth: dict | None) -> dict | None:
+    """Relative error of each gradient of `grads` ((name, full gradient) pairs) against `truth`
+    (None on ranks other than 0, which still iterate: each full gradient is a collective): max,
+    median, worst name. Computed on the GPU one parameter at a time; 8B gradients compared on the
+    CPU under torchrun's one thread took minutes."""
+    errors = {}
+    for name, g in grads:
+        if truth is not None:
+            t = truth[name]
+            errors[name] = ((g.float() - t).norm() / t.norm().clamp_min(1e-30)).item()
+    if truth is None:
+        return None
     worst = max(errors, key=errors.get)
     return {"max": errors[worst], "median": sorted(errors.values())[len(errors) // 2], "worst": worst}
 
@@ -115,6 +124,8 @@ def main():
     p.add_argument("--target", type=int, default=2 * 1024 * 1024, help="the scaling's target length")
     p.add_argument("--check-length", type=int, default=4096)
     p.add_argument("--first-length", type=int, default=16384)
+    p.add_argument("--cp-first-length", type=int, default=None,
+                   help="first length of the context-parallel sweep (default: --first-length)")
     p.add_argument("--max-length", type=int, default=1 << 22)
     p.add_argument("--memory-fraction", type=float, default=0.9)
     p.add_argument("--chunk", type=int, default=4096, help="loss chunk")
@@ -132,6 +143,11 @@ def main():
     ids_for = lambda n: torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 24.0
     rows, report = [], {}
+    started = time.perf_counter()
+
+    def say(message):  # elapsed seconds on every line: a slow phase shows where the call's time went
+        if group.is_main:
+            print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
 
     def save():
         if group.is_main:
@@ -145,27 +161,29 @@ def main():
     truth = None
     if group.is_main:
         model = build(args.shape, args.target, device)
+        say(f"built the one-GPU model; check at {fmt_len(args.check_length)}")
         loss32, _ = single_step(model, ids, args.chunk, device, bf16=False)
-        truth = {n: q.grad.float().cpu() for n, q in model.named_parameters()}
+        truth = {n: q.grad for n, q in model.named_parameters()}  # float32, kept on the GPU
         model.zero_grad(set_to_none=True)
         loss16, _ = single_step(model, ids, args.chunk, device, bf16=True)
         report.update(length=args.check_length, loss_one_gpu_fp32=loss32, loss_one_gpu_bf16=loss16,
-                      grad_one_gpu_bf16=grad_errors({n: q.grad.cpu() for n, q in model.named_parameters()}, truth))
+                      grad_one_gpu_bf16=grad_errors(((n, q.grad) for n, q in model.named_parameters()), truth))
         del model
+        say("one GPU: float32 and bf16 steps done")
     release(device)
     dist.barrier()
     root = sharded(args, group, device)
     for bf16, name in ((False, "fp32"), (True, "bf16")):
         loss, _ = parallel_step(root, group, ids, device, bf16=bf16)
-        grads = parallel.full_gradients(root)  # every rank takes part in the gather
+        errors = grad_errors(parallel.iter_full_gradients(root), truth)  # every rank gathers
         root.zero_grad(set_to_none=True)
         if group.is_main:
             report[f"loss_context_parallel_{name}"] = loss
-            report[f"grad_context_parallel_{name}"] = grad_errors(grads, truth)
-        del grads
+            report[f"grad_context_parallel_{name}"] = errors
+        say(f"context parallel {name} step done")
     if group.is_main:
         r = report
-        print(f"{fmt_len(args.check_length)}: loss one GPU fp32 {r['loss_one_gpu_fp32']:.6f} bf16 {r['loss_one_gpu_bf16']:.6f}; "
+        say(f"{fmt_len(args.check_length)}: loss one GPU fp32 {r['loss_one_gpu_fp32']:.6f} bf16 {r['loss_one_gpu_bf16']:.6f}; "
               f"context parallel fp32 {r['loss_context_parallel_fp32']:.6f} bf16 {r['loss_context_parallel_bf16']:.6f}")
         for key in ("grad_context_parallel_fp32", "grad_one_gpu_bf16", "grad_context_parallel_bf16"):
             print(f"  gradient vs one GPU fp32, {key[5:]}: max {r[key]['max']:.2e} ({r[key]['worst']}), "
@@ -190,7 +208,7 @@ def main():
                 row = {"impl": "one GPU", "n": n, "oom": True, "peak_gib": peak_gib(device)}
             single.zero_grad(set_to_none=True)
             rows.append(row)
-            print(row, flush=True)
+            say(row)
             save()
             if row.get("oom"):
                 break
@@ -199,15 +217,14 @@ def main():
     release(device)
     dist.barrier()
     root = sharded(args, group, device)
-    n, fits = args.first_length, []  # fits: (n, largest peak over the ranks) of the runs so far
+    n, fits = args.cp_first_length or args.first_length, []  # fits: (n, largest peak over the ranks) of the runs so far
     while n <= args.max_length:
         if len(fits) >= 2:
             (n0, p0), (n1, p1) = fits[-2:]
             predicted = p1 + (p1 - p0) / (n1 - n0) * (n - n1)
             if predicted > args.memory_fraction * gpu_gib:
-                if group.is_main:
-                    print(f"stopping before {fmt_len(n)}: predicted peak {predicted:.1f} GiB per rank "
-                          f"> {args.memory_fraction:.0%} of {gpu_gib:.0f} GiB")
+                say(f"stopping before {fmt_len(n)}: predicted peak {predicted:.1f} GiB per rank "
+                    f"> {args.memory_fraction:.0%} of {gpu_gib:.0f} GiB")
                 rows.append({"impl": f"context parallel ×{group.world}", "n": n, "skipped": True,
                              "predicted_peak_gib": predicted})
                 break
@@ -219,14 +236,13 @@ def main():
         rows.append({"impl": f"context parallel ×{group.world}", "n": n, "loss": loss, "seconds": seconds,
                      "peak_gib_per_rank": peaks})
         fits.append((n, max(peaks)))
-        if group.is_main:
-            print(rows[-1], flush=True)
+        say(rows[-1])
         save()
         n *= 2
     if group.is_main:
         one = max((r["n"] for r in rows if r["impl"] == "one GPU" and "seconds" in r), default=0)
         many = max((r["n"] for r in rows if r["impl"].startswith("context") and "seconds" in r), default=0)
-        print(f"longest step: one GPU {fmt_len(one)}, context parallel ×{group.world} {fmt_len(many)}")
+        say(f"longest step: one GPU {fmt_len(one)}, context parallel ×{group.world} {fmt_len(many)}")
     dist.barrier()
     dist.destroy_process_group()
 

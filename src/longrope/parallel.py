@@ -226,16 +226,20 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> t
     return total, batch * (n - 1)
 
 
-def full_gradients(model) -> dict[str, torch.Tensor]:
-    """{name: full gradient} on every rank (FSDP2 keeps shards as DTensors), named as in the
-    unwrapped model."""
-    out = {}
+def iter_full_gradients(model):
+    """(name, full gradient on the parameter's device) for each parameter with a gradient, named as
+    in the unwrapped model, one at a time: every rank must iterate to the end (each full gradient is
+    a collective), and only one full gradient exists at once (an 8B model's would not fit twice)."""
     inner = model.model if isinstance(model, ContextParallelLM) else model
     for name, p in inner.named_parameters():
         if p.grad is not None:
             g = p.grad
-            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().cpu()
-    return out
+            yield name, (g.full_tensor() if hasattr(g, "full_tensor") else g).detach()
+
+
+def full_gradients(model) -> dict[str, torch.Tensor]:
+    """{name: full gradient} on every rank, on the CPU (FSDP2 keeps shards as DTensors)."""
+    return {name: g.cpu() for name, g in iter_full_gradients(model)}
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
