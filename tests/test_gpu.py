@@ -72,3 +72,32 @@ def check_lean_against_plain(original, length, device, float32_reference=True):
     models.attach(model, sc.LongRoPEScaling.from_target([1.0] * 32, original, length))  # another scaling
     wrong = evaluate.hidden_states(model, ids, forward="lean").float()
     assert (wrong - reference_hidden).norm() / reference_hidden.norm() > 5 * err
+
+
+def test_lean_prefill_cache_close_to_transformers_at_16k_in_bf16():
+    """The lean prefill (passkey generation) on the GPU: every layer's keys and values against
+    transformers' own bf16 prefill with the same rotary, and the peak memory below it (no
+    full-length MLP intermediates)."""
+    from longrope import lean
+
+    length = 16384
+    factors = sc.yarn_factors(64, 10000.0, ORIGINAL, length / ORIGINAL).tolist()
+    scaling = sc.LongRoPEScaling.from_target(factors, ORIGINAL, length)
+    model = _model({"rope_type": "default", "rope_theta": 10000.0}, length)
+    models.attach(model, scaling)
+    ids = torch.randint(0, 32000, (length,), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.inference_mode():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        last, cache = lean.prefill(model, ids)
+        ours_peak = torch.cuda.max_memory_allocated() - before  # what the prefill added at most
+        del last
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        ref = model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
+        theirs_peak = torch.cuda.max_memory_allocated() - before
+    for ours, theirs in zip(cache.layers, ref.past_key_values.layers):
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            assert err < 2e-2, err  # bf16 activations through up to 6 layers
+    assert ours_peak < theirs_peak

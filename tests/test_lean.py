@@ -132,3 +132,49 @@ def test_lean_with_fused_rotary_kernel_in_interpreter(monkeypatch):
     monkeypatch.setattr(rotary, "fused_available", lambda t: True)
     fused = lean.final_hidden_states(model, ids, chunk_size=64)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", ["none", "longrope-n_hat", "yarn"])
+def test_lean_prefill_cache_equals_transformers(arch, method):
+    """`lean.prefill`: the rotated keys and values of every layer and the last position's logits
+    equal transformers' own prefill (`use_cache=True`), in the long regime, chunked unevenly."""
+    model = tiny_model(arch)
+    scaling = scalings(rotary_dim(model))[method]
+    if scaling is not None:
+        models.attach(model, scaling)
+    ids = _ids(150, seed=3)
+    last, cache = lean.prefill(model, ids, chunk_size=37)
+    with torch.no_grad():
+        ref = model(input_ids=ids[None], use_cache=True)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    for ours, theirs in zip(cache.layers, ref.past_key_values.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        logits = evaluate._project(model, last)[0]
+    torch.testing.assert_close(logits, ref.logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_greedy_generate_with_lean_prefill_matches_generate(arch, monkeypatch):
+    """Decoding continues from the lean prefill's cache as from transformers' own: the same tokens
+    as `model.generate`; and the lean prefill is what runs (transformers' prefill is not called)."""
+    model = tiny_model(arch)
+    models.attach(model, scalings(rotary_dim(model))["longrope-n_hat"])
+    ids = _ids(150, seed=5)
+    calls = []
+    real = lean.prefill
+    monkeypatch.setattr(lean, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours = evaluate.greedy_generate(model, ids, max_new_tokens=6)
+    assert calls == [1]
+    with torch.no_grad():
+        ref = model.generate(ids[None], max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0,
+                             eos_token_id=None)[0, 150:].tolist()
+    assert ours == ref
+
+
+def test_lean_prefill_refuses_what_lean_cannot_do():
+    model = tiny_model("llama").train()
+    with pytest.raises(ValueError, match="training mode"):
+        lean.prefill(model, _ids(20))

@@ -310,27 +310,33 @@ def _regime_changes(model, start: int, end: int) -> bool:
 
 @torch.inference_mode()
 def greedy_generate(model, input_ids, max_new_tokens: int = 10, eos_token_id: int | None = None) -> list[int]:
-    """Greedy continuation: one prefill that keeps only the last position's logits, then one token
-    at a time with the KV cache. If a LongRoPE scaling would switch regime during decoding (a
-    prompt just under the original context), each step recomputes the whole (short) sequence."""
+    """Greedy continuation: one prefill that keeps only the last position's logits (the lean
+    prefill where the architecture allows), then one token at a time with the KV cache. If a
+    LongRoPE scaling would switch regime during decoding (a prompt just under the original
+    context), each step recomputes the whole (short) sequence."""
     ids = _as_batch(input_ids).to(model.get_output_embeddings().weight.device)
     recompute = _regime_changes(model, ids.shape[1], ids.shape[1] + max_new_tokens)
-    out = model(input_ids=ids, use_cache=not recompute, logits_to_keep=1)
-    past = None if recompute else out.past_key_values
+    if not recompute and lean.unsupported_reason(model, ids.shape[1] + max_new_tokens) is None:
+        # the lean prefill: the cache and one layer's buffers, no full-length MLP intermediates
+        last, past = lean.prefill(model, ids)
+        logits = _project(model, last)[-1]
+    else:
+        out = model(input_ids=ids, use_cache=not recompute, logits_to_keep=1)
+        past, logits = (None if recompute else out.past_key_values), out.logits[0, -1]
     new: list[int] = []
     for step in range(max_new_tokens):
-        token = int(out.logits[0, -1].float().argmax())
+        token = int(logits.float().argmax())
         new.append(token)
         if token == eos_token_id or step == max_new_tokens - 1:
             break
         if recompute:
             ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-            out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
         else:
             position = torch.tensor([[ids.shape[1] + len(new) - 1]], device=ids.device)
             out = model(input_ids=ids.new_tensor([[token]]), past_key_values=past, use_cache=True,
                         position_ids=position, logits_to_keep=1)
-            past = out.past_key_values
+            past, logits = out.past_key_values, out.logits[0, -1]
     return new
 
 
