@@ -110,3 +110,49 @@ def test_needle_needs_room_for_the_question(tiny_model_dir, docs, tmp_path, caps
                   "--fitness", "needle") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--fitness needle: length 80: too short for the needle" in err[0], err
+
+
+def test_init_starts_from_earlier_factors_and_is_kept_on_resume(tiny_model_dir, docs, tmp_path, capsys):
+    """--init: a searched scaling's factors, as they are and carried to the new scale
+    (λ^(ln s'/ln s): squared from s = 2 to s' = 4), are the first members of the initial population."""
+    first = tmp_path / "s128"
+    assert search(tiny_model_dir, docs / "long.txt", first, "--target-length", "128", "--generations", "1") == 0
+    earlier = sc.load(first / S.SCALING, 16)
+    out = tmp_path / "s256"
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "256", "--generations", "0",
+                  "--init", str(first / S.SCALING)) == 0
+    summary = json.loads((out / S.SUMMARY).read_text())
+    assert list(summary["baselines"])[:2] == ["seed0", "seed1"] and {"pi", "ntk", "yarn"} <= set(summary["baselines"])
+    history = S.read_history(out)
+    carried = [min(round(v ** 2, 2), 5.0) for v in earlier.long_factor]  # on the 0.01 grid, at most 1.25·s
+    assert history[0]["factors"] == list(earlier.long_factor) and history[1]["factors"] == carried
+    assert history[0]["n_hat"] == history[1]["n_hat"] == earlier.n_hat
+    assert summary["best_fitness"] <= min(summary["baselines"].values())
+
+    # --resume without --init keeps the seeds; another --init is another search
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "256", "--generations", "1",
+                  "--resume") == 0
+    assert json.loads((out / S.SUMMARY).read_text())["generations"] == 2
+    capsys.readouterr()
+    assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "256", "--generations", "2",
+                  "--resume", "--init", "none.json") == 2
+    assert "--init none.json: no such file or preset" in capsys.readouterr().err
+
+    # with LongRoPE2's critical-dimension space the seeds are snapped into it
+    crit = tmp_path / "crit"
+    assert search(tiny_model_dir, docs / "long.txt", crit, "--target-length", "256", "--generations", "0",
+                  "--algorithm", "critical-dim", "--init", str(first / S.SCALING)) == 0
+    assert {"seed0", "seed1", "tcd"} <= set(json.loads((crit / S.SUMMARY).read_text())["baselines"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: sc.make("yarn", 64, 128, dim=16, base=10000.0), "a yarn scaling; --init takes searched LongRoPE"),
+    (lambda: sc.make("longrope", 32, 128, dim=16, base=10000.0), "made for a context of 32, the model's is 64"),
+])
+def test_init_refuses_what_is_not_an_earlier_search(tiny_model_dir, docs, tmp_path, capsys, make, message):
+    path = tmp_path / "init.json"
+    path.write_text(make().to_json())
+    assert search(tiny_model_dir, docs / "long.txt", tmp_path / "s", "--target-length", "256",
+                  "--init", str(path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

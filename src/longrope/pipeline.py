@@ -307,13 +307,9 @@ def _search(ctx: Context, space: S.SearchSpace, config: S.SearchConfig, windows,
 
 def run_search_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
     info = ctx.info
-    seeds = ()
     previous = ctx.scaling
-    if isinstance(previous, sc.LongRoPEScaling):
-        new = stage.length / info.original_length
-        carried = S.rescale_factors(previous.long_factor, previous.factor, new)
-        seeds = ((tuple(previous.long_factor), previous.n_hat), (carried, previous.n_hat))
-    space = S.SeededSearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds)
+    seeds = S.seeds_from(previous, stage.length) if isinstance(previous, sc.LongRoPEScaling) else ()
+    space = S.SearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds)
     windows, ids = ctx.windows(stage.length)
     config = ctx.config.search
     if stage.steps is not None:  # search:L:EVALS, e.g. a few candidates where each is a 2M-token forward

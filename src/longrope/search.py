@@ -90,6 +90,9 @@ class SearchSpace:
     target_length: int
     attention_factor: float | str = "su"
     search_attention: bool = False  # an attention-factor gene (1.00..1.50) instead of `attention_factor`
+    # extra members of the initial population, (λ values, n̂) pairs snapped into the space, before
+    # PI, NTK and YaRN: progressive extension starts a longer search from earlier factors (`seeds_from`)
+    seeds: tuple[tuple[tuple[float, ...], int], ...] = ()
 
     algorithm = "evolution"  # not a field: the name of the space on the command line and in identity
 
@@ -219,9 +222,11 @@ class SearchSpace:
         return child
 
     def baselines(self) -> dict[str, Genome]:
-        """PI, NTK-aware and YaRN as factor vectors on the grid (n̂ = 0): the seeds of the search."""
+        """The given `seeds` ("seed0", ...), then PI, NTK-aware and YaRN as factor vectors on the
+        grid (n̂ = 0): the seeds of the search."""
         d, b, s = self.dim, self.base, self.scale
-        return {"pi": self.snap(pi_factors(d, b, s).tolist()),
+        seeded = {f"seed{i}": self.snap(lambdas, n_hat) for i, (lambdas, n_hat) in enumerate(self.seeds)}
+        return {**seeded, "pi": self.snap(pi_factors(d, b, s).tolist()),
                 "ntk": self.snap(ntk_factors(d, b, s).tolist()),
                 "yarn": self.snap(yarn_factors(d, b, self.original_length, s).tolist())}
 
@@ -233,6 +238,8 @@ class SearchSpace:
             out["algorithm"] = self.algorithm
         if self.search_attention:
             out["search_attention"] = True
+        if self.seeds:
+            out["seeds"] = [[list(lambdas), n_hat] for lambdas, n_hat in self.seeds]
         return out
 
 
@@ -357,25 +364,6 @@ class CriticalDimSpace(SearchSpace):
         return seeds
 
 
-@dataclass(frozen=True)
-class SeededSearchSpace(SearchSpace):
-    """The paper's space with extra seeds in the initial population: progressive extension starts
-    a search at a longer target from the previous stage's factors. `seeds` holds (λ values, n̂)
-    pairs, snapped into this space; they come first, so they are in any initial population."""
-
-    seeds: tuple[tuple[tuple[float, ...], int], ...] = ()
-
-    def baselines(self) -> dict[str, Genome]:
-        seeded = {f"seed{i}": self.snap(lambdas, n_hat) for i, (lambdas, n_hat) in enumerate(self.seeds)}
-        return {**seeded, **super().baselines()}
-
-    def identity(self) -> dict[str, Any]:
-        out = super().identity()
-        if self.seeds:
-            out["seeds"] = [[list(lambdas), n_hat] for lambdas, n_hat in self.seeds]
-        return out
-
-
 def rescale_factors(long_factor: Sequence[float], factor: float, new_factor: float) -> tuple[float, ...]:
     """Carry factors searched for scale s to scale s' > 1: λ' = λ^(ln s' / ln s), which keeps
     λ = 1 (unscaled high frequencies) at 1, maps λ = s to s', and keeps the vector's order."""
@@ -383,6 +371,14 @@ def rescale_factors(long_factor: Sequence[float], factor: float, new_factor: flo
         raise ValueError(f"rescale_factors: scales must be > 1, got {factor} and {new_factor}")
     power = math.log(new_factor) / math.log(factor)
     return tuple(float(max(1.0, v) ** power) for v in long_factor)
+
+
+def seeds_from(scaling: LongRoPEScaling, target_length: int) -> tuple[tuple[tuple[float, ...], int], ...]:
+    """A searched scaling as seeds of a search at `target_length`: its factors as they are and
+    carried to the new scale (`rescale_factors`), each with its n̂ (the paper's progressive
+    extension: "the searched factors of a shorter length start the search at a longer one")."""
+    carried = rescale_factors(scaling.long_factor, scaling.factor, target_length / scaling.original_max_position_embeddings)
+    return ((tuple(scaling.long_factor), scaling.n_hat), (carried, scaling.n_hat))
 
 
 SHORT_CAP = 1.5  # default upper bound of the searched short factors

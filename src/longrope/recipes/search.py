@@ -16,8 +16,9 @@ import os
 from dataclasses import asdict, fields
 
 from .. import models
+from .. import scaling as sc
 from .. import search as S
-from ..cli import add_model_args, device_and_dtype, parse_length
+from ..cli import add_model_args, device_and_dtype, parse_length, resolve_scaling
 from ..errors import UsageError
 
 DESCRIPTION = """\
@@ -34,6 +35,9 @@ LongRoPE2's options: --fitness needle (perplexity of the answer to a passkey que
 needle is near the start of each window), --algorithm critical-dim (NTK below a searched critical
 dimension, factors in [s, 2s] above it), --search-attention (the attention factor as a gene).
 On several GPUs: torchrun --nproc-per-node N -m longrope search ... (same result as one process).
+--init S.json (or a preset) starts from earlier searched factors, as the paper extends 128k -> 256k
+without fine-tuning: they join PI, NTK and YaRN in the initial population as they are and
+carried to the new scale.
 """
 
 # command-line option -> SearchConfig field (None: keep the default, or the resumed search's value)
@@ -76,6 +80,9 @@ def register(sub) -> None:
                         "searched critical dimension, factors in [s, 2s] from it")
     v.add_argument("--search-attention", action="store_true", default=None,
                    help="search the attention factor (1.00..1.50) instead of using 'su'")
+    p.add_argument("--init", default=None, metavar="S.json,...",
+                   help="searched LongRoPE scalings (files or presets) to start from: their factors, as they are and "
+                        "carried to --target-length, join the initial population (--resume keeps the search's)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (start it if none)")
     p.add_argument("--force", action="store_true", help="replace a search in --out")
     p.set_defaults(func=cmd_search)
@@ -99,9 +106,32 @@ def search_variant(args, saved: dict | None) -> tuple[str, str, bool]:
     return fitness, algorithm, bool(attention)
 
 
-def make_space(info, target_length: int, algorithm: str, search_attention: bool) -> S.SearchSpace:
+def make_space(info, target_length: int, algorithm: str, search_attention: bool, seeds=()) -> S.SearchSpace:
     cls = S.CriticalDimSpace if algorithm == "critical-dim" else S.SearchSpace
-    return cls(info.dim, info.base, info.original_length, target_length, search_attention=search_attention)
+    return cls(info.dim, info.base, info.original_length, target_length, search_attention=search_attention,
+               seeds=tuple(seeds))
+
+
+def init_seeds(spec: str | None, info, target_length: int, saved: dict | None) -> tuple:
+    """--init: each searched scaling's (factors, n̂) as they are and carried to the target; without
+    it, a resumed search's own seeds."""
+    if not spec:
+        kept = (saved or {}).get("identity", {}).get("seeds") or ()
+        return tuple((tuple(lambdas), int(n_hat)) for lambdas, n_hat in kept)
+    seeds = []
+    for entry in [e.strip() for e in spec.split(",") if e.strip()]:
+        try:
+            scaling = resolve_scaling(entry, None, None, info)
+        except (UsageError, ValueError) as exc:
+            raise UsageError(f"--init {entry}: {str(exc).split(': ', 1)[-1]}") from None
+        if not isinstance(scaling, sc.LongRoPEScaling):
+            raise UsageError(f"--init {entry}: a {scaling.rope_type} scaling; --init takes searched LongRoPE "
+                             "scalings (PI, NTK and YaRN are always in the initial population)")
+        if scaling.original_max_position_embeddings != info.original_length:
+            raise UsageError(f"--init {entry}: made for a context of {scaling.original_max_position_embeddings}, "
+                             f"the model's is {info.original_length}")
+        seeds.extend(S.seeds_from(scaling, target_length))
+    return tuple(seeds)
 
 
 def make_windows(kind: str, chosen, tokenizer, length: int, seed: int) -> list:
@@ -203,7 +233,8 @@ def _setup(args, rank: S.Rank | None) -> dict:
     info = models.rope_info(model.config)
     saved = S.read_state(args.out) if args.resume and not args.force else None
     kind, algorithm, attention = search_variant(args, saved)
-    space = make_space(info, args.target_length, algorithm, attention)
+    seeds = init_seeds(getattr(args, "init", None), info, args.target_length, saved)
+    space = make_space(info, args.target_length, algorithm, attention, seeds)
     config = search_config(args, saved)
     # where the fitness comes from: a resumed search must measure the same thing
     identity = {"model": _where(args.model), "data": _where(args.data), "samples": args.samples}
