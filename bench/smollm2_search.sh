@@ -2,7 +2,10 @@
 # LongRoPE search for SmolLM2-135M (trained at 8192) at 64k and 128k, then evaluation of the
 # searched scalings beside none, PI, NTK, YaRN and the YaRN-initialised individual on documents
 # the search never saw.
-# usage: bench/smollm2_search.sh MODEL SEARCH_DATA EVAL_DATA OUT [64k|128k|eval]
+# usage: bench/smollm2_search.sh MODEL SEARCH_DATA EVAL_DATA OUT [64k|128k|eval|128k-from-64k]
+#   128k-from-64k: the paper's progressive step without fine-tuning: a 128k search started from the
+#                  64k preset's factors (--init), evaluated beside YaRN and the plain 128k preset
+#                  (MINUTES in the environment: its budget, default 8)
 #   SEARCH_DATA: the Treasury of David split into 8 segments (tdavid_segments.jsonl.gz, see
 #                docs/BENCHMARKS.md); EVAL_DATA: the Austen novels and Moby-Dick (austen_moby.jsonl.gz)
 set -euo pipefail
@@ -26,4 +29,14 @@ if [[ $WHAT == eval || $WHAT == all ]]; then
       --out "$OUT/eval-128k" --force
   $LR eval passkey --model "$MODEL" --lengths 64k --depths 0,0.25,0.5,0.75,1 --trials 2 \
       --compare yarn,longrope,"$OUT/search-64k/scaling.json" --out "$OUT/passkey-64k" --force
+fi
+if [[ $WHAT == 128k-from-64k ]]; then
+  $LR search --model "$MODEL" --data "$SEARCH" --target-length 128k --samples 2 --population 32 \
+      --mutations 8 --crossovers 8 --parents 16 --generations 40 --max-evals 150 --max-minutes "${MINUTES:-8}" \
+      --seed 0 --init smollm2-135m-64k --out "$OUT/search-128k-from-64k" --resume
+  METHODS=yarn,smollm2-135m-128k,"$OUT/search-128k-from-64k/scaling.json"
+  $LR eval ppl --model "$MODEL" --data "$EVAL" --docs 4 --lengths 128k --compare "$METHODS" \
+      --out "$OUT/eval-128k-from-64k" --force
+  $LR eval passkey --model "$MODEL" --lengths 128k --depths 0,0.25,0.5,0.75,0.9,1 --trials 2 \
+      --compare "$METHODS" --out "$OUT/passkey-128k-from-64k" --force
 fi
