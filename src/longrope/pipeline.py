@@ -59,7 +59,7 @@ from .errors import UsageError
 STAGE_KINDS = ("search", "finetune")
 MARKER = "stage.json"  # written last into a finished stage's folder
 PLAN, DONE = "plan.json", "extend.json"
-MODEL_DIR, REPORT_MD, REPORT_JSON = "model", "report.md", "report.json"
+MODEL_DIR, REPORT_MD, REPORT_JSON, REPORT_PNG = "model", "report.md", "report.json", "report.png"
 MAX_REPORT_LENGTHS = 6
 READJUST_ATTENTION = ("one", "keep")
 
@@ -656,7 +656,19 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
     lines += ["", f"Checkpoint: `{MODEL_DIR}/` ({final.rope_type}, factor {final.factor:g}, n̂ = {final.n_hat}).",
               report["note"] + "."]
     _write_atomic(out / REPORT_MD, "\n".join(lines) + "\n")
+    _plot_report(rows, out / REPORT_PNG)
     return report
+
+
+def _plot_report(rows: list[dict], path: Path) -> None:
+    """Perplexity by length of the extended model, and of the base model inside its window."""
+    from .report import plot_ppl
+
+    records = [{"method": "extended", "length": r["length"], "ppl": r["ppl"]} for r in rows if r["ppl"] is not None]
+    records += [{"method": "base model", "length": r["length"], "ppl": r["base_ppl"]} for r in rows if "base_ppl" in r]
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # savefig reads the format from it
+    if records and plot_ppl(records, tmp):
+        os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
