@@ -148,6 +148,7 @@ def test_init_starts_from_earlier_factors_and_is_kept_on_resume(tiny_model_dir, 
 @pytest.mark.parametrize("make, message", [
     (lambda: sc.make("yarn", 64, 128, dim=16, base=10000.0), "a yarn scaling; --init takes searched LongRoPE"),
     (lambda: sc.make("longrope", 32, 128, dim=16, base=10000.0), "made for a context of 32, the model's is 64"),
+    (lambda: sc.make("longrope", 64, 128, dim=16, base=10000.0).replace(n_hat=3), "n_hat 3 is not one the search uses"),
 ])
 def test_init_refuses_what_is_not_an_earlier_search(tiny_model_dir, docs, tmp_path, capsys, make, message):
     path = tmp_path / "init.json"

@@ -375,8 +375,8 @@ def rescale_factors(long_factor: Sequence[float], factor: float, new_factor: flo
 
 def seeds_from(scaling: LongRoPEScaling, target_length: int) -> tuple[tuple[tuple[float, ...], int], ...]:
     """A searched scaling as seeds of a search at `target_length`: its factors as they are and
-    carried to the new scale (`rescale_factors`), each with its n̂ (the paper's progressive
-    extension: "the searched factors of a shorter length start the search at a longer one")."""
+    carried to the new scale (`rescale_factors`), each with its n̂: the paper's progressive
+    extension, where the factors searched for a shorter length start the search for a longer one."""
     carried = rescale_factors(scaling.long_factor, scaling.factor, target_length / scaling.original_max_position_embeddings)
     return ((tuple(scaling.long_factor), scaling.n_hat), (carried, scaling.n_hat))
 
