@@ -253,26 +253,27 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK):
 
     def forward(input_ids=None, attention_mask=None, use_cache=True):
         hidden = base.embed_tokens(input_ids.to(base.embed_tokens.weight.device))
-        rotary = _Rotary(base.rotary_emb, hidden.shape[1], hidden)
         cache = DynamicCache(config=model.config)
-        for i, layer in enumerate(base.layers):
-            k, v = _decoder_layer(layer, hidden, rotary, chunk, model.config, keep_kv=True)
-            cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # transformers keeps (B, heads, n, d)
-            del k, v
+        run_layers(model, hidden, range(model.config.num_hidden_layers), chunk, cache=cache)
         return base.norm(hidden[:, -1:])[0], cache
 
     return _call_as_forward(base, forward, input_ids=ids, attention_mask=None, use_cache=True)
 
 
 @torch.inference_mode()
-def run_layers(model, hidden: torch.Tensor, layers: range, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def run_layers(model, hidden: torch.Tensor, layers: range, chunk_size: int = DEFAULT_CHUNK,
+               cache=None) -> torch.Tensor:
     """Decoder layers `layers` applied in place to the residual stream `hidden` (B, n, h) of
     positions 0..n-1: the body of the lean forward, exposed so that a forward can be split across
-    processes (bench/resumable_forward.py saves `hidden` between layers)."""
+    processes (bench/resumable_forward.py saves `hidden` between layers). With a transformers
+    `cache`, each layer's rotated keys and values go into it (`prefill`)."""
     base = _base(model)
     rotary = _Rotary(base.rotary_emb, hidden.shape[1], hidden)
     for i in layers:
-        _decoder_layer(base.layers[i], hidden, rotary, max(1, int(chunk_size)), model.config)
+        kv = _decoder_layer(base.layers[i], hidden, rotary, max(1, int(chunk_size)), model.config,
+                            keep_kv=cache is not None)
+        if kv is not None:
+            cache.update(kv[0].transpose(1, 2), kv[1].transpose(1, 2), i)  # transformers keeps (B, heads, n, d)
     return hidden
 
 

@@ -78,6 +78,11 @@ class Genome:
         return {k: v for k, v in (("critical", self.critical), ("attention", self.attention)) if v is not None}
 
 
+def n_hat_choices(original_length: int) -> tuple[int, ...]:
+    """The n̂ values a search tries for a model trained at `original_length`."""
+    return tuple(n for n in N_HAT_CHOICES if n < original_length)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Everything a genome needs to become a scaling: the model's rotary dim, base and context,
@@ -118,7 +123,7 @@ class SearchSpace:
 
     @property
     def n_hats(self) -> tuple[int, ...]:
-        return tuple(n for n in N_HAT_CHOICES if n < self.original_length)
+        return n_hat_choices(self.original_length)
 
     # -- the attention gene ------------------------------------------------------------------
     def attention_value(self, genome: Genome) -> float | str:

@@ -130,7 +130,7 @@ def init_seeds(spec: str | None, info, target_length: int, saved: dict | None) -
         if scaling.original_max_position_embeddings != info.original_length:
             raise UsageError(f"--init {entry}: made for a context of {scaling.original_max_position_embeddings}, "
                              f"the model's is {info.original_length}")
-        choices = [n for n in S.N_HAT_CHOICES if n < info.original_length]  # SearchSpace.n_hats
+        choices = S.n_hat_choices(info.original_length)
         if scaling.n_hat not in choices:
             raise UsageError(f"--init {entry}: n_hat {scaling.n_hat} is not one the search uses "
                              f"({', '.join(map(str, choices))})")
