@@ -63,6 +63,9 @@ def main():
     p.add_argument("--attention-floor", action="store_true",
                    help="also time the model's causal attention alone (one SDPA call per layer, random q/k/v of "
                         "its shapes, torch's kernel choice): the part of either forward no rewrite of the rest removes")
+    p.add_argument("--floor-backends", default="default",
+                   help="with --attention-floor: SDPA kernels to time it with, e.g. default,cudnn,flash,efficient "
+                        "(default: torch's own choice only)")
     p.add_argument("--out", default="smollm2_long.json")
     p.add_argument("--sdpa-backends", default=None,
                    help="SDPA kernel preference of the lean-sdpa rows, e.g. cudnn,flash")
@@ -70,6 +73,10 @@ def main():
     impls = [x for x in args.impls.split(",") if x.strip()]  # "" with --attention-floor: the floor alone
     if "lean-sdpa" in impls and not args.sdpa_backends:
         p.error("--impls lean-sdpa needs --sdpa-backends")
+    floor_backends = [b.strip() for b in args.floor_backends.split(",") if b.strip()] if args.attention_floor else []
+    unknown = [b for b in floor_backends if b != "default" and b not in lean.SDPA_BACKENDS]
+    if unknown:
+        p.error(f"--floor-backends: unknown {unknown}; choose from default, {', '.join(lean.SDPA_BACKENDS)}")
     device = require_cuda("smollm2_long")
     model, tokenizer = models.load(args.model, dtype=torch.bfloat16, device=device)
     info = models.rope_info(model.config)
@@ -106,19 +113,27 @@ def main():
                 print(f"{fmt_len(n):>7} {impl:8} {'OOM':>10} {'':>8} {r['peak_gib']:9.2f}")
             else:
                 print(f"{fmt_len(n):>7} {impl:8} {r['ppl']:10.3f} {r['seconds']:8.2f} {r['peak_gib']:9.2f}")
-        if args.attention_floor:
-            r = {"n": n, "forward": "attention alone"}
-            with measured(r):
-                r["seconds_per_layer"] = attention_seconds(model.config, n, device)
-            r["seconds"] = r["seconds_per_layer"] * model.config.num_hidden_layers
+        for backend in floor_backends:
+            name = "attention alone" + ("" if backend == "default" else f" ({backend})")
+            r = {"n": n, "forward": name, "sdpa_backends": None if backend == "default" else backend}
+            lean.set_sdpa_backends(r["sdpa_backends"])
+            try:
+                with measured(r), lean._sdpa_preference(device):
+                    r["seconds_per_layer"] = attention_seconds(model.config, n, device)
+            except RuntimeError as e:  # a kernel that refuses these shapes (e.g. GQA) is recorded, not fatal
+                r.update(error=str(e).splitlines()[0][:300])
+                print(f"{fmt_len(n):>7} {name}: error: {r['error']}")
+            else:
+                r["seconds"] = r["seconds_per_layer"] * model.config.num_hidden_layers
+                print(f"{fmt_len(n):>7} {name} {'':>10} {r['seconds']:8.2f} "
+                      f"({model.config.num_hidden_layers} layers × {r['seconds_per_layer']:.3f} s)")
             rows.append(r)
-            result["attention alone"] = r
-            print(f"{fmt_len(n):>7} {'attention alone':8} {'':>10} {r['seconds']:8.2f} "
-                  f"({model.config.num_hidden_layers} layers × {r['seconds_per_layer']:.3f} s)")
+            result[name] = r
+        lean.set_sdpa_backends(None)
         b = result.get("modules")
         for name, a in result.items():
-            if name == "attention alone" and b and "seconds" in b:
-                print(f"{fmt_len(n):>7} attention alone/modules: time {ratio(a['seconds'], b['seconds']):.3f}x")
+            if name.startswith("attention alone") and b and "seconds" in a and "seconds" in b:
+                print(f"{fmt_len(n):>7} {name}/modules: time {ratio(a['seconds'], b['seconds']):.3f}x")
             elif name != "modules" and b and "seconds" in a and "seconds" in b:
                 print(f"{fmt_len(n):>7} {name}/modules: time {ratio(a['seconds'], b['seconds']):.3f}x, peak memory "
                       f"{ratio(a['peak_gib'], b['peak_gib']):.3f}x, ppl {ratio(a['ppl'], b['ppl']):.5f}x")

@@ -75,29 +75,42 @@ def check_lean_against_plain(original, length, device, float32_reference=True):
 
 
 def test_lean_prefill_cache_close_to_transformers_at_16k_in_bf16():
-    """The lean prefill (passkey generation) on the GPU: every layer's keys and values against
-    transformers' own bf16 prefill with the same rotary, and the peak memory below it (no
-    full-length MLP intermediates)."""
+    check_prefill_against_transformers(16384, "cuda")
+
+
+def check_prefill_against_transformers(length, device):
+    """The lean prefill (passkey generation) in bf16: every layer's keys and values are no further
+    from transformers' float32 prefill (same weights, same rotary) than transformers' own bf16
+    prefill is, and, on the GPU, its peak memory is below transformers' bf16 prefill (no
+    full-length MLP intermediates). The bf16 distance is the yardstick because random weights
+    through 6 layers put it near 2% here; a fixed bound would be a guess."""
     from longrope import lean
 
-    length = 16384
     factors = sc.yarn_factors(64, 10000.0, ORIGINAL, length / ORIGINAL).tolist()
     scaling = sc.LongRoPEScaling.from_target(factors, ORIGINAL, length)
-    model = _model({"rope_type": "default", "rope_theta": 10000.0}, length)
+    model = _model({"rope_type": "default", "rope_theta": 10000.0}, length, device)
     models.attach(model, scaling)
-    ids = torch.randint(0, 32000, (length,), generator=torch.Generator().manual_seed(2)).cuda()
+    ids = torch.randint(0, 32000, (length,), generator=torch.Generator().manual_seed(2)).to(device)
+    cuda = device == "cuda"
     with torch.inference_mode():
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        last, cache = lean.prefill(model, ids)
-        ours_peak = torch.cuda.max_memory_allocated() - before  # what the prefill added at most
-        del last
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        ref = model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
-        theirs_peak = torch.cuda.max_memory_allocated() - before
-    for ours, theirs in zip(cache.layers, ref.past_key_values.layers):
-        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-            assert err < 2e-2, err  # bf16 activations through up to 6 layers
-    assert ours_peak < theirs_peak
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        ours = lean.prefill(model, ids)[1]
+        if cuda:
+            ours_peak = torch.cuda.max_memory_allocated() - before  # what the prefill added at most
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        theirs = model(input_ids=ids[None], use_cache=True, logits_to_keep=1).past_key_values
+        if cuda:
+            theirs_peak = torch.cuda.max_memory_allocated() - before
+        model.float()
+        exact = model(input_ids=ids[None], use_cache=True, logits_to_keep=1).past_key_values
+    for i, (a, b, ref) in enumerate(zip(ours.layers, theirs.layers, exact.layers)):
+        for name in ("keys", "values"):
+            r = getattr(ref, name).float()
+            err_ours = ((getattr(a, name).float() - r).norm() / r.norm()).item()
+            err_theirs = ((getattr(b, name).float() - r).norm() / r.norm()).item()
+            assert err_ours <= 1.5 * err_theirs + 1e-3, (i, name, err_ours, err_theirs)
+    if cuda:
+        assert ours_peak < theirs_peak, (ours_peak, theirs_peak)
