@@ -54,7 +54,8 @@ def main():
     p.add_argument("--candidates", type=int, default=32)
     p.add_argument("--ks", default="2,4,8", help="candidates per batched forward")
     p.add_argument("--max-batch", type=int, default=None, help="sequences per forward (default: K × samples)")
-    p.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="positions per chunk (default: the lean forward's own choice, lean.layer_chunk)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="batched_search.json")
     args = p.parse_args()

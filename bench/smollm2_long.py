@@ -59,7 +59,9 @@ def main():
     p.add_argument("--lengths", default="256k,512k,1m,2m")
     p.add_argument("--impls", default="lean,modules",
                    help="any of lean, lean-sdpa (lean with --sdpa-backends), modules")
-    p.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="positions per chunk of both forwards' loss and of the lean layers (default: the lean "
+                        "forward sizes its chunks to the model, lean.layer_chunk; the loss takes 4096)")
     p.add_argument("--attention-floor", action="store_true",
                    help="also time the model's causal attention alone (one SDPA call per layer, random q/k/v of "
                         "its shapes, torch's kernel choice): the part of either forward no rewrite of the rest removes")

@@ -178,3 +178,41 @@ def test_lean_prefill_refuses_what_lean_cannot_do():
     model = tiny_model("llama").train()
     with pytest.raises(ValueError, match="training mode"):
         lean.prefill(model, _ids(20))
+
+
+@pytest.mark.parametrize("shape, batch", [
+    ((4096, 14336, 32, 8, 128), 1),  # Llama-3-8B
+    ((2048, 8192, 32, 8, 64), 1),  # Llama-3.2-1B
+    ((576, 1536, 9, 3, 64), 1),  # SmolLM2-135M
+    ((576, 1536, 9, 3, 64), 8),  # SmolLM2, 8 sequences per forward (batched search)
+    ((64, 96, 4, 2, 16), 1),  # a tiny model: qkv (128) wider than its MLP (96)
+])
+def test_default_chunk_is_sized_to_the_model(shape, batch):
+    from transformers import LlamaConfig
+
+    hidden, inter, heads, kv, head_dim = shape
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim)
+    width = max(inter, hidden, (heads + 2 * kv) * head_dim)
+    fits = [2 ** p for p in range(40) if 2 ** p * width * batch <= lean.LAYER_BUDGET]
+    assert lean.layer_chunk(config, batch) == max([lean.DEFAULT_CHUNK] + fits)
+
+
+def test_lean_forward_uses_the_model_sized_chunk_by_default(monkeypatch):
+    """No chunk size: the layers run `layer_chunk` positions at a time (the budget scaled down so
+    that a tiny model gets several chunks of 32), the loss is unchanged."""
+    model = tiny_model("llama")
+    ids = _ids(200, seed=3)
+    explicit = evaluate.nll_sum(model, ids, chunk_size=32)[0]
+    monkeypatch.setattr(lean, "DEFAULT_CHUNK", 8)
+    monkeypatch.setattr(lean, "LAYER_BUDGET", 32 * 128)  # the tiny llama's widest activation: 128
+    assert lean.layer_chunk(model.config) == 32
+    rows = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0])) for layer in model.model.layers]
+    try:
+        auto = evaluate.nll_sum(model, ids)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max(rows) == 32 and sum(rows) == 200 * len(model.model.layers)
+    assert auto == pytest.approx(explicit, rel=1e-6)

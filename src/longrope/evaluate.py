@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import lean
 
-DEFAULT_CHUNK = 4096
+DEFAULT_CHUNK = lean.DEFAULT_CHUNK
 FORWARDS = ("auto", "lean", "modules")
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def final_hidden_states(model, input_ids) -> torch.Tensor:
     return hidden[0]
 
 
-def hidden_states(model, input_ids, chunk_size: int = DEFAULT_CHUNK, forward: str = "auto") -> torch.Tensor:
+def hidden_states(model, input_ids, chunk_size: int | None = None, forward: str = "auto") -> torch.Tensor:
     """(n, h) final hidden states: `forward` "lean" (our decoder loop, `lean.py`), "modules"
     (transformers' own, `final_hidden_states`) or "auto" (lean where supported)."""
     if forward not in FORWARDS:
@@ -85,13 +85,15 @@ def hidden_states(model, input_ids, chunk_size: int = DEFAULT_CHUNK, forward: st
 
 
 @torch.inference_mode()
-def nll_sum(model, input_ids, chunk_size: int = DEFAULT_CHUNK, score_from: int = 1, *,
+def nll_sum(model, input_ids, chunk_size: int | None = None, score_from: int = 1, *,
             forward: str = "auto") -> tuple[float, int]:
     """(sum of the negative log-likelihoods, number of tokens scored) for one sequence.
 
     Token i (i >= max(1, score_from)) is predicted from positions < i. The lean forward runs
     position-wise ops `chunk_size` positions at a time; scoring is done `chunk_size` positions at
-    a time in float32 (log-softmax via cross-entropy), summed in float64. `forward`: see
+    a time in float32 (log-softmax via cross-entropy), summed in float64. With no `chunk_size` the
+    lean forward sizes its own chunks to the model (`lean.layer_chunk`) and scoring takes
+    DEFAULT_CHUNK positions at a time (a chunk's logits are positions × vocab floats). `forward`: see
     `hidden_states` ("modules" is transformers' forward with only the final projection chunked).
     """
     ids = _as_batch(input_ids)
@@ -100,7 +102,7 @@ def nll_sum(model, input_ids, chunk_size: int = DEFAULT_CHUNK, score_from: int =
     if n <= first:
         return 0.0, 0
     hidden = hidden_states(model, ids, chunk_size, forward)
-    return nll_of_hidden(model, hidden, ids, chunk_size, first), n - first
+    return nll_of_hidden(model, hidden, ids, chunk_size or DEFAULT_CHUNK, first), n - first
 
 
 @torch.inference_mode()
@@ -136,7 +138,7 @@ def perplexity_from(total_nll: float, n_tokens: int) -> float:
     return math.exp(total_nll / n_tokens) if n_tokens else float("nan")
 
 
-def nll_windows(model, windows: Iterable, chunk_size: int = DEFAULT_CHUNK, stock: bool = False) -> tuple[float, int]:
+def nll_windows(model, windows: Iterable, chunk_size: int | None = None, stock: bool = False) -> tuple[float, int]:
     """Summed (NLL, tokens) over windows, each a token tensor or a (tokens, score_from) pair."""
     total, count = 0.0, 0
     fn = stock_nll if stock else nll_sum
@@ -148,7 +150,7 @@ def nll_windows(model, windows: Iterable, chunk_size: int = DEFAULT_CHUNK, stock
     return total, count
 
 
-def perplexity(model, windows: Iterable, chunk_size: int = DEFAULT_CHUNK) -> float:
+def perplexity(model, windows: Iterable, chunk_size: int | None = None) -> float:
     """Token-weighted exp(mean NLL) over windows (token tensors or (tokens, score_from) pairs)."""
     return perplexity_from(*nll_windows(model, windows, chunk_size))
 
@@ -427,7 +429,7 @@ def needle_samples(tokenizer, documents: Sequence, length: int, seed: int = 0,
     return out
 
 
-def needle_nll(model, samples: Iterable[NeedleSample], chunk_size: int = DEFAULT_CHUNK) -> tuple[float, int]:
+def needle_nll(model, samples: Iterable[NeedleSample], chunk_size: int | None = None) -> tuple[float, int]:
     """(sum of the NLL of the answer tokens, number of answer tokens) over the samples; the
     needle-driven perplexity is perplexity_from(*needle_nll(...))."""
     return nll_windows(model, [s.window for s in samples], chunk_size)

@@ -706,7 +706,7 @@ def candidate_nlls(model, scalings: Sequence[LongRoPEScaling], windows, chunk_si
     from . import evaluate, lean, models
     from .rotary import BatchedRotaryEmbedding
 
-    chunk = evaluate.DEFAULT_CHUNK if chunk_size is None else max(1, int(chunk_size))
+    chunk = evaluate.DEFAULT_CHUNK if chunk_size is None else max(1, int(chunk_size))  # the loss's
     info = models.rope_info(model.config)
     owner = models._rotary_owner(model)
     device = model.get_output_embeddings().weight.device
@@ -729,7 +729,7 @@ def candidate_nlls(model, scalings: Sequence[LongRoPEScaling], windows, chunk_si
                         [scalings[i] for i, _ in batch], info.dim, info.base, n)
                     ids = torch.stack([torch.as_tensor(pairs[j][0]).reshape(-1).long() for _, j in batch])
                     ids = ids.to(device)
-                    hidden = lean.final_hidden_states_batch(model, ids, chunk)
+                    hidden = lean.final_hidden_states_batch(model, ids, chunk_size)
                     for row, (i, j) in enumerate(batch):
                         first = max(1, int(pairs[j][1]))
                         total = torch.zeros((), dtype=torch.float64, device=hidden.device)

@@ -44,7 +44,7 @@ def split_documents(docs, seed: int = 0):
 def search_scale(model, info, docs, scale: int, out: Path, device, seed: int):
     import torch
 
-    from .. import data, evaluate
+    from .. import data
     from .. import search as S
 
     target = scale * info.original_length
@@ -53,7 +53,7 @@ def search_scale(model, info, docs, scale: int, out: Path, device, seed: int):
     space = S.SearchSpace(info.dim, info.base, info.original_length, target)
     config = S.SearchConfig(population=24, mutations=8, crossovers=8, parents=12, generations=40,
                             max_evals=BUDGET[scale], seed=seed)
-    fitness = S.model_fitness(model, windows, evaluate.DEFAULT_CHUNK)
+    fitness = S.model_fitness(model, windows)
     identity = {"model": "bundled:tiny-llama-256", "data": "bundled:search-pool", "samples": SEARCH_DOCS}
     t0 = time.time()
     result = S.run(space, fitness, config, out, identity=identity, resume=True,

@@ -292,8 +292,9 @@ def register(sub) -> None:
     ppl.add_argument("--mode", choices=["truncate", "sliding"], default="truncate")
     ppl.add_argument("--stride", type=parse_length, help="sliding mode: new tokens scored per window (default and at most: length-1)")
     ppl.add_argument("--max-tokens", type=parse_length, help="sliding mode: score at most this many tokens per document")
-    ppl.add_argument("--chunk-size", type=int, default=evaluate.DEFAULT_CHUNK,
-                     help="positions projected through lm_head at a time (default 4096)")
+    ppl.add_argument("--chunk-size", type=int, default=None,
+                     help="positions per chunk of the lean forward and of lm_head + loss (default: the lean "
+                          "forward sizes its chunks to the model, at least 4096; lm_head + loss take 4096)")
     ppl.add_argument("--stock", action="store_true",
                      help="also evaluate the plain transformers way (model(ids, labels=ids)) for comparison")
     ppl.set_defaults(func=cmd_ppl)

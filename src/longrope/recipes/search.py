@@ -190,14 +190,8 @@ def _worker(args, rank: S.Rank) -> int:
     failed, windows = _agree(error)
     if failed:
         return 2
-    S.serve(S.model_fitness(model, _on_device(windows, device), args.chunk_size or _default_chunk()))
+    S.serve(S.model_fitness(model, _on_device(windows, device), args.chunk_size))
     return 0
-
-
-def _default_chunk() -> int:
-    from .. import evaluate
-
-    return evaluate.DEFAULT_CHUNK
 
 
 def cmd_search(args) -> int:
@@ -267,7 +261,7 @@ def _search(args, setup: dict) -> int:
     model, device, info, space, config = (setup[k] for k in ("model", "device", "info", "space", "config"))
     kind, chosen = setup["kind"], setup["chosen"]
     windows = _on_device(setup["windows"], device)
-    fitness = S.model_fitness(model, windows, args.chunk_size or _default_chunk())
+    fitness = S.model_fitness(model, windows, args.chunk_size)
     batch = getattr(args, "batch_candidates", 1)
     if isinstance(space, S.CriticalDimSpace):
         print(f"critical dimension: theoretical d_tcd = {space.critical_dim} of {space.dim} "
@@ -292,7 +286,7 @@ def _search(args, setup: dict) -> int:
         extra["environment"]["batch_candidates"] = batch
     try:
         if batch > 1:  # one process (checked in _setup)
-            evaluator = S.Batched(model, windows, batch, args.chunk_size or _default_chunk())
+            evaluator = S.Batched(model, windows, batch, args.chunk_size)
             result = S.run(space, None, config, args.out, evaluator=evaluator, identity=setup["identity"],
                            resume=args.resume, force=args.force, on_generation=progress, extra_summary=extra)
         else:
