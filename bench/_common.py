@@ -147,8 +147,9 @@ def measured(result: dict):
 def environment() -> dict:
     import transformers
 
-    name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_properties(0).name
-    return {"device": name, "gpu_memory_gib": gpu_memory_gib(), "torch": torch.__version__,
+    cuda = torch.cuda.is_available() and not SMOKE
+    name = torch.cuda.get_device_properties(0).name if cuda else f"cpu ({os.cpu_count()} cores)" + (" (smoke)" if SMOKE else "")
+    return {"device": name, "gpu_memory_gib": gpu_memory_gib() if cuda else None, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}
 
