@@ -96,6 +96,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    parallel.exit_without_teardown(0)  # reached after success only: see its docstring
 
 
 def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):

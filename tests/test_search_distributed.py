@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from longrope import parallel
 from longrope import search as S
 from test_search import SMALL, SPACE, TARGET, TARGET_N_HAT, quadratic_fitness, strip_seconds
 from test_search_longrope2 import CRIT_ATT, attention_fitness, critical_target
@@ -76,6 +77,7 @@ def _rank_main(rank: int, init_file: str, work: str) -> None:
         (work / f"rank{rank}.pkl").write_bytes(pickle.dumps(report))
     finally:
         dist.destroy_process_group()
+    parallel.exit_without_teardown(0)  # reached after success only: see its docstring
 
 
 def test_two_ranks_give_the_one_process_result(tmp_path):

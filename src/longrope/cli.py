@@ -150,5 +150,16 @@ def _leave_process_group(wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def entry() -> None:
+    """The `longrope` console script and `python -m longrope`: main(), then exit with its code;
+    under torchrun without the interpreter's teardown (`parallel.exit_without_teardown`)."""
+    code = main()
+    from . import parallel
+
+    if parallel.world_size() > 1:
+        parallel.exit_without_teardown(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
