@@ -19,14 +19,9 @@ import numpy as np
 import torch
 
 from _common import SMOKE, environment, fmt_len, measured, ratio, require_cuda, write_json
-from longrope import data, evaluate, models
+from longrope import data, models
 from longrope import search as S
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
-    return int(float(text.rstrip("km")) * scale)
+from longrope.cli import parse_length
 
 
 def smoke_model_dir() -> str:

@@ -24,12 +24,6 @@ from _common import environment, fmt_len, measured, ratio, require_cuda, sync, w
 from longrope import cli, data, evaluate, lean, models
 
 
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
-    return int(float(text.rstrip("km")) * scale)
-
-
 def attention_seconds(config, n: int, device) -> float:
     """Seconds of one layer's causal attention at n tokens: one SDPA call over all heads (GQA),
     bf16, as transformers' sdpa path makes it (a warm-up call first, then the median of 3)."""
@@ -84,7 +78,7 @@ def main():
     info = models.rope_info(model.config)
     scaling = cli.resolve_scaling(args.scaling, None, None, info)
     models.attach(model, scaling)
-    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    lengths = [cli.parse_length(x) for x in args.lengths.split(",")]
     docs = data.load_tokenized(args.data, tokenizer)
     stream = np.concatenate([d.tokens for d in docs])
     distinct = len(stream)

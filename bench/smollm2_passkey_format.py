@@ -16,11 +16,7 @@ import time
 from _common import environment, write_json
 from longrope import evaluate as E
 from longrope import models
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text.rstrip("k")) * (1024 if text.endswith("k") else 1))
+from longrope.cli import parse_length
 
 
 def chat_prompt(tokenizer, prompt: E.PasskeyPrompt) -> list[int]:

@@ -268,14 +268,14 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
     reason = unsupported_reason(model, ids.shape[1])
     if reason:
         raise ValueError(f"lean prefill: unsupported: {reason}")
-    base, chunk = _base(model), _chunk(model, chunk_size)
+    base = _base(model)
     if isinstance(base.rotary_emb, BatchedRotaryEmbedding):
         raise ValueError("lean prefill: a BatchedRotaryEmbedding is for batched scoring, not generation")
 
     def forward(input_ids=None, attention_mask=None, use_cache=True):
         hidden = base.embed_tokens(input_ids.to(base.embed_tokens.weight.device))
         cache = DynamicCache(config=model.config)
-        run_layers(model, hidden, range(model.config.num_hidden_layers), chunk, cache=cache)
+        run_layers(model, hidden, range(model.config.num_hidden_layers), chunk_size, cache=cache)
         return base.norm(hidden[:, -1:])[0], cache
 
     return _call_as_forward(base, forward, input_ids=ids, attention_mask=None, use_cache=True)
@@ -288,11 +288,10 @@ def run_layers(model, hidden: torch.Tensor, layers: range, chunk_size: int | Non
     positions 0..n-1: the body of the lean forward, exposed so that a forward can be split across
     processes (bench/resumable_forward.py saves `hidden` between layers). With a transformers
     `cache`, each layer's rotated keys and values go into it (`prefill`)."""
-    base = _base(model)
+    base, chunk = _base(model), _chunk(model, chunk_size, hidden.shape[0])
     rotary = _Rotary(base.rotary_emb, hidden.shape[1], hidden)
     for i in layers:
-        kv = _decoder_layer(base.layers[i], hidden, rotary, _chunk(model, chunk_size, hidden.shape[0]), model.config,
-                            keep_kv=cache is not None)
+        kv = _decoder_layer(base.layers[i], hidden, rotary, chunk, model.config, keep_kv=cache is not None)
         if kv is not None:
             cache.update(kv[0].transpose(1, 2), kv[1].transpose(1, 2), i)  # transformers keeps (B, heads, n, d)
     return hidden

@@ -23,6 +23,7 @@ loss by the world size before the backward (`Group.loss_scale`).
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -71,8 +72,6 @@ def exit_without_teardown(code: int) -> None:
     active exception", glibc's "double free or corruption"; seen in about 1 in 40 two-rank runs
     here), and torchrun then reports a finished run as failed. Skipping the teardown skips nothing
     of ours: every output is written and closed by then; the standard streams are flushed here."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
