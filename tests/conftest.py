@@ -68,6 +68,25 @@ def rotary_dim(model) -> int:
     return rope_info(model.config).dim
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_inside_pytest(tmp_path_factory):
+    """Whatever asks the system for a temporary folder during the tests (torchrun's
+    torchelastic_* folders, gloo's files, extend's work folders) gets one inside pytest's own
+    folder, which pytest removes (pyproject: tmp_path_retention_policy)."""
+    import os
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("system-tmp"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama with a working tokenizer, for CLI tests."""

@@ -119,9 +119,10 @@ def test_search_batch_candidates_same_result(tiny_model_dir, tmp_path, monkeypat
 
     rng = random.Random(0)
     words = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
+    (tmp_path / "docs").mkdir()  # outputs never go inside a data folder
     for i in range(2):
-        (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(200)))
-    common = ["search", "--model", str(tiny_model_dir), "--data", str(tmp_path), "--target-length", "128",
+        (tmp_path / "docs" / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(200)))
+    common = ["search", "--model", str(tiny_model_dir), "--data", str(tmp_path / "docs"), "--target-length", "128",
               "--samples", "2", "--population", "6", "--mutations", "3", "--crossovers", "2", "--parents", "3",
               "--generations", "2", "--search-attention"]
     outs = {}

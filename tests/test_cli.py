@@ -86,16 +86,24 @@ def test_malformed_json_and_unknown_model(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and err.startswith("longrope: error: model:") and err.count("\n") == 1
 
 
-def test_existing_output_needs_force(tiny_model_dir, tmp_path, capsys):
+def test_existing_output_needs_force_and_force_spares_user_folders(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    code, _, err = run(capsys, "export", "--model", tiny_model_dir, "--method", "linear", "--target-length", 128,
-                       "--out", out, "--device", "cpu")
-    assert code == 2 and "--force" in err and (out / "keep.txt").read_text() == "user data"
-    code, _, _ = run(capsys, "export", "--model", tiny_model_dir, "--method", "linear", "--target-length", 128,
-                     "--out", out, "--device", "cpu", "--force")
-    assert code == 0 and not (out / "keep.txt").exists()
+    for extra in ([], ["--force"]):  # a folder longrope did not write is refused, --force or not
+        code, _, err = run(capsys, "export", "--model", tiny_model_dir, "--method", "linear", "--target-length",
+                           128, "--out", out, "--device", "cpu", *extra)
+        assert code == 2 and "longrope did not write it" in err and (out / "keep.txt").read_text() == "user data"
+    ours = tmp_path / "ours"
+    assert run(capsys, "export", "--model", tiny_model_dir, "--method", "linear", "--target-length", 128,
+               "--out", ours, "--device", "cpu")[0] == 0
+    code, _, err = run(capsys, "export", "--model", tiny_model_dir, "--method", "yarn", "--target-length", 128,
+                       "--out", ours, "--device", "cpu")
+    assert code == 2 and "--force" in err
+    assert run(capsys, "export", "--model", tiny_model_dir, "--method", "yarn", "--target-length", 128,
+               "--out", ours, "--device", "cpu", "--force")[0] == 0
+    assert json.loads((ours / "config.json").read_text())["rope_scaling"]["type"] == "yarn"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
 
 
 def test_model_directory_is_never_modified(tiny_model_dir, tmp_path, capsys):

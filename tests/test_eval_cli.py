@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ORIGINAL
-from longrope import cli, data, models, report
+from longrope import runs, cli, data, models, report
 from longrope import scaling as sc
 
 
@@ -157,7 +157,7 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report, "_pyplot", lambda: None)
     results = {"command": "ppl", "config": {}, "records": [{"method": "none", "length": 64, "ppl": 2.0, "docs": []}]}
     out = report.write_results(tmp_path / "r", results)
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [runs.MARKER, "results.csv", "results.json", "table.md"]
     assert "matplotlib is not installed" in capsys.readouterr().out
     with pytest.raises(Exception, match="already exists"):
         report.write_results(tmp_path / "r", results)

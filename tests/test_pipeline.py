@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ORIGINAL, tiny_model
-from longrope import data as D
+from longrope import runs, data as D
 from longrope import evaluate, models, pipeline
 from longrope import scaling as sc
 from longrope import search as S
@@ -142,7 +142,7 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_mo
     assert calls == {"search": 2, "finetune": 2, "readjust": 1}
     assert [m["stage"] for m in result.stages] == ["search:128", "finetune:128:2", "search:256:3", "readjust:64"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["plan.json", "extend.json", "model", "report.md", "report.json", "report.png",
+    assert names == sorted([runs.MARKER, "plan.json", "extend.json", "model", "report.md", "report.json", "report.png",
                             "stage-01-search-128", "stage-02-finetune-128", "stage-03-search-256",
                             "stage-04-readjust-64"])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from longrope import scaling as sc
+from longrope import runs, scaling as sc
 from longrope import search as S
 from longrope.errors import UsageError
 
@@ -174,7 +174,7 @@ def test_config_is_validated():
 def test_outputs(tmp_path):
     out = tmp_path / "run"
     result = S.run(SPACE, quadratic_fitness(), S.SearchConfig(generations=4, **SMALL), out, identity={"model": "m"})
-    assert sorted(p.name for p in out.iterdir()) == sorted([S.STATE, S.HISTORY, S.SCALING, S.SUMMARY])
+    assert sorted(p.name for p in out.iterdir()) == sorted([runs.MARKER, S.STATE, S.HISTORY, S.SCALING, S.SUMMARY])
     assert sc.load(out / S.SCALING, SPACE.dim).to_dict() == result.scaling.to_dict()
     history = S.read_history(out)
     summary = json.loads((out / S.SUMMARY).read_text())
@@ -207,8 +207,9 @@ def test_refuses_to_overwrite_and_checks_identity_on_resume(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not empty"):
         S.run(SPACE, quadratic_fitness(), cfg, tmp_path / "other")
-    S.run(SPACE, quadratic_fitness(), cfg, tmp_path / "other", force=True)
-    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"  # --force removes only our files
+    with pytest.raises(UsageError, match="longrope did not write it"):  # --force replaces only our folders
+        S.run(SPACE, quadratic_fitness(), cfg, tmp_path / "other", force=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     result = S.run(other, quadratic_fitness(other), cfg, out, identity={"model": "b"}, force=True)
     assert result.scaling.target_length == 512
 

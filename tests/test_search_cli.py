@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from longrope import scaling as sc
+from longrope import runs, scaling as sc
 from longrope import search as S
 from longrope.cli import main
 
@@ -36,7 +36,7 @@ def search(model, data, out, *extra):
 def test_search_writes_outputs_resumes_and_exports(tiny_model_dir, docs, tmp_path, capsys):
     out = tmp_path / "search"
     assert search(tiny_model_dir, docs / "long.txt", out, "--target-length", "128", "--generations", "2") == 0
-    assert {p.name for p in out.iterdir()} == set(S.OUTPUT_FILES)
+    assert {p.name for p in out.iterdir()} == {runs.MARKER, *S.OUTPUT_FILES}
     summary = json.loads((out / S.SUMMARY).read_text())
     assert summary["evals"] == len(S.read_history(out)) > 6
     assert summary["model"]["original_length"] == 64 and summary["data"]["tokens"] == 128

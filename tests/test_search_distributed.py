@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longrope import parallel
+from longrope import runs, parallel
 from longrope import search as S
 from test_search import SMALL, SPACE, TARGET, TARGET_N_HAT, quadratic_fitness, strip_seconds
 from test_search_longrope2 import CRIT_ATT, attention_fitness, critical_target
@@ -106,7 +106,7 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
     assert json.loads((work / "critical" / S.SUMMARY).read_text())["evals"] == 41
     assert "rank 1: ValueError: boom" in ranks[0]["error"]
     assert "error" not in ranks[1]  # the other rank was released, not left waiting
-    assert sorted(p.name for p in (work / "plain").iterdir()) == sorted([S.STATE, S.HISTORY, S.SCALING, S.SUMMARY])
+    assert sorted(p.name for p in (work / "plain").iterdir()) == sorted([runs.MARKER, S.STATE, S.HISTORY, S.SCALING, S.SUMMARY])
 
 
 def test_evaluator_refuses_outside_a_process_group():

@@ -21,7 +21,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -306,13 +306,14 @@ def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
             return docs
     texts = read_documents(source)
     specials = special_tokens_added(tokenizer)
-    iterator: Iterable[Document] = texts
-    if progress:
-        from tqdm.auto import tqdm
+    from .progress import Progress
 
-        iterator = tqdm(texts, desc="tokenising", unit="doc", disable=None)
-    docs = [TokenizedDocument(d.id, np.asarray(tokenize_text(tokenizer, d.text, specials=specials), dtype=np.int64))
-            for d in iterator]
+    docs = []
+    with Progress(len(texts), "tokenising", "docs", quiet=not progress) as bar:
+        for d in texts:
+            ids = tokenize_text(tokenizer, d.text, specials=specials)
+            docs.append(TokenizedDocument(d.id, np.asarray(ids, dtype=np.int64)))
+            bar.update()
     if path is not None:
         try:
             _write_atomic(path, docs)

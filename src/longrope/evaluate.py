@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import lean
+from . import lean, models
 
 DEFAULT_CHUNK = lean.DEFAULT_CHUNK
 FORWARDS = ("auto", "lean", "modules")
@@ -318,13 +318,14 @@ def greedy_generate(model, input_ids, max_new_tokens: int = 10, eos_token_id: in
     context), each step recomputes the whole (short) sequence."""
     ids = _as_batch(input_ids).to(model.get_output_embeddings().weight.device)
     recompute = _regime_changes(model, ids.shape[1], ids.shape[1] + max_new_tokens)
+    cache_name = models.cache_argument(model)  # `cache` or, before transformers 5.24, `past_key_values`
     if not recompute and lean.unsupported_reason(model, ids.shape[1] + max_new_tokens) is None:
         # the lean prefill: the cache and one layer's buffers, no full-length MLP intermediates
         last, past = lean.prefill(model, ids)
         logits = _project(model, last)[-1]
     else:
         out = model(input_ids=ids, use_cache=not recompute, logits_to_keep=1)
-        past, logits = (None if recompute else out.past_key_values), out.logits[0, -1]
+        past, logits = (None if recompute else _returned_cache(out)), out.logits[0, -1]
     new: list[int] = []
     for step in range(max_new_tokens):
         token = int(logits.float().argmax())
@@ -336,10 +337,15 @@ def greedy_generate(model, input_ids, max_new_tokens: int = 10, eos_token_id: in
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
         else:
             position = torch.tensor([[ids.shape[1] + len(new) - 1]], device=ids.device)
-            out = model(input_ids=ids.new_tensor([[token]]), past_key_values=past, use_cache=True,
+            out = model(input_ids=ids.new_tensor([[token]]), **{cache_name: past}, use_cache=True,
                         position_ids=position, logits_to_keep=1)
-            past, logits = out.past_key_values, out.logits[0, -1]
+            past, logits = _returned_cache(out), out.logits[0, -1]
     return new
+
+
+def _returned_cache(out):
+    # `.cache` since transformers 5.24, where `.past_key_values` is a deprecated alias for it
+    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,23 @@ Qwen2, Qwen3 and Phi-3) for a `ScaledRotaryEmbedding`; no per-layer patching.
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import importlib.util
+import inspect
 import json
+import logging
 import os
-import shutil
-import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import runs
 from . import scaling as sc
 from .errors import UsageError
 from .rotary import ScaledRotaryEmbedding
@@ -42,6 +46,26 @@ class RopeInfo:
     dim: int  # rotary dimensions (head_dim × partial_rotary_factor)
     base: float  # rope_theta
     original_length: int  # the context the model was trained at
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`--device` checked before any work: cpu, cuda or cuda:N that exists here (default: cuda
+    when there is one)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is available here; use --device cpu", rank_specific=True)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}", rank_specific=True)
+    return device
 
 
 def rope_info(config) -> RopeInfo:
@@ -85,22 +109,52 @@ def resolve(spec: str) -> tuple[str, str | None]:
                      f"({', '.join(NAMED_MODELS)}); nothing is downloaded from a hub")
 
 
+def _require_gguf_support() -> None:
+    for package in ("gguf", "accelerate"):  # transformers' GGUF reader needs both
+        if importlib.util.find_spec(package) is None:
+            raise ModelError(f"loading a .gguf needs the {package} package: pip install 'longrope[gguf]'")
+
+
+def _unreadable(spec: str, exc: BaseException) -> ModelError:
+    """A model that transformers cannot read, as one line: which file, what is wrong."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"model {spec}: cannot load it ({type(exc).__name__}: {reason[:200]}); "
+                      "give a complete Hugging Face model folder (config.json, weights, tokenizer) or a valid .gguf")
+
+
 def load_config(spec: str):
     """The model's transformers config alone (cheap: lets commands validate input before loading weights)."""
     from transformers import AutoConfig
 
     folder, gguf = resolve(spec)
-    return AutoConfig.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    if gguf:
+        _require_gguf_support()
+    try:
+        with _quiet_about_our_rope_keys():
+            return AutoConfig.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file, said in one line
+        raise _unreadable(spec, exc) from None
+
+
+def _sidecar_scaling(folder: str, gguf: str | None) -> Scaling | None:
+    sidecar = Path(folder) / SIDECAR
+    return sc.load(sidecar) if not gguf and sidecar.is_file() else None
 
 
 def configured_scaling(spec: str) -> Scaling:
-    """The scaling a model carries: its config's rope parameters, or longrope.json beside an
-    export of ours (n̂, the short-regime attention factor); NoScaling for plain RoPE."""
-    folder, gguf = resolve(spec)
-    sidecar = Path(folder) / SIDECAR
-    if not gguf and sidecar.is_file():
-        return sc.load(sidecar)
+    """The scaling that, attached to the loaded model, gives it as configured: its config's rope
+    parameters, or longrope.json beside an export of ours (n̂, the short-regime attention
+    factor); NoScaling for plain RoPE and for an NTK export (its config's rope_theta is the
+    NTK base already)."""
+    saved = _sidecar_scaling(*resolve(spec))
+    if saved is not None and not isinstance(saved, sc.NTKScaling):
+        return saved
     return scaling_from_hf_config(load_config(spec))
+
+
+def is_extended(spec: str) -> bool:
+    """Does the model carry a scaling (an export or extension of ours, or a scaled config)?"""
+    return _sidecar_scaling(*resolve(spec)) is not None or not isinstance(configured_scaling(spec), sc.NoScaling)
 
 
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -113,14 +167,16 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
     folder, gguf = resolve(spec)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf:
-        try:
-            import gguf as _  # noqa: F401
-        except ImportError:
-            raise ModelError("loading a .gguf needs the gguf package: pip install 'longrope[gguf]'") from None
+        _require_gguf_support()
         kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
-                                                 **kwargs)
+    try:
+        with _quiet_about_our_rope_keys():
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
+                                                         **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file, said in one line
+        raise _unreadable(spec, exc) from None
+    _declare_our_rope_keys(model.config)  # for whoever saves this model's config later
     if gguf:
         # the GGUF weights are de-quantized to `dtype` on load; drop the quantizer so the model
         # behaves (and saves) as a plain checkpoint
@@ -128,10 +184,13 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    # a scaling stored beside the config by our export (n̂ > 0) is restored on load
-    sidecar = Path(folder) / SIDECAR
-    if not gguf and sidecar.is_file():
-        attach(model, sc.load(sidecar))
+    # a scaling stored beside the config by our export (n̂ > 0 ...) is restored on load; an NTK
+    # export's config applies it already (rope_theta)
+    saved = _sidecar_scaling(folder, gguf)
+    if saved is not None and not isinstance(saved, sc.NTKScaling):
+        attach(model, saved)
+    # where the weights came from: an export never writes into it (`export`)
+    model._longrope_source = os.path.join(folder, gguf) if gguf else folder
     return model.to(device).eval(), tokenizer
 
 
@@ -147,15 +206,23 @@ def _rotary_owner(model):
                      "Llama, Mistral, Qwen2, Qwen3 and Phi-3")
 
 
-def attach(model, scaling: Scaling):
-    """Put `scaling` on `model` in place (returns it). Validation names the field at fault."""
-    info = rope_info(model.config)
+def check_fits(scaling: Scaling, info: RopeInfo, allow_context_mismatch: bool = False) -> None:
+    """Validate `scaling` for a model with `info`. A scaling made for another original context
+    (another model's, most likely) is refused unless `allow_context_mismatch` (to treat a model
+    as trained shorter or longer on purpose)."""
     scaling.validate(info.dim)
     original = getattr(scaling, "original_max_position_embeddings", None)
-    if original is not None and original != info.original_length:
-        # not an error: a user may deliberately treat a model as trained shorter; but say so (once)
-        warnings.warn(f"scaling assumes an original context of {original}, model config says {info.original_length}",
-                      stacklevel=2)
+    if original is not None and original != info.original_length and not allow_context_mismatch:
+        raise ScalingError(f"original_max_position_embeddings: the scaling was made for a context of {original}, "
+                           f"the model's is {info.original_length}; use a scaling made for this model, or pass "
+                           "--allow-context-mismatch if that is intended")
+
+
+def attach(model, scaling: Scaling, allow_context_mismatch: bool = False):
+    """Put `scaling` on `model` in place (returns it). Validation names the field at fault
+    (`check_fits`)."""
+    info = rope_info(model.config)
+    check_fits(scaling, info, allow_context_mismatch)
     if scaling.rope_theta is not None and abs(scaling.rope_theta - info.base) > 1e-6 * info.base:
         raise ScalingError(f"rope_theta: scaling has {scaling.rope_theta} but the model uses {info.base}; "
                            "remove rope_theta from the scaling file or use the matching model")
@@ -172,6 +239,22 @@ def attached_scaling(model) -> Scaling | None:
     return getattr(model, "_longrope_scaling", None)
 
 
+def cache_argument(model) -> str:
+    """The keyword under which this transformers passes the KV cache: `cache` (5.24 renamed it; the
+    old name still works there, with a deprecation warning) or `past_key_values` (5.17 and before).
+    Read from the model class's own signatures, not a version number: what we call is the model's
+    code, and the name it accepts is the fact that matters."""
+    cls = type(model)
+    for method in (getattr(cls, "prepare_inputs_for_generation", None), cls.forward):
+        if method is None:
+            continue
+        names = inspect.signature(method).parameters  # follows deprecate_kwarg's functools.wraps
+        for name in ("cache", "past_key_values"):
+            if name in names:
+                return name
+    return "past_key_values"
+
+
 def _install_cache_reset(model, scaling: Scaling) -> None:
     """Generation that grows past the original context switches LongRoPE from short to long
     factors; keys cached under the short factors would then be stale. As transformers does for
@@ -180,21 +263,68 @@ def _install_cache_reset(model, scaling: Scaling) -> None:
     if not isinstance(scaling, sc.LongRoPEScaling) or not hasattr(model, "prepare_inputs_for_generation"):
         return
     cls_prepare = type(model).prepare_inputs_for_generation
+    cache_name = cache_argument(model)
     original = scaling.original_max_position_embeddings
 
-    def prepare_inputs_for_generation(input_ids, past_key_values=None, **kwargs):
-        if (past_key_values is not None and input_ids.shape[1] > original
-                and past_key_values.get_seq_length() <= original):
+    # wraps: generate() reads this signature to validate its keyword arguments (inputs_embeds, ...)
+    @functools.wraps(cls_prepare)
+    def prepare_inputs_for_generation(input_ids, **kwargs):
+        # generate() hands the cache over under the installed transformers' name; a reset that
+        # looked under the other name would never fire. Accept either, pass it on under the right one.
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        cache = legacy if cache is None else cache
+        if cache is not None and input_ids.shape[1] > original and cache.get_seq_length() <= original:
             # no cache: the forward builds a fresh one, which generation then carries on with
-            past_key_values = None
+            cache = None
             kwargs["next_sequence_length"] = None  # feed the whole sequence again
-        return cls_prepare(model, input_ids, past_key_values=past_key_values, **kwargs)
+        return cls_prepare(model, input_ids, **{cache_name: cache}, **kwargs)
 
     model.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face config round trip
+
+# An export with a short-regime attention factor writes these into rope_parameters (vLLM and
+# transformers' PhiMoE read them; its Llama and Phi-3 do not), and transformers' rope validation
+# then logs "Unrecognized keys in `rope_parameters` for 'rope_type'='longrope': {...}" each time
+# such a config is built or saved. The keys are deliberate, so that message is noise.
+OUR_ROPE_KEYS = frozenset({"short_mscale", "long_mscale"})
+
+
+def _declare_our_rope_keys(config) -> None:
+    """On a config object we hold: declare our keys as transformers' own configs declare theirs
+    (`ignore_keys_at_rope_validation`, which is not saved)."""
+    declared = getattr(config, "ignore_keys_at_rope_validation", None) or ()
+    config.ignore_keys_at_rope_validation = set(declared) | OUR_ROPE_KEYS
+
+
+class _OurRopeKeysFilter(logging.Filter):
+    """Drops that message only when every key it names is ours: any other key still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Unrecognized keys in `rope_parameters`"):
+            return True
+        try:
+            keys = ast.literal_eval(message.rpartition(": ")[2])  # the message ends with the set of keys
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(keys, set) and keys <= OUR_ROPE_KEYS)
+
+
+@contextmanager
+def _quiet_about_our_rope_keys():
+    """Around transformers' from_pretrained, which builds and validates the config before we could
+    declare anything on it."""
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    only_ours = _OurRopeKeysFilter()
+    logger.addFilter(only_ours)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_ours)
 
 
 def hf_rope_parameters(scaling: Scaling, info: RopeInfo) -> tuple[dict, int]:
@@ -244,33 +374,6 @@ def scaling_from_hf_config(config) -> Scaling:
 # export
 
 
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
-    """(final path, temporary sibling to write into). Refuses an existing `out` without force."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"--out {out} already exists; choose another folder or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    return out, tmp
-
-
-def prepare_resumable_dir(out: Path, resume: bool, force: bool) -> None:
-    """The checks every resumable command (pretrain, finetune, extend) makes on --out first:
-    --resume and --force exclude each other, --out is a folder, --force clears it."""
-    if resume and force:
-        raise UsageError("--resume and --force contradict each other: --force starts over")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if force and out.exists():
-        shutil.rmtree(out)
-
-
-def commit_output_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def needs_sidecar(scaling: Scaling) -> str | None:
     """What of `scaling` plain transformers would not apply from config.json (kept in longrope.json,
     restored by `load`), or None."""
@@ -283,14 +386,15 @@ def needs_sidecar(scaling: Scaling) -> str | None:
     return ", ".join(missing) or None
 
 
-def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bool = False) -> Path:
+def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bool = False,
+           allow_context_mismatch: bool = False) -> Path:
     """Write a complete checkpoint that plain `AutoModelForCausalLM.from_pretrained(out)` loads
     with `scaling` applied (n̂ > 0 and a short-regime attention factor are stored in longrope.json;
-    only our loader restores them)."""
+    only our loader restores them). `out` is never the folder the model was loaded from."""
     info = rope_info(model.config)
-    scaling.validate(info.dim)
-    out, tmp = atomic_output_dir(out, force)
-    try:
+    check_fits(scaling, info, allow_context_mismatch)
+    runs.check_out(out, force=force, inputs=[getattr(model, "_longrope_source", None)])
+    with runs.staged(out, force, command="export") as tmp:
         rope_parameters, max_positions = hf_rope_parameters(scaling, info)
         config = copy.deepcopy(model.config)
         for key in ("quantization_config", "_name_or_path"):
@@ -303,6 +407,7 @@ def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bo
         if partial is not None:  # Phi-3 style partial rotary lives inside rope_parameters in v5
             rope_parameters["partial_rotary_factor"] = partial
         config.rope_parameters = rope_parameters
+        _declare_our_rope_keys(config)  # config.save_pretrained validates it
         config.max_position_embeddings = max_positions
         # save the weights with the original rotary module in place (it has no persistent state)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -312,13 +417,10 @@ def export(model, tokenizer, scaling: Scaling, out: str | os.PathLike, force: bo
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        if needs_sidecar(scaling):
+        # an NTK export's config is plain RoPE at a larger base: the sidecar says it is an extension
+        if needs_sidecar(scaling) or isinstance(scaling, sc.NTKScaling):
             (tmp / SIDECAR).write_text(scaling.to_json())
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _add_legacy_keys(config_path: Path, rope_parameters: dict) -> None:

@@ -50,11 +50,12 @@ import numpy as np
 import torch
 
 from . import data as D
-from . import models, parallel
+from . import models, parallel, runs
 from . import scaling as sc
 from . import search as S
 from . import train
 from .errors import UsageError
+from .progress import Progress, step_callback
 
 STAGE_KINDS = ("search", "finetune")
 MARKER = "stage.json"  # written last into a finished stage's folder
@@ -68,17 +69,7 @@ READJUST_ATTENTION = ("one", "keep")
 # the plan
 
 
-def parse_length(text: str) -> int:
-    """'65536', '64k', '2m', '2048k' -> tokens (k = 1024); UsageError otherwise."""
-    t = str(text).strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise UsageError(f"not a length: {text!r} (use e.g. 65536 or 64k)") from None
-    if not math.isfinite(value) or value < 1 or value != int(value):
-        raise UsageError(f"not a length: {text!r} (a positive whole number of tokens, e.g. 64k)")
-    return int(value)
+parse_length = sc.parse_length  # the one reading of '64k' (plans, --lengths, --target-length)
 
 
 def format_length(n: int) -> str:
@@ -243,6 +234,7 @@ class Context:
         self._loaded: tuple[str, Any] | None = None
         self.eval_documents: list[D.TokenizedDocument] | None = None  # the report's; None: `documents`
         self.ranks: parallel.Group | None = None  # under torchrun: this process's place (rank 0 writes)
+        self.progress = True  # show the stages' progress (`progress.Progress`); off: quiet, or not rank 0
 
     @property
     def device(self) -> str:
@@ -279,12 +271,6 @@ def documents_digest(documents: Sequence[D.TokenizedDocument]) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # the stages: (context, stage, folder) -> outcome. Each may be interrupted and run again.
 
@@ -294,12 +280,15 @@ def _search(ctx: Context, space: S.SearchSpace, config: S.SearchConfig, windows,
     identity = {"model": ctx.model_label(), "data": ctx.data_digest, "samples": len(windows)}
     fresh = not (folder / S.STATE).is_file()  # nothing to resume: start (clears a torn first generation)
     t0 = time.time()
-    kwargs = dict(identity=identity, resume=not fresh, force=fresh, extra_summary={"documents": ids})
-    if ctx.ranks is None:
-        result = S.run(space, ctx.fitness(windows), config, folder, **kwargs)
-    else:  # every rank evaluates its share of each generation; rank 0 breeds, writes, and tells the others
-        result = parallel.agree(ctx.ranks, lambda: S.run_distributed(space, ctx.fitness(windows), config, folder,
-                                                                      **kwargs), everyone=True)
+    bar = Progress(S.planned_evals(config), what, "evals", quiet=not ctx.progress, leave=False)
+    kwargs = dict(identity=identity, resume=not fresh, force=fresh, extra_summary={"documents": ids},
+                  **S.progress_hooks(bar, config))
+    with bar:
+        if ctx.ranks is None:
+            result = S.run(space, ctx.fitness(windows), config, folder, **kwargs)
+        else:  # every rank evaluates its share of each generation; rank 0 breeds, writes, and tells the others
+            result = parallel.agree(ctx.ranks, lambda: S.run_distributed(space, ctx.fitness(windows), config,
+                                                                          folder, **kwargs), everyone=True)
     ctx.log(f"  {what}: best perplexity {result.fitness:.4g} ({result.summary['evals']} evaluations, "
             f"{time.time() - t0:.0f} s)")
     return result
@@ -340,13 +329,10 @@ def run_finetune_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome
                                       tok.eos_token_id)
         ctx._loaded = None  # free the evaluation copy; training loads its own float32 one
         model, _ = models.load(ctx.model_spec, dtype=torch.float32, device=ctx.device)
-        bar = _progress_bar(cfg.steps, stage.label) if ctx.ranks is None or ctx.ranks.is_main else _NoBar()
-        try:
-            train.finetune(model, tok, scaling, packed, cfg, folder, resume=True, callback=bar,
+        with Progress(cfg.steps, stage.label, "steps", quiet=not ctx.progress, leave=False) as bar:
+            train.finetune(model, tok, scaling, packed, cfg, folder, resume=True, callback=step_callback(bar),
                            identity={"model": ctx.model_label(), "data": ctx.data_digest},
                            command=f"longrope extend ({stage.label})")
-        finally:
-            bar.close()
         del model
     record = json.loads(record_path.read_text())
     ctx.log(f"  {stage.label}: loss {record['first_loss']:.4g} -> {record['final_loss']:.4g} "
@@ -374,34 +360,6 @@ def run_readjust_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome
 
 RUNNERS: dict[str, Callable[[Context, Stage, Path], StageOutcome]] = {
     "search": run_search_stage, "finetune": run_finetune_stage, "readjust": run_readjust_stage}
-
-
-class _NoBar:
-    def __call__(self, info) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, label: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    bar = tqdm(total=total, desc=label, unit="step", disable=None, dynamic_ncols=True, leave=False)
-
-    class Bar:
-        def __call__(self, info) -> None:
-            bar.n = info.step
-            if info.loss is not None:
-                bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
-            bar.refresh()
-
-        def close(self) -> None:
-            bar.close()
-
-    return Bar()
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,12 +403,9 @@ def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Se
 
 
 def _prepare_out(out: Path, identity: dict, resume: bool, force: bool) -> None:
-    models.prepare_resumable_dir(out, resume, force)
+    runs.check_out(out, force=force, resume=resume, resumable=True)
     plan = out / PLAN
-    if out.is_dir() and any(out.iterdir()):
-        if not resume:
-            hint = " (it holds an extension: pass --resume to continue it)" if plan.is_file() else ""
-            raise UsageError(f"--out {out} is not empty{hint}; choose another folder or pass --force")
+    if out.is_dir() and any(out.iterdir()) and resume:
         if not plan.is_file():
             raise UsageError(f"--resume {out}: no {PLAN} there, so nothing to resume; choose another folder")
         saved = json.loads(plan.read_text())
@@ -458,8 +413,8 @@ def _prepare_out(out: Path, identity: dict, resume: bool, force: bool) -> None:
         if diff:
             raise UsageError(f"--resume {out}: that run was made with a different {diff[0]} "
                              f"({str(saved.get(diff[0]))[:80]!r}); use the same settings, another --out, or --force")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(plan, json.dumps(identity, indent=2) + "\n")
+    runs.open_dir(out, force=force, resume=resume, command="extend")
+    runs.write_text(plan, json.dumps(identity, indent=2) + "\n")
 
 
 def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument], config: PipelineConfig,
@@ -467,7 +422,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
            runners: Mapping[str, Callable[[Context, Stage, Path], StageOutcome]] | None = None,
            log: Callable[[str], None] = print,
            eval_documents: Sequence[D.TokenizedDocument] | None = None,
-           max_stages: int | None = None) -> ExtendResult:
+           max_stages: int | None = None, progress: bool = True) -> ExtendResult:
     """Run the plan on the model at `model_spec` (an HF folder, .gguf or named model) with
     `documents` (tokenised with `tokenizer`), writing everything into `out`; with `resume`,
     finished stages are skipped and an unfinished one continues. `runners` maps a stage kind to
@@ -475,6 +430,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
     `eval_documents`: what the final report is measured on; keep them apart from `documents`
     (default: `documents`, and the report says so). `max_stages`: run at most this many stages in
     this call (skipped ones do not count) and return `paused` if any remain: for time-limited jobs.
+    `progress`: show each stage's progress and the report's (`progress.Progress`; rank 0 only).
     """
     if max_stages is not None and max_stages < 1:
         raise UsageError(f"--max-stages must be at least 1, got {max_stages}")
@@ -507,6 +463,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
     ctx = Context(model_spec, tokenizer, documents, config, info, out, log)
     ctx.eval_documents = list(eval_documents) if eval_documents else None
     ctx.ranks = ranks
+    ctx.progress = progress and main
     markers, ran = [], 0
     for index, stage in enumerate(stages, start=1):
         folder = out / stage.folder(index)
@@ -525,7 +482,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
             markers.append(saved)
             continue
         log(f"stage {index}/{len(stages)} {stage.label}")
-        folder.mkdir(parents=True, exist_ok=True)
+        runs.make_dir(folder, command=f"extend {stage.label}")
         t0 = time.time()
         outcome = runners[stage.kind](ctx, stage, folder)
         ran += 1
@@ -534,7 +491,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
                  "model": os.path.relpath(outcome.model, out) if outcome.model else None,
                  "summary": outcome.summary, "seconds": round(time.time() - t0, 2)}
         if main:
-            _write_atomic(marker, json.dumps(saved, indent=2) + "\n")
+            runs.write_text(marker, json.dumps(saved, indent=2) + "\n")
         ctx.scaling = sc.from_dict(saved["scaling"])  # as a resumed run reads it back
         if outcome.model:
             ctx.model_spec = outcome.model
@@ -553,7 +510,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
     log(f"exported {model_dir}")
     report = write_report(ctx, model_dir, final, markers)
     done = {"scaling": final.to_dict(), "stages": markers, "model": MODEL_DIR, "identity": identity}
-    _write_atomic(out / DONE, json.dumps(done, indent=2) + "\n")
+    runs.write_text(out / DONE, json.dumps(done, indent=2) + "\n")
     if ranks is not None:
         parallel.barrier()
     return ExtendResult(out, final, model_dir, report, markers)
@@ -566,14 +523,16 @@ def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
 @torch.no_grad()
 def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument], lengths: Sequence[int], *,
                      n_docs: int, depths: Sequence[float], trials: int, seed: int, device: str,
-                     chunk_size: int | None = None) -> list[dict]:
+                     chunk_size: int | None = None, quiet: bool = True) -> list[dict]:
     """Per length: perplexity of the first L tokens of `n_docs` documents (None where no document
-    is long enough) and passkey accuracy over depths × trials (None where the prompt does not fit)."""
+    is long enough) and passkey accuracy over depths × trials (None where the prompt does not fit).
+    `quiet=False`: show progress (a perplexity or a passkey trial at one length is one cell)."""
     from . import evaluate
 
     rows = []
     rng = random.Random(seed)
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    bar = Progress(len(lengths) * (1 + len(depths) * trials), "report", "cells", quiet=quiet)
     for length in lengths:
         row: dict[str, Any] = {"length": length}
         eligible = [d for d in documents if len(d) >= length]
@@ -584,6 +543,7 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
             row["documents"] = [d.id for d in chosen]
         else:
             row["ppl"], row["documents"] = None, []
+        bar.update()
         answers = []
         for depth in depths:
             for _ in range(trials):
@@ -591,11 +551,14 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
                 try:
                     prompt = evaluate.passkey_prompt(tokenizer, length, depth, key)
                 except ValueError:  # the prompt alone is longer than `length`
-                    continue
-                answers.append(evaluate.passkey_trial(model, tokenizer, prompt))
+                    prompt = None
+                if prompt is not None:
+                    answers.append(evaluate.passkey_trial(model, tokenizer, prompt))
+                bar.update()
         row["passkey"] = evaluate.passkey_accuracy(answers) if answers else None
         row["passkey_trials"] = len(answers)
         rows.append(row)
+    bar.close()
     return rows
 
 
@@ -615,7 +578,7 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
     documents = ctx.eval_documents if held_apart else ctx.documents
     rows = evaluate_lengths(model, tokenizer, documents, lengths, n_docs=config.report_docs,
                             depths=config.passkey_depths, trials=config.passkey_trials, seed=config.seed,
-                            device=config.device, chunk_size=config.chunk_size)
+                            device=config.device, chunk_size=config.chunk_size, quiet=not ctx.progress)
     # inside the original window, the base model on the same documents: what readjustment must keep
     short_rows = [r for r in rows if r["length"] <= info.original_length and r["ppl"] is not None]
     if short_rows:
@@ -635,7 +598,7 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
                        "saw" if held_apart else "perplexity: first L tokens of documents drawn from --data (they may "
                        "include the search documents; give --eval-data to keep them apart)")
                       + "; passkey: standard filler, greedy exact match"}
-    _write_atomic(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    runs.write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     lines = [f"# longrope extend: {format_length(info.original_length)} -> {format_length(config.target_length)}",
              "", "| stage | result |", "| --- | --- |"]
     for m in markers:
@@ -655,7 +618,7 @@ def write_report(ctx: Context, model_dir: Path, final: sc.LongRoPEScaling, marke
         lines.append(f"| {format_length(r['length'])} | {ppl} | {base_ppl} | {pk} |")
     lines += ["", f"Checkpoint: `{MODEL_DIR}/` ({final.rope_type}, factor {final.factor:g}, n̂ = {final.n_hat}).",
               report["note"] + "."]
-    _write_atomic(out / REPORT_MD, "\n".join(lines) + "\n")
+    runs.write_text(out / REPORT_MD, "\n".join(lines) + "\n")
     _plot_report(rows, out / REPORT_PNG)
     return report
 
@@ -758,7 +721,8 @@ class LongRoPEModel(torch.nn.Module):
             stages = (f"search:{mid},finetune:{mid}:{finetune_steps},search:{target}" if finetune_steps > 0
                       else f"search:{target}")
         plan = parse_stages(stages)
-        workdir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="longrope-extend-"))
+        workdir = (runs.open_dir(out, resume=resume, command="extend_context") if out is not None
+                   else Path(tempfile.mkdtemp(prefix="longrope-extend-")))
         self.workdir = workdir
         base = workdir / "base-model"
         run_dir = workdir / "run"

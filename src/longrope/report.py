@@ -14,13 +14,12 @@ import io
 import json
 import math
 import platform
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from .models import atomic_output_dir, commit_output_dir
+from . import runs
 
 PACKAGES = ("longrope", "torch", "transformers", "tokenizers", "numpy", "gguf", "matplotlib")
 
@@ -183,8 +182,7 @@ def plot_passkey(records: Sequence[dict], path) -> bool:
 def write_results(out, results: dict, force: bool = False) -> Path:
     """Write results.json, results.csv and the plot into `out` atomically (refuses an existing
     folder unless force). Returns the folder."""
-    final, tmp = atomic_output_dir(out, force)
-    try:
+    with runs.staged(out, force, command=f"eval {results['command']}") as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         (tmp / "results.csv").write_text(to_csv(results["records"]))
         (tmp / "table.md").write_text(table(results) + "\n")
@@ -192,8 +190,4 @@ def write_results(out, results: dict, force: bool = False) -> Path:
         name = "ppl.png" if results["command"] == "ppl" else "passkey.png"
         if results["records"] and not plot(results["records"], tmp / name):
             print("note: matplotlib is not installed, plots skipped (pip install 'longrope[plot]')")
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(out)

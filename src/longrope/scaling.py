@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -68,18 +70,44 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+# The largest scale and rescale factor accepted. 2^20 takes a 2k-context model to 2G tokens, far
+# past anything that can be evaluated; larger values are typos, and at ~1e308 the inverse
+# frequencies underflow to zero (every position would get the same angle).
+MAX_FACTOR = float(2**20)
+
+
 def _check_factor(factor: Any) -> float:
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor):
         raise ScalingError(f"factor: must be a finite number, got {factor!r}")
     if factor <= 1:
         raise ScalingError(f"factor: must be > 1 (target length above the original context), got {factor}; "
                            "use method 'none' for no scaling")
+    if factor > MAX_FACTOR:
+        raise ScalingError(f"factor: {factor:g} is above the largest supported scale {MAX_FACTOR:g} (2^20); "
+                           "check the value (target length / original context)")
     return float(factor)
 
 
 def _check_length(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ScalingError(f"{name}: must be a positive integer, got {value!r}")
+    return value
+
+
+# The longest sequence a length may name: 2^31 tokens (positions stay int32-safe in kernels).
+MAX_LENGTH = 2**31
+
+
+def parse_length(text: str) -> int:
+    """'65536', '64k', '2m', '2048k' -> tokens (k = 1024, m = 1024²): a whole number of tokens
+    or of k/m, nothing else ('1.5k', 'inf', '' are refused, naming the text)."""
+    t = str(text).strip().lower()
+    match = re.fullmatch(r"(\d+)([km]?)", t)
+    if match is None:
+        raise ScalingError(f"not a length: {text!r}; write a whole number of tokens, e.g. 65536 or 64k")
+    value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2)]
+    if not 1 <= value <= MAX_LENGTH:
+        raise ScalingError(f"not a length: {text!r} (a length is 1 to {MAX_LENGTH} = 2^31 tokens)")
     return value
 
 
@@ -308,9 +336,15 @@ class LongRoPEScaling(Scaling):
         # lists from JSON become tuples so the value stays hashable and immutable
         for name in ("long_factor", "short_factor"):
             value = getattr(self, name)
-            if isinstance(value, (list, torch.Tensor)) or (value is not None and not isinstance(value, tuple)):
-                value = tuple(float(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
-                object.__setattr__(self, name, value)
+            if value is None:
+                continue
+            if hasattr(value, "tolist"):  # a tensor or numpy array
+                value = value.tolist()
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+                raise ScalingError(f"{name}: must be a list of numbers, one per frequency pair, got "
+                                   f"{str(value)[:60]!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @classmethod
     def from_target(cls, long_factor, original_length: int, target_length: int, **kw) -> "LongRoPEScaling":
@@ -348,6 +382,9 @@ class LongRoPEScaling(Scaling):
                                    f"needs {dim // 2} (one per frequency pair)")
             if not all(math.isfinite(v) for v in values):
                 raise ScalingError(f"{name}: contains a non-finite value (nan or inf)")
+            if max(values) > MAX_FACTOR:
+                raise ScalingError(f"{name}: {max(values):g} is above the largest supported rescale factor "
+                                   f"{MAX_FACTOR:g} (2^20); check the values")
             if name == "long_factor" and min(values) < 1:
                 raise ScalingError(f"long_factor: every rescale factor must be >= 1, got min {min(values)}")
             if name == "short_factor" and min(values) <= 0:
@@ -433,6 +470,8 @@ def from_dict(data: dict[str, Any], dim: int | None = None) -> Scaling:
     kwargs = {k: v for k, v in data.items() if k in known}
     try:
         scaling = cls(**kwargs)
+    except ScalingError:
+        raise  # names its field already
     except (TypeError, ValueError) as exc:
         raise ScalingError(f"scaling: {exc}") from None
     return scaling.validate(dim)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import runs
 from .errors import UsageError
 from .scaling import LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
@@ -610,20 +611,30 @@ def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig
         out: str | os.PathLike | None = None, *, evaluator: Evaluator | None = None,
         identity: Mapping[str, Any] | None = None, resume: bool = False, force: bool = False,
         on_generation: Callable[[dict], None] | None = None,
+        on_evaluation: Callable[[dict], None] | None = None,
         extra_summary: Mapping[str, Any] | None = None) -> SearchResult:
     """Search factors minimising `fitness` (one scaling -> a number) or, instead, `evaluator`
     (a list of scalings -> their numbers, in order; its `width`, if any, is how many candidates
     it takes at once: the budget is checked between calls). With `out`, checkpoint there and
     write scaling.json, history.jsonl, summary.json; `resume` continues the search in `out` (or
     starts it if `out` holds none), `force` replaces a search there. `identity` (model, data,
-    ...) must match on resume. `on_generation(stats)` is called after each generation."""
+    ...) must match on resume. `on_generation(stats)` is called after each generation.
+    `on_evaluation(info)` after each evaluation, with info = {"evals": evaluations so far,
+    "generation", "fitness": this one's, "best": the best so far, "seconds": the search's wall
+    time, "earlier": False, "start": False}; "earlier" is True for evaluations made before this
+    call, which cost no time now: once at the start of a resumed search ("start": True, the
+    checkpoint's count, "generation" the next to run) and for each evaluation taken from the log
+    after a crash. `progress_hooks` shows all this on a progress bar."""
     if (fitness is None) == (evaluator is None):
         raise TypeError("run: give either fitness or evaluator")
     evaluator = evaluator or Serial(fitness)
     config = (config or SearchConfig()).validate()
     identity = {**space.identity(), **(identity or {})}
     book = _Book.open(out, space, config, identity, resume, force)
+    book.on_evaluation = on_evaluation
     state = book.state
+    if state.cache:  # a resumed search: its evaluations so far
+        book.evaluated(state.generation, None, earlier=True, start=True)
 
     while state.generation <= config.generations and not book.spent():
         g = state.generation
@@ -640,6 +651,42 @@ def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig
             on_generation(state.stats[-1])
 
     return book.finish(extra_summary)
+
+
+def planned_evals(config: SearchConfig, done: int = 0, generation: int = 0) -> int:
+    """How many evaluations a search makes in all, when `done` are made and the generations before
+    `generation` are finished: every child of the generations still to run (the initial population
+    in generation 0, then mutations + crossovers in each), capped by max_evals. An upper bound:
+    a child drawn twice or already evaluated costs nothing (a time budget may stop it sooner)."""
+    c = config
+    left = max(0, c.generations - max(generation, 1) + 1) * (c.mutations + c.crossovers)
+    total = done + left + (c.population if generation == 0 else 0)
+    return total if c.max_evals is None else max(done, min(total, c.max_evals))
+
+
+def progress_hooks(bar, config: SearchConfig) -> dict[str, Callable[[dict], None]]:
+    """`on_evaluation` and `on_generation` hooks for `run` that keep `bar` (a `progress.Progress`
+    counting evaluations, total `planned_evals(config)`) at the search's count, with the best
+    fitness so far: evaluations made earlier (a resumed search) count without speeding up the
+    estimate, the total is planned again after each generation (so the last one ends at n/n), and
+    under max_minutes the estimate of the time left never exceeds what the budget leaves."""
+
+    def on_evaluation(info: dict) -> None:
+        if info["start"]:  # a resumed search: plan from its checkpoint
+            bar.set_total(planned_evals(config, info["evals"], info["generation"]))
+        elif info["evals"] > (bar.total or 0):
+            bar.set_total(info["evals"])
+        if config.max_minutes is not None:
+            bar.limit_time(60 * config.max_minutes - info["seconds"])
+        if info["earlier"]:
+            bar.skip(info["evals"] - bar.n)
+        best = float("inf") if info["best"] is None else info["best"]
+        bar.update_to(info["evals"], best=best)
+
+    def on_generation(stats: dict) -> None:
+        bar.set_total(planned_evals(config, stats["evals"], stats["generation"] + 1))
+
+    return {"on_evaluation": on_evaluation, "on_generation": on_generation}
 
 
 class Serial:
@@ -908,16 +955,6 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else x  # JSON has no inf/nan
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Readers see the old file or the new one, never half of one (also after a crash)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_state(out: str | os.PathLike) -> dict | None:
     path = Path(out) / STATE
     if not path.is_file():
@@ -934,8 +971,10 @@ def check_out(out: str | os.PathLike, resume: bool, force: bool, space: SearchSp
     nothing to resume, start afresh), after checking, when `space` is given, that it belongs to
     this model, target and config. Cheap, so recipes call it before loading anything."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    if resume and force:
+        runs.check_out(out, resume=True, force=True)  # the one refusal of the pair
+    # the guard (path, marker, writability); an existing search is refused below, more precisely
+    runs.check_out(out, force=force, resume=not force)
     saved = read_state(out) if out.is_dir() and not force else None
     if saved is not None and resume:
         if saved.get("version") != STATE_VERSION:
@@ -979,6 +1018,8 @@ class _Book:
         self.state, self.pending = state, pending
         self.t0 = time.perf_counter() - state.seconds
         self.log = open(out / HISTORY, "a", encoding="utf-8") if out else None
+        self.on_evaluation: Callable[[dict], None] | None = None  # see `run`
+        self.best = min((_rank(v) for v in state.cache.values()), default=math.inf)
 
     @classmethod
     def open(cls, out, space, config, identity, resume, force) -> "_Book":
@@ -988,9 +1029,7 @@ class _Book:
         out = Path(out)
         saved = check_out(out, resume, force, space, config, identity)
         if saved is None:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in OUTPUT_FILES:  # --force: only our own files go
-                (out / name).unlink(missing_ok=True)
+            runs.open_dir(out, force=force, command="search")
         else:
             state = cls._load(saved, space)
             pending = cls._recover(out / HISTORY, space, state.cache)
@@ -1068,6 +1107,7 @@ class _Book:
         self.state.cache[genome] = math.inf if record["fitness"] is None else record["fitness"]
         self.state.fitness_seconds += record["seconds"]
         self.t0 -= record["seconds"]  # that time was lost with the crashed process; count it again
+        self.evaluated(record.get("generation"), self.state.cache[genome], earlier=True)
 
     def _evaluate(self, batch: list[Genome], generation: int, evaluator: Evaluator) -> None:
         scalings = [self.space.scaling(g) for g in batch]
@@ -1084,9 +1124,20 @@ class _Book:
                           "seconds": round(seconds / len(batch), 6)}  # a batch's time, shared out
                 self.log.write(json.dumps(record) + "\n")
             self.state.cache[genome] = value
+            self.evaluated(generation, value)
         if self.log:
             self.log.flush()  # survives a killed process (the OS holds it)
         self.state.fitness_seconds += seconds
+
+    def evaluated(self, generation: int | None, value: float | None, earlier: bool = False,
+                  start: bool = False) -> None:
+        """After each evaluation (the one place they are counted): the `on_evaluation` hook."""
+        if value is not None:
+            self.best = min(self.best, _rank(value))
+        if self.on_evaluation is not None:
+            self.on_evaluation({"evals": len(self.state.cache), "generation": generation,
+                                "fitness": None if value is None else _num(value), "best": _num(self.best),
+                                "seconds": self.elapsed(), "earlier": earlier, "start": start})
 
     def end_generation(self) -> None:
         state = self.state
@@ -1109,7 +1160,7 @@ class _Book:
                 "cache": [[list(g.factors), g.n_hat, _num(v)] + ([g.extras()] if g.extras() else [])
                           for g, v in s.cache.items()],
                 "stats": s.stats, "seconds": s.seconds, "fitness_seconds": s.fitness_seconds}
-        _write_atomic(self.out / STATE, json.dumps(data) + "\n")
+        runs.write_text(self.out / STATE, json.dumps(data) + "\n")
 
     def finish(self, extra_summary: Mapping[str, Any] | None) -> SearchResult:
         s, c = self.state, self.config
@@ -1136,8 +1187,8 @@ class _Book:
             self.log.close()
         if self.out:
             self.save(finished=stopped)
-            _write_atomic(self.out / SCALING, scaling.to_json())
-            _write_atomic(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            runs.write_text(self.out / SCALING, scaling.to_json())
+            runs.write_text(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return SearchResult(best, s.cache[best], scaling, s.stats, summary, self.out)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import models, parallel
+from . import models, parallel, runs
 from .data import Document, read_documents
 from .errors import UsageError
 from .evaluate import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
@@ -403,38 +403,24 @@ class PretrainResult:
     record: dict = field(default_factory=dict)
 
 
-def _resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1 ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
-    return device
-
-
 def _prepare_out(out: Path, resume: bool, force: bool, record: str = RECORD) -> dict | None:
-    """Checks --out; returns the checkpoint to resume from (or None). `record` marks a finished run."""
-    models.prepare_resumable_dir(out, resume, force)
+    """Checks --out (`runs.check_out`) and makes it; returns the checkpoint to resume from (or
+    None). `record` marks a finished run."""
     ckpt_path = out / CHECKPOINT
-    if out.exists() and (out / record).is_file() and not ckpt_path.exists():
+    if not force and (out / record).is_file() and not ckpt_path.exists():
         raise UsageError(f"--out {out} already holds a finished model; choose another folder or pass --force")
-    if resume:
-        if ckpt_path.is_file():
-            try:
-                return torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - a corrupt file is a user-facing problem
-                raise UsageError(f"--resume: cannot read {ckpt_path} ({type(exc).__name__}); "
-                                 "pass --force to start over") from None
-        if out.exists() and any(out.iterdir()) and not (out / LOG).exists():
-            raise UsageError(f"--out {out} is not empty and holds no checkpoint to resume")
-        return None
-    if out.exists() and any(out.iterdir()):
-        hint = " (it holds a checkpoint: pass --resume to continue)" if ckpt_path.exists() else ""
-        raise UsageError(f"--out {out} is not empty{hint}; choose another folder or pass --force")
-    return None
+    checkpoint = None
+    if resume and ckpt_path.is_file() and runs.written_by_longrope(out):
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a corrupt file is a user-facing problem
+            raise UsageError(f"--resume: cannot read {ckpt_path} ({type(exc).__name__}); "
+                             "pass --force to start over") from None
+    runs.check_out(out, force=force, resume=resume, resumable=True)
+    if resume and checkpoint is None and out.is_dir() and any(p.name != runs.MARKER for p in out.iterdir()) and not (out / LOG).exists():
+        raise UsageError(f"--out {out} is not empty and holds no checkpoint to resume")
+    runs.open_dir(out, force=force, resume=resume, command="train")
+    return checkpoint
 
 
 def _check_resumable(cfg: PretrainConfig, saved: dict) -> None:
@@ -491,7 +477,7 @@ def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.P
     an exception it raises stops training, leaving the checkpoint to resume from. `validation`
     documents (held out) give a validation loss every `eval_every` steps and at the end."""
     cfg.validate()
-    device = _resolve_device(cfg.device)
+    device = models.resolve_device(cfg.device)
     out = Path(out)
     stream = token_stream(documents)
     if len(stream) < cfg.context:
@@ -867,7 +853,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     choice on the global length) with the weights sharded by FSDP2; rank 0 writes every file.
     A checkpoint holds full state dicts, so it resumes only with the same number of processes."""
     cfg.validate()
-    device = _resolve_device(cfg.device)
+    device = models.resolve_device(cfg.device)
     ranks = parallel.init(device.type) if parallel.world_size() > 1 else None
     if ranks is not None:
         device = ranks.device

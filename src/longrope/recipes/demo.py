@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -41,11 +40,12 @@ def split_documents(docs, seed: int = 0):
     return search, [d for d in docs if d.id not in held]
 
 
-def search_scale(model, info, docs, scale: int, out: Path, device, seed: int):
+def search_scale(model, info, docs, scale: int, out: Path, device, seed: int, quiet: bool = False):
     import torch
 
     from .. import data
     from .. import search as S
+    from ..progress import Progress
 
     target = scale * info.original_length
     chosen = data.select(docs, target, SEARCH_DOCS, seed=seed)
@@ -56,8 +56,9 @@ def search_scale(model, info, docs, scale: int, out: Path, device, seed: int):
     fitness = S.model_fitness(model, windows)
     identity = {"model": "bundled:tiny-llama-256", "data": "bundled:search-pool", "samples": SEARCH_DOCS}
     t0 = time.time()
-    result = S.run(space, fitness, config, out, identity=identity, resume=True,
-                   extra_summary={"documents": [d.id for d in chosen]})
+    with Progress(S.planned_evals(config), f"search {scale}×", "evals", quiet=quiet, leave=False) as bar:
+        result = S.run(space, fitness, config, out, identity=identity, resume=True,
+                       extra_summary={"documents": [d.id for d in chosen]}, **S.progress_hooks(bar, config))
     from .search import plot
 
     plot(str(out / "search.png"), result, space)
@@ -68,15 +69,19 @@ def search_scale(model, info, docs, scale: int, out: Path, device, seed: int):
     return result.scaling
 
 
-def evaluate_all(model, tokenizer, info, docs, searched: dict, device, seed: int):
+def evaluate_all(model, tokenizer, info, docs, searched: dict, device, seed: int, quiet: bool = False):
     """Perplexity and passkey records for every (method, length), each method set for that length."""
     import torch
 
     from .. import data, evaluate, models
     from .. import scaling as sc
+    from ..progress import Progress
 
     ppl, passkey = [], []
     rng = random.Random(seed)
+    # a cell: one method at one length, its perplexity or its passkey trials at one depth
+    cells = len((1,) + SCALES) * len(METHODS) * (1 + len(DEPTHS))
+    bar = Progress(cells, "evaluate", "cells", quiet=quiet)
     for scale in (1,) + SCALES:
         length = scale * info.original_length
         chosen = data.select(docs, length, EVAL_DOCS, seed=seed)
@@ -93,6 +98,7 @@ def evaluate_all(model, tokenizer, info, docs, searched: dict, device, seed: int
             value = evaluate.perplexity(model, windows)
             ppl.append({"method": LABELS[method], "length": length, "ppl": value,
                         "documents": [d.id for d in chosen], "scaling": scaling.to_dict()})
+            bar.update()
             for depth in DEPTHS:
                 trials = [evaluate.passkey_trial(model, tokenizer,
                                                  evaluate.passkey_prompt(tokenizer, length, depth, key))
@@ -101,6 +107,8 @@ def evaluate_all(model, tokenizer, info, docs, searched: dict, device, seed: int
                                 "n_correct": sum(t.correct for t in trials), "n_trials": len(trials),
                                 "accuracy": evaluate.passkey_accuracy(trials),
                                 "answers": [t.answer for t in trials]})
+                bar.update()
+    bar.close()
     return ppl, passkey
 
 
@@ -133,45 +141,42 @@ def write_report(out: Path, ppl, passkey, searched, info, seconds: float) -> str
 def run(args) -> int:
     import torch
 
-    from .. import data, models
-    from ..errors import UsageError
+    from .. import data, models, runs
 
     out = Path(args.out)
-    work = out.with_name(out.name + ".partial")  # searches resume from here after a crash
-    if out.exists() and not args.force:
-        raise UsageError(f"--out {out} already exists; choose another folder or pass --force")
+    # searches resume from here after a crash or Ctrl-C; it takes the place of --out at the end
+    work = runs.open_dir(out.with_name(out.name + ".partial"), resume=True, command="demo")
     t0 = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = models.load(args.model)
     info = models.rope_info(model.config)
-    docs = data.load_tokenized(args.data, tokenizer)
+    docs = data.load_tokenized(args.data, tokenizer, progress=not args.quiet)
     search_pool, eval_pool = split_documents(docs, args.seed)
     print(f"model: {args.model} (context {info.original_length}); data: {len(search_pool)} search documents, "
           f"{len(eval_pool)} evaluation documents")
     print("searching LongRoPE factors:")
-    searched = {scale: search_scale(model, info, search_pool, scale, work / f"search-{scale}x", "cpu", args.seed)
+    searched = {scale: search_scale(model, info, search_pool, scale, work / f"search-{scale}x", "cpu", args.seed,
+                                    quiet=args.quiet)
                 for scale in SCALES}
     print("evaluating none, PI, NTK, YaRN and LongRoPE at 1×, 2×, 4×, 8×, 16× ...")
-    ppl, passkey = evaluate_all(model, tokenizer, info, eval_pool, searched, "cpu", args.seed)
+    ppl, passkey = evaluate_all(model, tokenizer, info, eval_pool, searched, "cpu", args.seed, quiet=args.quiet)
     models.attach(model, searched[8])
-    export_dir = work / "tiny-llama-8x"
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    models.export(model, tokenizer, searched[8], export_dir)
+    models.export(model, tokenizer, searched[8], work / "tiny-llama-8x", force=True)
     tables = write_report(work, ppl, passkey, searched, info, time.time() - t0)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    runs.replace_dir(work, out)
     print(tables)
     print(f"done in {time.time() - t0:.0f} s; report: {out / 'report.md'}")
     return 0
 
 
 def register(sub) -> None:
+    from ..cli import add_progress_args
+
     p = sub.add_parser("demo", help="search and compare scalings on the bundled tiny model (make demo)")
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="default: the bundled tiny model")
     p.add_argument("--data", default="bundled")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_progress_args(p)
     p.set_defaults(func=run)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from .. import data, evaluate, models, report
 from .. import scaling as sc
-from ..cli import PRESETS, add_model_args, device_and_dtype, parse_length, resolve_scaling
+from ..cli import (PRESETS, add_mismatch_arg, add_model_args, add_progress_args, device_and_dtype, parse_length,
+                   parse_lengths, resolve_scaling)
 from ..errors import UsageError
+from ..progress import Progress
 
 METHOD_HELP = """\
 Scaling methods (all evaluated on the same documents / prompts):
@@ -27,13 +29,6 @@ to N tokens. Without it, each method is configured for the length it is evaluate
 above the model's context the target is that length; at or below the context no scaling is
 needed and every method equals 'none'. Scaling files are always used as they are.
 """
-
-
-def parse_lengths(text: str) -> list[int]:
-    values = [parse_length(t) for t in str(text).split(",") if t.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"no lengths in {text!r} (use e.g. 8k,16k,32k)")
-    return sorted(dict.fromkeys(values))
 
 
 def parse_depths(text: str) -> list[float]:
@@ -75,10 +70,11 @@ def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
     given = [bool(args.compare), bool(args.scaling), bool(args.method)]
     if sum(given) > 1:
         raise UsageError("give only one of --compare, --scaling and --method")
+    allow = args.allow_context_mismatch
     if args.scaling:
-        return [MethodSpec(scaling_label(args.scaling), scaling=resolve_scaling(args.scaling, None, None, info))]
+        return [MethodSpec(scaling_label(args.scaling), scaling=resolve_scaling(args.scaling, None, None, info, allow))]
     own = models.configured_scaling(args.model)
-    default = "none" if isinstance(own, sc.NoScaling) else "model"  # a model is evaluated as it is configured
+    default = "model" if models.is_extended(args.model) else "none"  # a model is evaluated as it is configured
     entries = [e.strip() for e in args.compare.split(",") if e.strip()] if args.compare else [args.method or default]
     if not entries:
         raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
@@ -89,7 +85,7 @@ def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
         elif _is_method(entry):
             spec = MethodSpec(entry.lower(), method=entry)
         elif Path(entry).exists() or (PRESETS / f"{entry}.json").is_file():
-            spec = MethodSpec(scaling_label(entry), scaling=resolve_scaling(entry, None, None, info))
+            spec = MethodSpec(scaling_label(entry), scaling=resolve_scaling(entry, None, None, info, allow))
         else:
             raise UsageError(f"method {entry!r}: not a known method ({', '.join(sc.METHODS)}) "
                              "nor an existing scaling file")
@@ -119,6 +115,7 @@ def scaling_at(spec: MethodSpec, length: int, info: models.RopeInfo, target_leng
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_progress_args(p)
     p.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 8k,16k,32k")
     p.add_argument("--method", help="one scaling method (none, linear, ntk, dynamic, yarn, llama3, longrope) "
                                     "or model (its own; the default when it has one)")
@@ -126,36 +123,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", help="comma-separated methods and/or scaling files, e.g. none,linear,ntk,yarn,S.json")
     p.add_argument("--target-length", type=parse_length,
                    help="configure every method for this context (default: the length evaluated, see above)")
+    add_mismatch_arg(p)
     p.add_argument("--seed", type=int, default=0, help="document selection / passkey keys (default 0)")
     p.add_argument("--out", help="folder for results.json, results.csv, table.md and plots (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
-def _check_out(args) -> None:
-    if args.out and Path(args.out).exists() and not args.force:
-        raise UsageError(f"--out {args.out} already exists; choose another folder or pass --force")
-
-
 def _setup(args):
-    _check_out(args)
+    """Checks that need no model, then the model, then the methods at every length: every error
+    comes before any evaluation (the output folder was checked by the CLI before this)."""
     if args.compare and not [e for e in args.compare.split(",") if e.strip()]:
         raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
-    for entry in ([args.method] if args.method else []):
-        sc.canonical_type(entry)  # unknown method: fail before loading anything
+    if args.scaling and args.target_length is not None:
+        raise UsageError("--target-length configures methods; a --scaling file is used as it is: drop one")
+    if args.method and args.method.lower() != "model":
+        sc.canonical_type(args.method)  # unknown method: fail before loading anything
+    if getattr(args, "chunk_size", None) is not None and args.chunk_size < 1:
+        raise UsageError(f"--chunk-size {args.chunk_size}: must be at least 1")
     device, dtype = device_and_dtype(args)
     model, tokenizer = models.load(args.model, dtype=dtype, device=device)
     info = models.rope_info(model.config)
     specs = method_specs(args, info)
     for spec in specs:  # configuration errors surface before any evaluation
         for length in args.lengths:
-            scaling_at(spec, length, info, args.target_length).validate(info.dim)
+            models.check_fits(scaling_at(spec, length, info, args.target_length), info, args.allow_context_mismatch)
     return model, tokenizer, info, specs, device
 
 
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=None, dynamic_ncols=True)
+def _progress(args, total: int, desc: str, unit: str) -> Progress:
+    return Progress(total, desc, unit, quiet=args.quiet)
 
 
 def _config(args) -> dict:
@@ -184,15 +180,16 @@ def cmd_ppl(args) -> int:
     if args.mode == "sliding" and args.stride is not None and args.stride > min(args.lengths):
         raise UsageError(f"--stride {args.stride}: must not exceed the shortest length {min(args.lengths)}")
     model, tokenizer, info, specs, device = _setup(args)
-    docs = data.load_tokenized(args.data, tokenizer, progress=True)
+    docs = data.load_tokenized(args.data, tokenizer, progress=not args.quiet)
     chosen = {n: data.select(docs, n, args.docs, args.seed) for n in args.lengths}  # errors before work
     impls = ["lean", "stock"] if args.stock else ["lean"]
     records = []
-    bar = _progress(sum(len(c) for c in chosen.values()) * len(specs) * len(impls), "perplexity")
+    # a cell: one document at one length with one method
+    bar = _progress(args, sum(len(c) for c in chosen.values()) * len(specs) * len(impls), "perplexity", "cells")
     for length in args.lengths:
         for spec in specs:
             scaling = scaling_at(spec, length, info, args.target_length)
-            models.attach(model, scaling)
+            models.attach(model, scaling, args.allow_context_mismatch)
             for impl in impls:
                 per_doc, started = [], time.perf_counter()
                 with evaluate.peak_memory(device) as peak:
@@ -233,23 +230,26 @@ def cmd_passkey(args) -> int:
     model, tokenizer, info, specs, device = _setup(args)
     # prompts first (they do not depend on the method): every method sees the same ones
     prompts = {}
-    for length in args.lengths:
-        for depth in args.depths:
-            for trial in range(args.trials):
-                rng = _trial_rng(args.seed, length, depth, trial)
-                key = evaluate.random_key(rng)
-                haystack = (data.haystack_text(texts, 8 * length + 2048, seed=rng.randrange(1 << 30))
-                            if texts is not None else None)
-                try:
-                    prompts[length, depth, trial] = evaluate.passkey_prompt(tokenizer, length, depth, key, haystack)
-                except ValueError as exc:
-                    raise UsageError(f"--lengths {length}: {exc}") from None
+    with _progress(args, len(args.lengths) * len(args.depths) * args.trials, "passkey prompts", "prompts") as making:
+        for length in args.lengths:
+            for depth in args.depths:
+                for trial in range(args.trials):
+                    rng = _trial_rng(args.seed, length, depth, trial)
+                    key = evaluate.random_key(rng)
+                    haystack = (data.haystack_text(texts, 8 * length + 2048, seed=rng.randrange(1 << 30))
+                                if texts is not None else None)
+                    try:
+                        prompts[length, depth, trial] = evaluate.passkey_prompt(tokenizer, length, depth, key,
+                                                                                haystack)
+                    except ValueError as exc:
+                        raise UsageError(f"--lengths {length}: {exc}") from None
+                    making.update()
     records = []
-    bar = _progress(len(prompts) * len(specs), "passkey")
+    bar = _progress(args, len(prompts) * len(specs), "passkey", "trials")
     for length in args.lengths:
         for spec in specs:
             scaling = scaling_at(spec, length, info, args.target_length)
-            models.attach(model, scaling)
+            models.attach(model, scaling, args.allow_context_mismatch)
             for depth in args.depths:
                 trials, started = [], time.perf_counter()
                 with evaluate.peak_memory(device) as peak:

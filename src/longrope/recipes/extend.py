@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_model_args, device_and_dtype, parse_length
+from ..cli import add_model_args, add_progress_args, device_and_dtype, parse_length
 from ..errors import UsageError
 
 DESCRIPTION = """\
@@ -45,6 +45,7 @@ def register(sub) -> None:
     p = sub.add_parser("extend", help="progressive extension: search / fine-tune stages, readjust, export, report",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    add_progress_args(p)
     p.add_argument("--data", default="bundled", help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or 'bundled'")
     p.add_argument("--eval-data", default=None, help="documents for the final report, kept apart from --data "
                                                      "(default: --data, which the report then says)")
@@ -98,6 +99,7 @@ def cmd_extend(args) -> int:
     from ..search import SearchConfig
 
     quiet = parallel.launched_rank() != 0  # under torchrun only rank 0 reports
+    show = not (quiet or args.quiet)  # progress
     stages = pipeline.parse_stages(args.stages) if args.stages else (pipeline.Stage("search", args.target_length),)
     if args.resume and args.force:
         raise UsageError("--resume and --force contradict each other: --force starts over")
@@ -122,15 +124,15 @@ def cmd_extend(args) -> int:
         passkey_trials=args.passkey_trials, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
         chunk_size=args.chunk_size).validate()
     tokenizer = _tokenizer(args.model)
-    docs = data.load_tokenized(args.data, tokenizer, progress=not quiet)
+    docs = data.load_tokenized(args.data, tokenizer, progress=show)
     pipeline.validate_inputs(config, info, docs)  # every stage's needs, before anything is written
     if not quiet:
         print(f"extend: {args.model} (context {info.original_length}) -> {args.target_length}; plan "
               f"{', '.join(s.label for s in stages)}{'' if args.no_readjust else ', readjust'}", file=sys.stderr)
     try:
-        eval_docs = data.load_tokenized(args.eval_data, tokenizer, progress=not quiet) if args.eval_data else None
+        eval_docs = data.load_tokenized(args.eval_data, tokenizer, progress=show) if args.eval_data else None
         result = pipeline.extend(args.model, tokenizer, docs, config, args.out, resume=args.resume, force=args.force,
-                                 eval_documents=eval_docs, max_stages=args.max_stages)
+                                 eval_documents=eval_docs, max_stages=args.max_stages, progress=show)
     except KeyboardInterrupt:
         print("\ninterrupted; finished stages are kept: continue with the same command and --resume", file=sys.stderr)
         return 130

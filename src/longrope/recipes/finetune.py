@@ -7,8 +7,9 @@ import os
 import shlex
 import sys
 
-from ..cli import add_model_args, add_scaling_args, interrupted, parse_length, resolve_scaling
+from ..cli import add_model_args, add_progress_args, add_scaling_args, interrupted, parse_length, resolve_scaling
 from ..errors import UsageError
+from ..progress import Progress, step_callback
 
 DESCRIPTION = """\
 Fine-tune --model with a scaling attached (--scaling FILE or preset, or --method with
@@ -30,6 +31,7 @@ def register(sub) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_scaling_args(p)
+    add_progress_args(p)
     p.add_argument("--data", required=True, help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or 'bundled'")
     p.add_argument("--seq-len", type=parse_length, default=None,
                    help="tokens per training sequence, e.g. 64k (default: the scaling's target length)")
@@ -54,7 +56,6 @@ def register(sub) -> None:
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--force", action="store_true", help="delete an existing --out and start over")
     r.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after a finished run")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -85,7 +86,7 @@ def cmd_finetune(args) -> int:
 
     quiet = parallel.launched_rank() != 0  # under torchrun only rank 0 reports
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
-    docs = data.load_tokenized(args.data, tokenizer, progress=not (args.no_progress or quiet))
+    docs = data.load_tokenized(args.data, tokenizer, progress=not (args.quiet or quiet))
     packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
     if scaling.target_length is not None and seq_len > scaling.target_length and not quiet:
         print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
@@ -97,32 +98,17 @@ def cmd_finetune(args) -> int:
               f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × "
               f"{cfg.sequences_per_step} sequences on {where} ({dtype})", file=sys.stderr)
 
-    bar = None
-    if not (args.no_progress or quiet):
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def progress(step) -> None:
-        if bar is None:
-            return
-        bar.n = step.step
-        if step.loss is not None:
-            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}",
-                            tok_s=f"{step.tokens_per_s:,.0f}" if step.tokens_per_s else "-", refresh=False)
-        bar.refresh()
-
+    bar = Progress(cfg.steps, "finetune", "steps", quiet=args.quiet or quiet)
     identity = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
                 "data": data.source_digest(args.data)}
     try:
-        result = train.finetune(model, tokenizer, scaling, packed, cfg, args.out, resume=args.resume,
-                                force=args.force, keep_checkpoint=args.keep_checkpoint, callback=progress,
-                                identity=identity, command=shlex.join(["longrope", *sys.argv[1:]]))
+        with bar:
+            result = train.finetune(model, tokenizer, scaling, packed, cfg, args.out, resume=args.resume,
+                                    force=args.force, keep_checkpoint=args.keep_checkpoint,
+                                    callback=step_callback(bar), identity=identity,
+                                    command=shlex.join(["longrope", *sys.argv[1:]]))
     except KeyboardInterrupt:
         return interrupted(cfg.checkpoint_every, args.out)
-    finally:
-        if bar is not None:
-            bar.close()
     rec = result.record
     if quiet or not rec:
         return 0

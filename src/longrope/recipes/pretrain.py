@@ -5,8 +5,9 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..cli import interrupted
+from ..cli import add_progress_args, interrupted
 from ..errors import UsageError
+from ..progress import Progress, step_callback
 
 
 def _ids(text: str | None) -> list[str] | None:
@@ -68,7 +69,7 @@ def register(sub) -> None:
     r.add_argument("--eval-every", type=int, default=0,
                    help="validation loss every N steps (with --val-ids; 0: only at the end)")
     r.add_argument("--eval-windows", type=int, default=64, help="validation windows of --context tokens")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_args(r)
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -107,36 +108,19 @@ def cmd_pretrain(args) -> int:
           f"{cfg.steps} steps × {cfg.batch_size} × {cfg.context} = {cfg.steps * cfg.batch_size * cfg.context / 1e6:.1f}M "
           f"tokens on {device} ({dtype})", file=sys.stderr)
 
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def progress(info) -> None:
-        if bar is None:
-            return
-        if bar.n == 0 and info.step > 1:
-            bar.update(info.step - 1)  # resumed
-        bar.update(1)
-        if info.loss is not None:
-            bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", tok_s=f"{info.tokens_per_s:,.0f}",
-                            refresh=False)
-
+    bar = Progress(cfg.steps, "pretrain", "steps", quiet=args.quiet)
     command = shlex.join(["longrope", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("longrope", "__main__.py")) \
         else shlex.join(sys.argv)
     data_info = {"paths": [str(p) for p in args.data], "ids": data_ids, "exclude_ids": exclude_ids,
                  "exclude_data": [str(p) for p in args.exclude_data], "val_ids": val_ids,
                  "documents_ids": [d.id for d in documents]}
     try:
-        result = train.pretrain(cfg, documents, args.out, resume=args.resume, force=args.force,
-                                keep_checkpoint=args.keep_checkpoint, callback=progress, command=command,
-                                data_info=data_info, validation=validation)
+        with bar:
+            result = train.pretrain(cfg, documents, args.out, resume=args.resume, force=args.force,
+                                    keep_checkpoint=args.keep_checkpoint, callback=step_callback(bar),
+                                    command=command, data_info=data_info, validation=validation)
     except KeyboardInterrupt:
         return interrupted(cfg.checkpoint_every, args.out)
-    finally:
-        if bar is not None:
-            bar.close()
     rec = result.record
     acc = rec["passkey_accuracy_at_context"]
     print(f"wrote {result.out}: final loss {rec['final_loss']:.4f} ({rec['final_loss'] / 0.6931:.3f} bits/byte), "

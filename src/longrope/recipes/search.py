@@ -18,8 +18,9 @@ from dataclasses import asdict, fields
 from .. import models
 from .. import scaling as sc
 from .. import search as S
-from ..cli import add_model_args, device_and_dtype, parse_length, resolve_scaling
+from ..cli import add_model_args, add_progress_args, device_and_dtype, parse_length, preset_path
 from ..errors import UsageError
+from ..progress import Progress
 
 DESCRIPTION = """\
 Search per-frequency rescale factors (and n̂) that minimise the perplexity of the model on
@@ -49,6 +50,7 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="search LongRoPE rescale factors (evolutionary, resumable)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    add_progress_args(p)
     p.add_argument("--data", default="bundled", help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or "
                                                      "'bundled' (default)")
     p.add_argument("--target-length", type=parse_length, required=True, help="context to extend to, e.g. 64k")
@@ -121,9 +123,9 @@ def init_seeds(spec: str | None, info, target_length: int, saved: dict | None) -
     seeds = []
     for entry in [e.strip() for e in spec.split(",") if e.strip()]:
         try:
-            scaling = resolve_scaling(entry, None, None, info)
-        except (UsageError, ValueError) as exc:
-            raise UsageError(f"--init {entry}: {str(exc).split(': ', 1)[-1]}") from None
+            scaling = sc.load(preset_path(entry), info.dim)
+        except UsageError as exc:
+            raise UsageError(f"--init {entry}: {str(exc).removeprefix(f'--scaling {entry}: ')}") from None
         if not isinstance(scaling, sc.LongRoPEScaling):
             raise UsageError(f"--init {entry}: a {scaling.rope_type} scaling; --init takes searched LongRoPE "
                              "scalings (PI, NTK and YaRN are always in the initial population)")
@@ -240,7 +242,7 @@ def _setup(args, rank: S.Rank | None) -> dict:
         identity["fitness"] = kind
     S.check_out(args.out, args.resume, args.force, space, config, identity)
 
-    docs = data.load_tokenized(args.data, tokenizer, progress=True)
+    docs = data.load_tokenized(args.data, tokenizer, progress=not args.quiet)
     try:
         chosen = data.select(docs, args.target_length, args.samples, seed=config.seed)
     except UsageError as exc:  # no document long enough
@@ -269,14 +271,9 @@ def _search(args, setup: dict) -> int:
     if setup["world"] > 1:
         print(f"evaluating on {setup['world']} ranks")
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.generations + 1, desc="search", unit="gen", disable=None, dynamic_ncols=True)
-
-    def progress(stats: dict) -> None:
-        bar.n = stats["generation"] + 1
-        bar.set_postfix(best=f"{stats['best']:.4g}" if stats["best"] is not None else "inf", evals=stats["evals"])
-        bar.refresh()
+    # progress in evaluations (initial population included), to the end --max-evals sets
+    bar = Progress(S.planned_evals(config), "search", "evals", quiet=args.quiet)
+    hooks = S.progress_hooks(bar, config)
 
     extra = {"model": {"spec": args.model, **asdict(info)},
              "data": {"source": args.data, "documents": [d.id for d in chosen], "tokens": args.target_length,
@@ -285,20 +282,17 @@ def _search(args, setup: dict) -> int:
     if batch > 1:
         extra["environment"]["batch_candidates"] = batch
     try:
-        if batch > 1:  # one process (checked in _setup)
-            evaluator = S.Batched(model, windows, batch, args.chunk_size)
-            result = S.run(space, None, config, args.out, evaluator=evaluator, identity=setup["identity"],
-                           resume=args.resume, force=args.force, on_generation=progress, extra_summary=extra)
-        else:
-            result = S.run_distributed(space, fitness, config, args.out, identity=setup["identity"],
-                                       resume=args.resume, force=args.force, on_generation=progress,
-                                       extra_summary=extra)
+        with bar:
+            if batch > 1:  # one process (checked in _setup)
+                evaluator = S.Batched(model, windows, batch, args.chunk_size)
+                result = S.run(space, None, config, args.out, evaluator=evaluator, identity=setup["identity"],
+                               resume=args.resume, force=args.force, extra_summary=extra, **hooks)
+            else:
+                result = S.run_distributed(space, fitness, config, args.out, identity=setup["identity"],
+                                           resume=args.resume, force=args.force, extra_summary=extra, **hooks)
     except KeyboardInterrupt:
-        bar.close()
         print("interrupted; every evaluation so far is kept: continue with the same command and --resume")
         return 130
-    finally:
-        bar.close()
     plot(os.path.join(args.out, S.PLOT), result, space)
     s = result.summary
     base = ", ".join(f"{k} {v:.4g}" for k, v in s["baselines"].items() if v is not None)
