@@ -21,7 +21,8 @@ import torch
 from _common import GiB, SMOKE, environment, fmt_len, ratio, require_cuda, sync, write_json
 from longrope import models
 from longrope import scaling as sc
-from longrope.rotary import ScaledRotaryEmbedding, phase_constants, split_angles
+from longrope.phase import phase_constants, split_angles
+from longrope.rotary import ScaledRotaryEmbedding
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -278,3 +278,14 @@ def test_parse_length_refuses(text):
 def test_parse_length_reads():
     assert [sc.parse_length(t) for t in ("64k", "2m", "2048k", " 8192 ", "1K")] == [65536, 2097152, 2097152,
                                                                                      8192, 1024]
+
+
+def test_gguf_without_the_extra_is_one_line(world, capsys, monkeypatch):
+    """A GGUF model in an install without the gguf extra ('accelerate is required…' before)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    code, _, err = run(capsys, "export", "--model", "fake.gguf", "--method", "yarn", "--target-length", "256",
+                       "--out", "o")
+    assert code == 2 and err.count("\n") == 1 and "pip install 'longrope[gguf]'" in err and "accelerate" in err

@@ -165,6 +165,17 @@ def test_search_progress_ends_at_n_of_n_and_resumes_from_the_checkpoint(tmp_path
     assert found[0] == (n, n + 2 * 4) and found[-1] == (total, total)
 
 
+def test_search_time_left_never_exceeds_what_max_minutes_leaves(clock):
+    config = S.SearchConfig(population=8, mutations=2, crossovers=2, parents=4, generations=20, max_minutes=5)
+    bar = Progress(S.planned_evals(config), "search", "evals", stream=io.StringIO(), interval=0)
+    hooks = S.progress_hooks(bar, config)
+    clock[0] += 60  # one evaluation a minute: 87 to go would be 87 minutes
+    hooks["on_evaluation"]({"evals": 1, "generation": 0, "fitness": 3.0, "best": 3.0, "seconds": 60.0,
+                            "earlier": False, "start": False})
+    assert bar.remaining() == pytest.approx(240)  # the budget's 5 minutes less the one spent
+    assert bar.line().startswith("search: 1/88 evals (1%), 1:00 elapsed, ~4:00 left, best=3")
+
+
 # --------------------------------------------------------------------------------------------
 # the commands
 
@@ -193,7 +204,8 @@ def test_search_command_in_a_log_file_shows_evaluations_to_max_evals(tiny_model_
     assert proc.returncode == 0, text
     found = counts(text)
     assert found and found[-1] == (40, 40), text
-    assert text.rstrip().splitlines()[-1].startswith("search: 40/40 evals (100%)")
+    last = [line for line in text.splitlines() if line.startswith("search:")][-1]
+    assert last.startswith("search: 40/40 evals (100%)") and last.endswith(", done")
     # progress before the first generation (the initial population, 8 evaluations) was over
     first_generation = sum(1 for r in S.read_history(out) if r["generation"] == 0)
     assert first_generation == 8
@@ -208,7 +220,8 @@ def test_quiet_search_shows_no_progress(tiny_model_dir, docs, tmp_path, monkeypa
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert counts(capsys.readouterr().err)[-1] == (12, 12)
     assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    assert counts(err) == [] and "elapsed" not in err
 
 
 @pytest.mark.parametrize("command", [["search"], ["eval", "ppl"], ["eval", "passkey"], ["demo"], ["extend"],

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from longrope import scaling as sc
-from longrope.rotary import ScaledRotaryEmbedding, apply_rotary, precise_angles
+from longrope.phase import precise_angles
+from longrope.rotary import ScaledRotaryEmbedding, apply_rotary
 from conftest import ORIGINAL, clone_with_config, rotary_dim, tiny_model
 
 POSITION = 2_097_151

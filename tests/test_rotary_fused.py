@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from longrope import scaling as sc
-from longrope.rotary import (LOW_BITS, MAX_SPLIT_POSITION, ScaledRotaryEmbedding, phase_constants,
-                             split_angles)
+from longrope.phase import LOW_BITS, MAX_SPLIT_POSITION, phase_constants, split_angles
+from longrope.rotary import ScaledRotaryEmbedding
 
 LAST = 2_097_151
 SHAPES = {"smollm2": (64, 100000.0, 8192), "llama3": (128, 500000.0, 8192)}

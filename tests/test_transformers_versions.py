@@ -5,6 +5,7 @@ deprecation notices, rope-parameter validation messages."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import warnings
@@ -61,8 +62,6 @@ def generate_across_switch(model, new_tokens=12):
 
 
 def test_cache_argument_is_what_the_model_forward_accepts():
-    import inspect
-
     model = tiny_model("llama")
     name = models.cache_argument(model)
     assert name in ("cache", "past_key_values")

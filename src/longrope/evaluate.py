@@ -23,23 +23,14 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from . import lean, models
+from . import lean, models, nll
 
-DEFAULT_CHUNK = lean.DEFAULT_CHUNK
+DEFAULT_CHUNK = nll.DEFAULT_CHUNK
 FORWARDS = ("auto", "lean", "modules")
 
 # --------------------------------------------------------------------------------------------
 # the lean forward and perplexity
-
-
-def base_model(model):
-    """The decoder stack that returns final hidden states (`model.model` for HF causal LMs)."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner
-    return model.get_decoder()
 
 
 def _as_batch(input_ids) -> torch.Tensor:
@@ -51,24 +42,11 @@ def _as_batch(input_ids) -> torch.Tensor:
     return ids.long()
 
 
-def _project(model, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits of `hidden` (chunk, h), with the config's output scaling/soft-capping."""
-    logits = model.get_output_embeddings()(hidden).float()
-    config = model.config
-    scale = getattr(config, "logits_scaling", None)
-    if scale:
-        logits = logits / scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def final_hidden_states(model, input_ids) -> torch.Tensor:
     """(n, h) final hidden states of one sequence through transformers' own modules: base model,
     no cache, no mask (the fallback of the lean forward, and its reference)."""
     ids = _as_batch(input_ids).to(model.get_output_embeddings().weight.device)
-    out = base_model(model)(input_ids=ids, use_cache=False)
+    out = nll.decoder(model)(input_ids=ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[0]
 
@@ -107,17 +85,8 @@ def nll_sum(model, input_ids, chunk_size: int | None = None, score_from: int = 1
 
 @torch.inference_mode()
 def nll_of_hidden(model, hidden: torch.Tensor, input_ids, chunk_size: int = DEFAULT_CHUNK, first: int = 1) -> float:
-    """Summed NLL of tokens first.. of one sequence from its final hidden states (n, h): projected
-    and scored `chunk_size` positions at a time in float32, summed in float64."""
-    ids = _as_batch(input_ids)
-    n = ids.shape[1]
-    targets = ids[0].to(hidden.device)
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(first, n, chunk_size):
-        end = min(start + chunk_size, n)
-        logits = _project(model, hidden[start - 1:end - 1])
-        total += F.cross_entropy(logits, targets[start:end], reduction="sum").double()
-    return float(total.item())
+    """Summed NLL of tokens first.. of one sequence from its final hidden states (n, h) (`nll`)."""
+    return nll.sequence_nll(model, hidden, _as_batch(input_ids), first, chunk_size)[0]
 
 
 @torch.inference_mode()
@@ -322,7 +291,7 @@ def greedy_generate(model, input_ids, max_new_tokens: int = 10, eos_token_id: in
     if not recompute and lean.unsupported_reason(model, ids.shape[1] + max_new_tokens) is None:
         # the lean prefill: the cache and one layer's buffers, no full-length MLP intermediates
         last, past = lean.prefill(model, ids)
-        logits = _project(model, last)[-1]
+        logits = nll.project(model, last)[-1]
     else:
         out = model(input_ids=ids, use_cache=not recompute, logits_to_keep=1)
         past, logits = (None if recompute else _returned_cache(out)), out.logits[0, -1]

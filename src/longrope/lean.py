@@ -33,6 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import nll
 from .rotary import BatchedRotaryEmbedding, ScaledRotaryEmbedding, apply_rotary
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -89,11 +90,6 @@ def _chunk(model, chunk_size: int | None, batch: int = 1) -> int:
     return layer_chunk(model.config, batch) if chunk_size is None else max(1, int(chunk_size))
 
 
-def _base(model):
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, torch.nn.Module) else model.get_decoder()
-
-
 def unsupported_reason(model, n_tokens: int) -> str | None:
     """None if the lean forward computes exactly what the model's own forward does for a
     sequence of `n_tokens`, else a short reason."""
@@ -109,7 +105,7 @@ def unsupported_reason(model, n_tokens: int) -> str | None:
         window = None
     if window is not None and n_tokens > window:
         return f"sliding-window attention ({window}) shorter than the sequence ({n_tokens})"
-    base = _base(model)
+    base = nll.decoder(model)
     layer = base.layers[0]
     attn = layer.self_attn
     if not (hasattr(attn, "qkv_proj") or all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj"))):
@@ -240,7 +236,7 @@ def final_hidden_states_batch(model, input_ids: torch.Tensor, chunk_size: int | 
     reason = unsupported_reason(model, ids.shape[1])
     if reason:
         raise ValueError(f"lean forward: unsupported: {reason}")
-    base = _base(model)
+    base = nll.decoder(model)
     chunk = _chunk(model, chunk_size, ids.shape[0])
     module = base.rotary_emb
     if isinstance(module, BatchedRotaryEmbedding) and module.batch != ids.shape[0]:
@@ -268,7 +264,7 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
     reason = unsupported_reason(model, ids.shape[1])
     if reason:
         raise ValueError(f"lean prefill: unsupported: {reason}")
-    base = _base(model)
+    base = nll.decoder(model)
     if isinstance(base.rotary_emb, BatchedRotaryEmbedding):
         raise ValueError("lean prefill: a BatchedRotaryEmbedding is for batched scoring, not generation")
 
@@ -288,7 +284,7 @@ def run_layers(model, hidden: torch.Tensor, layers: range, chunk_size: int | Non
     positions 0..n-1: the body of the lean forward, exposed so that a forward can be split across
     processes (bench/resumable_forward.py saves `hidden` between layers). With a transformers
     `cache`, each layer's rotated keys and values go into it (`prefill`)."""
-    base, chunk = _base(model), _chunk(model, chunk_size, hidden.shape[0])
+    base, chunk = nll.decoder(model), _chunk(model, chunk_size, hidden.shape[0])
     rotary = _Rotary(base.rotary_emb, hidden.shape[1], hidden)
     for i in layers:
         kv = _decoder_layer(base.layers[i], hidden, rotary, chunk, model.config, keep_kv=cache is not None)
@@ -301,7 +297,7 @@ def run_layers(model, hidden: torch.Tensor, layers: range, chunk_size: int | Non
 def final_norm_(model, hidden: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """The final norm over `hidden` (B, n, h), in place, `chunk_size` positions at a time."""
     b, n, h = hidden.shape
-    norm, chunk = _base(model).norm, _chunk(model, chunk_size, b)
+    norm, chunk = nll.decoder(model).norm, _chunk(model, chunk_size, b)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hidden[:, s:e] = norm(hidden[:, s:e].reshape(b * (e - s), h)).view(b, e - s, h)

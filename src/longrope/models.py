@@ -240,10 +240,11 @@ def attached_scaling(model) -> Scaling | None:
 
 
 def cache_argument(model) -> str:
-    """The keyword under which this transformers passes the KV cache: `cache` (5.24 renamed it; the
-    old name still works there, with a deprecation warning) or `past_key_values` (5.17 and before).
-    Read from the model class's own signatures, not a version number: what we call is the model's
-    code, and the name it accepts is the fact that matters."""
+    """The keyword under which the installed transformers passes the KV cache to
+    prepare_inputs_for_generation and forward: `cache` from 5.24 (`past_key_values` still works
+    there, with deprecation notices), `past_key_values` in 5.17 to 5.23. Read from the model
+    class's signatures, not transformers' version: the rename is made in each model's own code,
+    so the class we call is what says which name it takes."""
     cls = type(model)
     for method in (getattr(cls, "prepare_inputs_for_generation", None), cls.forward):
         if method is None:

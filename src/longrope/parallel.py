@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import nll
 from .errors import UsageError
 
 ATTENTION = "longrope_cp"
@@ -225,17 +226,16 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> t
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
     every rank holds whole: this rank runs the positions of its two chunks and scores, for each
     position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer)."""
-    from .train import _decoder, scored_nll  # train imports this module
 
     batch, n = input_ids.shape
     ranges = group.chunks(n)
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
     with global_regime(model, n):
-        out = _decoder(model)(input_ids=input_ids[:, index], position_ids=index[None].expand(batch, -1),
+        out = nll.decoder(model)(input_ids=input_ids[:, index], position_ids=index[None].expand(batch, -1),
                               use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     scored = index < n - 1  # every position but the sequence's last predicts a token
-    total = scored_nll(model, hidden[:, scored], input_ids[:, index[scored] + 1], chunk)
+    total = nll.summed_nll(model, hidden[:, scored], input_ids[:, index[scored] + 1], chunk, torch.float32)
     return total, batch * (n - 1)
 
 

@@ -409,7 +409,7 @@ def _prepare_out(out: Path, identity: dict, resume: bool, force: bool) -> None:
         if not plan.is_file():
             raise UsageError(f"--resume {out}: no {PLAN} there, so nothing to resume; choose another folder")
         saved = json.loads(plan.read_text())
-        diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        diff = runs.differences(saved, identity)
         if diff:
             raise UsageError(f"--resume {out}: that run was made with a different {diff[0]} "
                              f"({str(saved.get(diff[0]))[:80]!r}); use the same settings, another --out, or --force")
@@ -526,14 +526,15 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
                      chunk_size: int | None = None, quiet: bool = True) -> list[dict]:
     """Per length: perplexity of the first L tokens of `n_docs` documents (None where no document
     is long enough) and passkey accuracy over depths × trials (None where the prompt does not fit).
-    `quiet=False`: show progress (a perplexity or a passkey trial at one length is one cell)."""
+    `quiet=False`: show progress, length by length (the longest costs the most by far): a cell is
+    the perplexity or one passkey trial."""
     from . import evaluate
 
     rows = []
     rng = random.Random(seed)
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-    bar = Progress(len(lengths) * (1 + len(depths) * trials), "report", "cells", quiet=quiet)
     for length in lengths:
+        bar = Progress(1 + len(depths) * trials, f"report {format_length(length)}", "cells", quiet=quiet)
         row: dict[str, Any] = {"length": length}
         eligible = [d for d in documents if len(d) >= length]
         if eligible:
@@ -558,7 +559,7 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
         row["passkey"] = evaluate.passkey_accuracy(answers) if answers else None
         row["passkey_trials"] = len(answers)
         rows.append(row)
-    bar.close()
+        bar.close()
     return rows
 
 

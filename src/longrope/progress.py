@@ -4,23 +4,23 @@
         for ...:
             bar.update(1, best=3.21)
 
-Where it goes depends on the stream (standard error by default):
+How it is shown depends on the stream (standard error by default):
 
 - a terminal: a tqdm bar, redrawn in place;
 - anything else (a log file, CI, nohup, a pipe): a plain line at most every `interval` seconds
-  (10 by default, or $LONGROPE_PROGRESS_INTERVAL), and a last one when the progress closes, e.g.
+  (10 by default; $LONGROPE_PROGRESS_INTERVAL sets another, 0 for a line at every update) and a
+  last one when the progress closes, e.g.
 
       search: 12/40 evals (30%), 0:41 elapsed, ~1:08 left, best=3.21
       search: 40/40 evals (100%), 2:17 elapsed, best=3.02, done
 
-  Work done before its first line is due leaves no line at all (a quick phase is not worth one,
-  and a command's error stays the one line on standard error);
+  Work over before its first line was due leaves no line at all: a quick phase is not worth one,
+  and a command's error stays the one line on standard error;
+- `quiet=True` (the commands' --quiet): nothing at all (the counts are still kept).
 
-- `quiet=True`: nothing at all (the counts are still kept).
-
-Time left is the average rate of this session times what is left; work done before it (a resumed
-run: `initial`, `skip`) is counted but does not speed the rate up. Under a time budget
-(`limit_time`) the estimate never exceeds the time the budget leaves.
+The time left is what is left at this session's average rate; work done before the session (a
+resumed run: `initial`, `skip`) is counted but does not speed the rate up. Under a time budget
+(`limit_time`) the estimate never exceeds what the budget leaves.
 """
 
 from __future__ import annotations

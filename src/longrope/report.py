@@ -9,45 +9,16 @@ number (per-document NLL sums, per-trial answers, token counts, peak memory).
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
 import json
 import math
-import platform
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 from . import runs
 
-PACKAGES = ("longrope", "torch", "transformers", "tokenizers", "numpy", "gguf", "matplotlib")
-
-
-def environment(device=None) -> dict:
-    """Package versions, Python, platform, device and the date (UTC)."""
-    from importlib import metadata
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    env = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device)}
-    try:
-        import torch
-
-        if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
-            env["device_name"] = torch.cuda.get_device_name(torch.device(device))
-            env["cuda"] = torch.version.cuda
-        else:
-            env["device_name"] = platform.processor() or platform.machine()
-        env["torch_threads"] = torch.get_num_threads()
-    except Exception:  # environment details are best effort
-        pass
-    return env
+environment = runs.environment  # kept for the recipes that record it beside their results
 
 
 def label(record: dict) -> str:

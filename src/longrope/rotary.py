@@ -1,87 +1,13 @@
-"""The rotary module that turns positions into cos/sin for any scaling, precisely.
-
-Precision: transformers computes `position.float() @ inv_freq.float()`. At position 2,097,151 a
-float32 angle of ~2e6 rad has a spacing of 0.25 rad, and θ_i rounded to float32 adds up to
-2e6 · 6e-8 ≈ 0.12 rad more, so cos/sin can be off by ~0.06 or worse. We form the angle in
-float64 from float64 inverse frequencies, reduce it modulo 2π (exact enough: float64 keeps ~1e-9
-rad at 2e6), and only then go to float32 for cos/sin. The cos/sin error is then ~1e-7 at any
-position a model will ever see.
-"""
+"""The rotary module that turns positions into cos/sin for any scaling, precisely (the angle
+math is `phase`'s: float64 angles reduced modulo 2π before float32)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
+from .phase import MAX_SPLIT_POSITION, TWO_PI, cos_sin, phase_constants, reduced_angles64
 from .scaling import LongRoPEScaling, Scaling, rope_inv_freq
-
-TWO_PI = 2 * math.pi
-LOW_BITS = 12  # positions split as p = hi·2^12 + lo for the fused kernel (hi, lo < 2^12)
-MAX_SPLIT_POSITION = 1 << (2 * LOW_BITS)  # the split arithmetic is exact below 2^24 positions
-
-
-def precise_angles(positions: torch.Tensor, inv_freq64: torch.Tensor) -> torch.Tensor:
-    """float32 angles in [0, 2π) for integer `positions` (...,) and float64 `inv_freq64` (d/2,).
-
-    The product is taken in float64 and reduced modulo 2π before rounding to float32.
-    """
-    return _reduced_angles64(positions, inv_freq64).to(torch.float32)
-
-
-def _reduced_angles64(positions: torch.Tensor, inv_freq64: torch.Tensor) -> torch.Tensor:
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq64.to(positions.device)
-    return torch.remainder(angles, TWO_PI)
-
-
-def _cos_sin(angles64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos and sin of float64 angles in [0, 2π). On the CPU they are taken in float64:
-    torch's multi-threaded float32 cos on the CPU is intermittently off by ~1e-4 (seen in about
-    one process in ten with torch 2.13 on two cores), far above the ulp this layer promises. On
-    CUDA float32 is accurate to a few ulp and halves the memory of the table."""
-    if angles64.device.type != "cpu":
-        angles64 = angles64.to(torch.float32)
-    return angles64.cos().to(torch.float32), angles64.sin().to(torch.float32)
-
-
-def _split12(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 x >= 0 as hi + lo: hi has at most LOW_BITS significant bits (so an integer below
-    2^LOW_BITS times hi is exact in float32), lo = x - hi rounded to float32."""
-    mant, exp = torch.frexp(x)  # x = mant · 2^exp, mant in [0.5, 1)
-    hi = torch.ldexp(torch.floor(torch.ldexp(mant, torch.tensor(LOW_BITS))), exp - LOW_BITS)
-    hi = torch.where(x > 0, hi, torch.zeros_like(x))
-    return hi.float(), (x - hi).float()
-
-
-def phase_constants(inv_freq64: torch.Tensor) -> torch.Tensor:
-    """float32 (4, d/2) constants of the split-precision angle: rows f_hi, f_lo, F_hi, F_lo, where
-    f = frac(θ_i / 2π) is the phase increment per position in turns, F = frac(2^LOW_BITS · f) the
-    increment per 2^LOW_BITS positions, each split by `_split12`. Computed in float64."""
-    f = torch.frac(inv_freq64.double().cpu() / TWO_PI)
-    big = torch.frac(f * float(1 << LOW_BITS))
-    return torch.stack([*_split12(f), *_split12(big)])
-
-
-def split_angles(positions: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
-    """float32 angles in [-π, π) for integer positions (< 2^24) with float32 arithmetic only:
-    exactly what the fused kernel (`rotary_triton`) computes, so it can be tested on any device.
-
-    p = hi·2^12 + lo; turns = frac(hi·F_hi) + frac(lo·f_hi) + (hi·F_lo + lo·f_lo), where both
-    products with the 12-bit parts are exact in float32 and the corrections are tiny, so the
-    only rounding is that of a sum below 3: ~2.4e-7 turns, ~1.5e-6 rad at any position.
-    """
-    p = positions.long().unsqueeze(-1)
-    hi = (p >> LOW_BITS).float()
-    lo = (p & ((1 << LOW_BITS) - 1)).float()
-    f_hi, f_lo, big_hi, big_lo = consts.to(positions.device).unbind(0)
-    a = hi * big_hi
-    a = a - torch.floor(a)
-    b = lo * f_hi
-    b = b - torch.floor(b)
-    turns = a + b + (hi * big_lo + lo * f_lo)
-    turns = turns - torch.floor(turns + 0.5)
-    return turns * TWO_PI
 
 
 def fused_available(t: torch.Tensor) -> bool:
@@ -135,7 +61,7 @@ class ScaledRotaryEmbedding(nn.Module):
         if seq_len is None:
             seq_len = int(position_ids.max().item()) + 1 if position_ids.numel() else 1
         device = position_ids.device
-        angles = _reduced_angles64(position_ids, self._inv_freq(seq_len, device))
+        angles = reduced_angles64(position_ids, self._inv_freq(seq_len, device))
         scale = self.scaling.attention_factor(seq_len)
         n_hat = self.scaling.n_hat
         if n_hat:
@@ -144,9 +70,9 @@ class ScaledRotaryEmbedding(nn.Module):
             if key not in self._cache:
                 self._cache[key] = rope_inv_freq(self.dim, self.base).to(device)
             start = (position_ids < n_hat).unsqueeze(-1)
-            angles = torch.where(start, _reduced_angles64(position_ids, self._cache[key]), angles)
+            angles = torch.where(start, reduced_angles64(position_ids, self._cache[key]), angles)
             scale = torch.where(start, 1.0, torch.tensor(scale, dtype=torch.float32, device=device))
-        cos, sin = _cos_sin(angles)
+        cos, sin = cos_sin(angles)
         return torch.cat((cos, cos), dim=-1) * scale, torch.cat((sin, sin), dim=-1) * scale
 
     def phase_constants(self, seq_len: int, device: torch.device, unscaled: bool = False) -> torch.Tensor:
@@ -262,9 +188,9 @@ class BatchedRotaryEmbedding(nn.Module):
         scale = self._get("scale", device)[:, None, None]
         if any(self.n_hats):
             start = (pos.unsqueeze(-1) < self._get("n_hat", device)[:, None, None])  # (B, n, 1)
-            angles = torch.where(start, _reduced_angles64(pos, self._get("unscaled", device)), angles)
+            angles = torch.where(start, reduced_angles64(pos, self._get("unscaled", device)), angles)
             scale = torch.where(start, 1.0, scale)
-        cos, sin = _cos_sin(angles)
+        cos, sin = cos_sin(angles)
         return torch.cat((cos, cos), dim=-1) * scale, torch.cat((sin, sin), dim=-1) * scale
 
     @torch.no_grad()

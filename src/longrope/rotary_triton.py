@@ -2,10 +2,10 @@
 
 No (positions × dim) cos/sin table exists: each program takes a block of tokens, forms the angle
 of every (token, frequency pair) from the integer position with the split-precision arithmetic
-of `rotary.split_angles` (float32 only, exact products, ~1.5e-6 rad at any position below 2^24),
+of `phase.split_angles` (float32 only, exact products, ~1.5e-6 rad at any position below 2^24),
 applies the attention factor (and n̂: positions below it use the unscaled constants and no
 factor), and rotates every head of q and k with those cos/sin, in float32, storing in the
-tensors' dtype. The per-pair constants (`rotary.phase_constants`) carry the scaling: LongRoPE's
+tensors' dtype. The per-pair constants (`phase.phase_constants`) carry the scaling: LongRoPE's
 per-pair factors and short/long choice arrive as inverse frequencies, so any scaling works.
 
 `rotary.ScaledRotaryEmbedding.rotate` calls this on CUDA; the PyTorch path there is the
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rotary import LOW_BITS
+from .phase import LOW_BITS
 
 BLOCK_T = 32  # tokens per program
 
@@ -100,7 +100,7 @@ def rotate_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
                    consts0: torch.Tensor | None = None, scale: float = 1.0, n_hat: int = 0) -> None:
     """Rotate q (n, Hq, head_dim) and k (n, Hk, head_dim) in place at `positions` (n,) < 2^24.
 
-    consts: `rotary.phase_constants` (4, rd/2) float32 of the scaled frequencies; consts0 those
+    consts: `phase.phase_constants` (4, rd/2) float32 of the scaled frequencies; consts0 those
     of the unscaled ones, used (with no attention factor) for positions < n_hat. The first rd
     channels rotate; the last dimension must be contiguous. CPU tensors run in the interpreter.
     """

@@ -17,10 +17,13 @@ would be 0700).
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import platform
 import secrets
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -158,3 +161,47 @@ def write_text(path, text: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())  # the new content is on disk before it takes the old one's name
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# what a run records about itself, and how a resumed run checks it is the same run
+
+PACKAGES = ("longrope", "torch", "transformers", "tokenizers", "numpy", "gguf", "matplotlib")
+
+
+def versions() -> dict:
+    """Python and the installed versions of the packages a result depends on (None: absent)."""
+    from importlib import metadata
+
+    found: dict = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def environment(device=None) -> dict:
+    """Package versions, Python, platform, device and the date (UTC): recorded beside every result."""
+    env = {"python": sys.version.split()[0], "platform": platform.platform(),
+           "packages": {k: v for k, v in versions().items() if k != "python"},
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device)}
+    try:
+        import torch
+
+        if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+            env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+            env["cuda"] = torch.version.cuda
+        else:
+            env["device_name"] = platform.processor() or platform.machine()
+        env["torch_threads"] = torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - environment details are best effort
+        pass
+    return env
+
+
+def differences(saved: dict, given: dict) -> list[str]:
+    """The keys whose values differ between a saved run's settings and the ones given now, sorted:
+    a resumed run must be the same run (each command words its refusal)."""
+    return sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))

@@ -748,12 +748,11 @@ def candidate_nlls(model, scalings: Sequence[LongRoPEScaling], windows, chunk_si
     (at most `max_batch` per forward), each with its candidate's rotary. The model's rotary module
     is put back afterwards. Scoring is per sequence, exactly as nll_sum scores."""
     import torch
-    import torch.nn.functional as F
 
-    from . import evaluate, lean, models
+    from . import lean, models, nll
     from .rotary import BatchedRotaryEmbedding
 
-    chunk = evaluate.DEFAULT_CHUNK if chunk_size is None else max(1, int(chunk_size))  # the loss's
+    chunk = nll.DEFAULT_CHUNK if chunk_size is None else max(1, int(chunk_size))  # the loss's
     info = models.rope_info(model.config)
     owner = models._rotary_owner(model)
     device = model.get_output_embeddings().weight.device
@@ -778,13 +777,7 @@ def candidate_nlls(model, scalings: Sequence[LongRoPEScaling], windows, chunk_si
                     ids = ids.to(device)
                     hidden = lean.final_hidden_states_batch(model, ids, chunk_size)
                     for row, (i, j) in enumerate(batch):
-                        first = max(1, int(pairs[j][1]))
-                        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-                        for start in range(first, n, chunk):
-                            end = min(start + chunk, n)
-                            logits = evaluate._project(model, hidden[row, start - 1:end - 1])
-                            total += F.cross_entropy(logits, ids[row, start:end], reduction="sum").double()
-                        result[i][j] = (float(total.item()), n - first)
+                        result[i][j] = nll.sequence_nll(model, hidden[row], ids[row], max(1, int(pairs[j][1])), chunk)
                     del hidden
     finally:
         owner.rotary_emb = saved
@@ -1001,12 +994,11 @@ def check_out(out: str | os.PathLike, resume: bool, force: bool, space: SearchSp
 
 
 def _check_same(out: Path, what: str, saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
-    for key in sorted(set(saved) | set(given)):
-        if saved.get(key) != given.get(key):
-            ours = f"{key}={saved[key]!r}" if key in saved else f"the default {key}"
-            theirs = repr(given[key]) if key in given else "the default"
-            raise UsageError(f"--resume {out}: that {what} {ours}, not {theirs}; "
-                             "use another --out (or drop the option)")
+    for key in runs.differences(dict(saved), dict(given))[:1]:
+        ours = f"{key}={saved[key]!r}" if key in saved else f"the default {key}"
+        theirs = repr(given[key]) if key in given else "the default"
+        raise UsageError(f"--resume {out}: that {what} {ours}, not {theirs}; "
+                         "use another --out (or drop the option)")
 
 
 class _Book:
@@ -1179,7 +1171,7 @@ class _Book:
             "evals_per_min": round(60 * len(s.cache) / seconds, 3) if seconds > 0 else None,
             # the issue's target: time outside model forwards < 10% of the search
             "overhead_share": round(1 - s.fitness_seconds / seconds, 4) if seconds > 0 else None,
-            "config": c.to_dict(), "identity": self.identity, "versions": _versions(),
+            "config": c.to_dict(), "identity": self.identity, "versions": runs.versions(),
             "stats": s.stats, "space": self.space.summary(), **(extra_summary or {}),
         }
         scaling = self.space.scaling(best)
@@ -1190,21 +1182,6 @@ class _Book:
             runs.write_text(self.out / SCALING, scaling.to_json())
             runs.write_text(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return SearchResult(best, s.cache[best], scaling, s.stats, summary, self.out)
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    from . import __version__
-
-    out = {"longrope": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
 
 
 def read_history(out: str | os.PathLike) -> list[dict]:

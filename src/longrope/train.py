@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import models, parallel, runs
+from . import models, nll, parallel, runs
 from .data import Document, read_documents
 from .errors import UsageError
 from .evaluate import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
@@ -426,7 +426,7 @@ def _prepare_out(out: Path, resume: bool, force: bool, record: str = RECORD) -> 
 def _check_resumable(cfg: PretrainConfig, saved: dict) -> None:
     ours = {k: v for k, v in cfg.to_dict().items() if k not in PretrainConfig.RUN_FIELDS}
     theirs = {k: v for k, v in saved.items() if k not in PretrainConfig.RUN_FIELDS}
-    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    diff = runs.differences(theirs, ours)
     if diff:
         shown = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff)
         raise UsageError(f"--resume: the checkpoint was made with different settings ({shown}); "
@@ -578,7 +578,7 @@ def pretrain(cfg: PretrainConfig, documents: Sequence[Document], out: str | os.P
         "passkey_accuracy_at_context": accuracy, "wall_time_s": round(wall, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(), "command": command if command is not None else _argv(),
+        "versions": runs.versions(), "command": command if command is not None else _argv(),
         "data": {**(data_info or {}), "documents": len(documents), "tokens": int(len(stream)),
                  "validation_documents": [d.id for d in validation or []]},
     }
@@ -644,16 +644,6 @@ def passkey_accuracy(model, context: int, *, n: int = 32, device: torch.device |
     return float((predicted == ids[:, a:]).all(-1).float().mean())
 
 
-def _versions() -> dict:
-    import transformers
-
-    from . import __version__
-
-    return {"longrope": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-
-
 def _argv() -> str:
     import shlex
 
@@ -664,7 +654,7 @@ def _argv() -> str:
 # long-context fine-tuning
 
 FT_RECORD = "finetune.json"  # written last: the run is finished
-DEFAULT_LOSS_CHUNK = 4096
+DEFAULT_LOSS_CHUNK = nll.DEFAULT_CHUNK
 
 
 @dataclass(frozen=True)
@@ -767,51 +757,16 @@ def finetune_batch(packed: np.ndarray, cfg: FinetuneConfig, step: int, micro: in
     return torch.from_numpy(np.ascontiguousarray(packed[rows]))
 
 
-def _decoder(model):
-    """The decoder stack that returns final hidden states (`model.model` for HF causal LMs)."""
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, torch.nn.Module) else model.get_decoder()
-
-
-def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float | None,
-               cap: float | None) -> torch.Tensor:
-    """Summed float32 cross entropy of one chunk of positions (logits as evaluate projects them)."""
-    logits = head(hidden).float()
-    if scale:
-        logits = logits / scale
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-
-
 def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[torch.Tensor, int]:
     """(summed next-token cross entropy, number of targets) of a [batch, seq] batch, without ever
     building (tokens × vocab) logits: the decoder's final hidden states are projected through
     `lm_head` and scored `chunk` positions at a time; with autograd on, each chunk runs under
     activation checkpointing, so its logits are freed at once and recomputed in the backward pass
     (peak: one chunk's logits, not the sequence's)."""
-    out = _decoder(model)(input_ids=input_ids, use_cache=False)
+    out = nll.decoder(model)(input_ids=input_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     batch, length = input_ids.shape
-    return scored_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk), batch * (length - 1)
-
-
-def scored_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed float32 cross entropy of `targets` [batch, m] predicted from `hidden` [batch, m, h],
-    projected `chunk` positions at a time (under activation checkpointing when autograd is on)."""
-    from torch.utils.checkpoint import checkpoint
-
-    head = model.get_output_embeddings()
-    scale = getattr(model.config, "logits_scaling", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    grad = torch.is_grad_enabled()
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for row in range(targets.shape[0]):
-        for start in range(0, targets.shape[1], chunk):
-            end = min(start + chunk, targets.shape[1])
-            args = (head, hidden[row, start:end], targets[row, start:end], scale, cap)
-            total = total + (checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args))
-    return total
+    return nll.summed_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk, torch.float32), batch * (length - 1)
 
 
 @dataclass
@@ -826,7 +781,7 @@ def _check_finetune_resumable(cfg: FinetuneConfig, identity: dict, saved: dict) 
             **{f"identity.{k}": v for k, v in identity.items()}}
     theirs = {**{k: v for k, v in saved["config"].items() if k not in FinetuneConfig.RUN_FIELDS},
               **{f"identity.{k}": v for k, v in saved.get("identity", {}).items()}}
-    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    diff = runs.differences(theirs, ours)
     if diff:
         shown = ", ".join(f"{k} {str(theirs.get(k))[:60]!r} -> {str(ours.get(k))[:60]!r}" for k in diff[:3])
         raise UsageError(f"--resume: the checkpoint was made with different settings ({shown}); "
@@ -996,7 +951,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
         "last_logged_loss": recent[-1] if recent else None, "wall_time_s": round(wall, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(), "command": command if command is not None else _argv(),
+        "versions": runs.versions(), "command": command if command is not None else _argv(),
     }
     if ranks is not None:
         record["processes"] = ranks.world

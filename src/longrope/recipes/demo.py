@@ -79,10 +79,10 @@ def evaluate_all(model, tokenizer, info, docs, searched: dict, device, seed: int
 
     ppl, passkey = [], []
     rng = random.Random(seed)
-    # a cell: one method at one length, its perplexity or its passkey trials at one depth
-    cells = len((1,) + SCALES) * len(METHODS) * (1 + len(DEPTHS))
-    bar = Progress(cells, "evaluate", "cells", quiet=quiet)
     for scale in (1,) + SCALES:
+        # one bar per length: a cell at 16× costs some 30 of those at 1×, so one bar would misjudge the
+        # time left; a cell is one method's perplexity, or its passkey trials at one depth
+        bar = Progress(len(METHODS) * (1 + len(DEPTHS)), f"evaluate {scale}×", "cells", quiet=quiet, leave=False)
         length = scale * info.original_length
         chosen = data.select(docs, length, EVAL_DOCS, seed=seed)
         windows = [torch.as_tensor(d.tokens[:length], dtype=torch.long, device=device) for d in chosen]
@@ -108,7 +108,7 @@ def evaluate_all(model, tokenizer, info, docs, searched: dict, device, seed: int
                                 "accuracy": evaluate.passkey_accuracy(trials),
                                 "answers": [t.answer for t in trials]})
                 bar.update()
-    bar.close()
+        bar.close()
     return ppl, passkey
 
 
