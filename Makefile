@@ -32,7 +32,9 @@ $(VENV_LOWEST)/.installed: pyproject.toml Makefile
 
 env: $(VENV)/.installed
 
+# the layer contract of ARCHITECTURE.md (pyproject's [tool.importlinter]), then the tests
 test: env
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-lowest: $(VENV_LOWEST)/.installed

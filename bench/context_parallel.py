@@ -1,4 +1,4 @@
-"""Issue 7 on two GPUs: one fine-tuning step with context parallelism + FSDP2 (`longrope.parallel`)
+"""Issue 7 on two GPUs: one fine-tuning step with context parallelism + FSDP2 (`longrope.train.parallel`)
 against one GPU, and the longest step each can run.
 
 1. Equality at --check-length (fits one GPU). Four runs of the same step (float32 master
@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from _common import SHAPES, SMOKE, TINY, environment, fmt_len, random_llama, write_json
-from longrope import models, parallel, train
+from longrope import distributed, models, train
 from longrope import scaling as sc
+from longrope.train import parallel
 
 
 def build(shape: str, target: int, device: torch.device):
@@ -88,13 +89,13 @@ def single_step(model, ids, chunk, device, bf16=True) -> tuple[float, float]:
     return nll.item() / count, time.perf_counter() - t
 
 
-def parallel_step(root, group, ids, device, bf16=True) -> tuple[float, float]:
+def parallel_step(root, ids, device, bf16=True) -> tuple[float, float]:
     sync(device)
     t = time.perf_counter()
     with autocast(device, bf16):
         nll, count = root(ids)
-    (nll * group.loss_scale / count).backward()
-    loss = parallel.all_reduce_sum(nll).item() / count
+    (nll * root.loss_scale / count).backward()
+    loss = distributed.all_reduce_sum(nll).item() / count
     sync(device)
     return loss, time.perf_counter() - t
 
@@ -138,7 +139,7 @@ def main():
         local = int(__import__("os").environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=datetime.timedelta(minutes=15))
-    group = parallel.init("cpu" if SMOKE else "cuda")
+    group = distributed.init("cpu" if SMOKE else "cuda")
     device = group.device
     vocab = (TINY if SMOKE else SHAPES[args.shape])["vocab_size"]
     ids_for = lambda n: torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
@@ -175,7 +176,7 @@ def main():
     dist.barrier()
     root = sharded(args, group, device)
     for bf16, name in ((False, "fp32"), (True, "bf16")):
-        loss, _ = parallel_step(root, group, ids, device, bf16=bf16)
+        loss, _ = parallel_step(root, ids, device, bf16=bf16)
         errors = grad_errors(parallel.iter_full_gradients(root), truth)  # every rank gathers
         root.zero_grad(set_to_none=True)
         if group.is_main:
@@ -230,7 +231,7 @@ def main():
                              "predicted_peak_gib": predicted})
                 break
         release(device)
-        loss, seconds = parallel_step(root, group, ids_for(n), device)
+        loss, seconds = parallel_step(root, ids_for(n), device)
         peaks = [None] * group.world
         dist.all_gather_object(peaks, peak_gib(device))
         root.zero_grad(set_to_none=True)

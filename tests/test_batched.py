@@ -85,9 +85,9 @@ def test_batched_perplexities_equal_serial(arch):
     scalings = candidates(rotary_dim(model))
     windows = [_ids(200, 1), _ids(200, 2), (_ids(48, 3), 5), _ids(1, 4)]  # long, long, short (scored from 5), empty
     serial = S.Serial(S.model_fitness(model, windows, 32))(scalings)
-    before = models._rotary_owner(model).rotary_emb
+    before = models.rotary_module(model)
     batched = S.Batched(model, windows, len(scalings), chunk_size=32)(scalings)
-    assert models._rotary_owner(model).rotary_emb is before  # put back
+    assert models.rotary_module(model) is before  # put back
     assert batched == pytest.approx(serial, rel=1e-5)
     assert len(set(serial)) == len(serial)  # the candidates really differ
     # several forwards (max_batch) and the per-window sums

@@ -154,7 +154,7 @@ def test_piecewise_cuts_happen():
     # the cut candidates exist and verify for a tokenizer where they are safe
     tokenizer = _gpt2_style_tokenizer()
     text = data.read_documents("bundled")[0].text[:20_000]
-    cuts = data._cut_points(text, 3000)
+    cuts = data.cut_points(text, 3000)
     assert len(cuts) >= 5
     assert all(text[c] == " " and text[c + 1].isalpha() for c in cuts)
 

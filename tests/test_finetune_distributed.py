@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from conftest import ORIGINAL, tiny_model
-from longrope import models, parallel, train
+from longrope import distributed, models, train
 from longrope import scaling as sc
+from longrope.errors import UsageError
 from longrope.tokenization import byte_tokenizer
+from longrope.train import parallel
 from test_finetune import SEQ, Stop, config, packed_data
 
 WORLD = 2
@@ -56,8 +58,8 @@ def _step(arch: str, group):
     parallel.use_context_parallel_attention(model)
     root = parallel.shard_model(model, group, chunk=16)
     nll, count = root(ids)
-    (nll * group.loss_scale / count).backward()
-    return parallel.all_reduce_sum(nll).item() / count, parallel.full_gradients(root)
+    (nll * root.loss_scale / count).backward()
+    return distributed.all_reduce_sum(nll).item() / count, parallel.full_gradients(root)
 
 
 def _free_port() -> int:
@@ -73,7 +75,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
                       MASTER_PORT=str(port))
     work = Path(work)
     try:
-        group = parallel.init("cpu")
+        group = distributed.init("cpu")
         report = {}
         report["steps"] = {arch: one_step(arch, group) for arch in ARCHS}  # loss and full gradients
         report["autocast"] = one_step("llama", group, autocast=True)
@@ -96,7 +98,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    parallel.exit_without_teardown(0)  # reached after success only: see its docstring
+    distributed.exit_without_teardown(0)  # reached after success only: see its docstring
 
 
 def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
@@ -156,11 +158,11 @@ def test_load_balanced_chunks_cover_the_sequence_and_reorder_back():
         assert len(work) == 1, (world, work)
         # what all_gather returns (rank order, each rank's two chunks) goes back to sequence order
         gathered = torch.cat([torch.arange(a, b) for chunks in held for a, b in chunks]).float()
-        ordered = parallel._sequence_order(gathered.view(1, 1, n, 1), world)
+        ordered = parallel.sequence_order(gathered.view(1, 1, n, 1), world)
         assert ordered.flatten().tolist() == list(range(n)), world
     try:
         parallel.shard_chunks(50, 2, 0)
-    except parallel.UsageError as exc:
+    except UsageError as exc:
         assert "multiple of twice the number of processes (4)" in str(exc)
     else:
         raise AssertionError("an uneven split must be refused")

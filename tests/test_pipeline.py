@@ -20,7 +20,9 @@ from longrope import scaling as sc
 from longrope import search as S
 from longrope.cli import main
 from longrope.errors import UsageError
-from longrope.pipeline import LongRoPEModel, Stage, parse_stages
+from longrope.facade import LongRoPEModel
+from longrope.pipeline import Stage, parse_stages
+from longrope.report import write_extend_report
 from longrope.tokenization import byte_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
@@ -137,7 +139,8 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_mo
                         log=lambda m: None)
 
     result = pipeline.extend(str(tiny_model_dir), tok, docs, cfg, out, resume=True,
-                             runners=counting_runners(calls), log=lambda m: None)
+                             runners=counting_runners(calls), log=lambda m: None,
+                             render_report=write_extend_report)
     # stage 1 skipped; the finetune stage ran again (it finds its finished output), then the rest
     assert calls == {"search": 2, "finetune": 2, "readjust": 1}
     assert [m["stage"] for m in result.stages] == ["search:128", "finetune:128:2", "search:256:3", "readjust:64"]
@@ -257,8 +260,10 @@ def test_longrope_model_facade(tmp_path):
     model = LongRoPEModel(d_model=32, n_heads=2, num_layers=1, base_length=32)
     assert model.hf_model.config.head_dim == 16 and model.max_length == 32
     texts = [text(80, i) for i in range(3)]
-    result = model.extend_context(texts, 128, out=tmp_path / "facade", finetune_steps=2, samples=1,
-                                  search=TINY_SEARCH, report_lengths=(32, 128), log=lambda m: None)
+    extended = model.extend_context(texts, 128, out=tmp_path / "facade", finetune_steps=2, samples=1,
+                                    search=TINY_SEARCH, report_lengths=(32, 128), log=lambda m: None)
+    assert extended is model  # in place, and the model itself back (the seed's `model = model.extend_context(...)`)
+    result = model.last_extension
     assert [m["stage"] for m in result.stages] == ["search:64", "finetune:64:2", "search:128", "readjust:32"]
     assert model.max_length == 128 and model.scaling.target_length == 128
     logits = model(torch.randint(0, 259, (2, 128)))

@@ -56,7 +56,7 @@ def strip_seconds(records):
 
 
 def test_space_grid_bounds_and_scaling():
-    assert SPACE.scale == 4 and SPACE.size == 8
+    assert SPACE.factor == 4 and SPACE.size == 8
     assert SPACE.top == 400  # λ ≤ 1.25·s = 5.00
     assert SPACE.n_hats == (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32)  # only n̂ < original context 64
     g = S.Genome(TARGET, TARGET_N_HAT)
@@ -71,11 +71,11 @@ def test_space_grid_bounds_and_scaling():
 
 
 def test_snap_rounds_clips_and_keeps_monotone():
-    assert SPACE.snap([0.5, 1.004, 1.006, 1.5, 1.49, 9.0, 9.0, 9.0]).factors == (0, 0, 1, 50, 50, 400, 400, 400)
+    assert SPACE.snap([0.5, 1.004, 1.006, 1.5, 1.49, 9.0, 9.0, 9.0]).factor_steps == (0, 0, 1, 50, 50, 400, 400, 400)
 
 
 def test_initial_population_holds_exact_pi_ntk_yarn():
-    d, b, s = SPACE.dim, SPACE.base, SPACE.scale
+    d, b, s = SPACE.dim, SPACE.base, SPACE.factor
     rng = np.random.default_rng(0)
     pop = S.initial_population(SPACE, rng, S.SearchConfig())
     assert len(pop) == 64 and len(set(pop)) == 64
@@ -98,7 +98,7 @@ def test_mutation_and_crossover_always_monotone_and_in_bounds():
         child = S.crossover(a, b, rng)
         assert child is None or space.contains(child)
         if child is not None:
-            assert all(x in (y, z) for x, y, z in zip(child.factors, a.factors, b.factors))
+            assert all(x in (y, z) for x, y, z in zip(child.factor_steps, a.factor_steps, b.factor_steps))
         children = S.breed([a, b], space, rng, S.SearchConfig(mutations=3, crossovers=3), seen=[])
         assert children and all(space.contains(c) for c in children)
         assert len(set(children)) == len(children) and a not in children and b not in children
@@ -110,7 +110,7 @@ def test_mutation_can_leave_a_plateau_and_reach_both_bounds():
     seen = set()
     for _ in range(2000):
         g = S.mutate(g, SPACE, rng, 0.3, 0.25)
-        seen.update(g.factors)
+        seen.update(g.factor_steps)
     assert min(seen) == 0 and max(seen) == SPACE.top
 
 
@@ -127,9 +127,9 @@ def test_select_is_truncation_and_nan_is_worst():
 
 def test_finds_a_known_optimum():
     result = S.run(SPACE, quadratic_fitness(), S.SearchConfig(generations=100, local=0.5, seed=0))
-    err = max(abs(x - t) for x, t in zip(result.best.factors, TARGET))
+    err = max(abs(x - t) for x, t in zip(result.best.factor_steps, TARGET))
     assert err <= 1, (result.best, TARGET)
-    assert result.best.n_hat == TARGET_N_HAT
+    assert result.best.n_hat_index == TARGET_N_HAT
     assert result.summary["evals"] <= 100 * 32 + 64
     stats = result.stats
     assert [s["generation"] for s in stats] == list(range(101))

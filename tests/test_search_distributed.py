@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longrope import runs, parallel
+from longrope import distributed, runs
 from longrope import search as S
 from test_search import SMALL, SPACE, TARGET, TARGET_N_HAT, quadratic_fitness, strip_seconds
 from test_search_longrope2 import CRIT_ATT, attention_fitness, critical_target
@@ -27,7 +27,7 @@ WORLD = 2
 
 
 def crit_fitness():
-    return attention_fitness(CRIT_ATT, 1.2, critical_target(CRIT_ATT, 4, [330, 400, 500, 520]).factors)
+    return attention_fitness(CRIT_ATT, 1.2, critical_target(CRIT_ATT, 4, [330, 400, 500, 520]).factor_steps)
 
 
 # every search is (name, space, fitness factory, config, resume)
@@ -77,9 +77,10 @@ def _rank_main(rank: int, init_file: str, work: str) -> None:
         (work / f"rank{rank}.pkl").write_bytes(pickle.dumps(report))
     finally:
         dist.destroy_process_group()
-    parallel.exit_without_teardown(0)  # reached after success only: see its docstring
+    distributed.exit_without_teardown(0)  # reached after success only: see its docstring
 
 
+@pytest.mark.torchrun
 def test_two_ranks_give_the_one_process_result(tmp_path):
     import torch.multiprocessing as mp
 
@@ -102,7 +103,7 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
         done = [r["evaluated"][i] for r in ranks]
         assert all(d > 0 for d in done) and sum(done) == single.summary["evals"] - evals_before
         evals_before = single.summary["evals"] if name == "resumed" else 0
-    assert ranks[0][1][0].critical is not None and ranks[0][1][0].attention is not None
+    assert ranks[0][1][0].critical_pairs is not None and ranks[0][1][0].attention_steps is not None
     assert json.loads((work / "critical" / S.SUMMARY).read_text())["evals"] == 41
     assert "rank 1: ValueError: boom" in ranks[0]["error"]
     assert "error" not in ranks[1]  # the other rank was released, not left waiting
@@ -140,6 +141,7 @@ CLI = ["--target-length", "256", "--samples", "1", "--population", "6", "--mutat
        "--search-attention"]
 
 
+@pytest.mark.torchrun
 def test_torchrun_cli_gives_the_one_process_result(tiny_model_dir, docs, tmp_path, monkeypatch, capsys):
     launcher = torchrun()
     if launcher is None:

@@ -11,6 +11,7 @@ import pytest
 
 from longrope import scaling as sc
 from longrope import search as S
+from longrope.errors import UsageError
 from test_search import SMALL, quadratic_fitness, strip_seconds
 
 CRIT = S.CriticalDimSpace(dim=16, base=10000.0, original_length=64, target_length=256)  # s = 4, 8 pairs
@@ -57,7 +58,7 @@ def test_critical_space_bounds_ntk_part_and_scaling():
     assert CRIT.ntk == tuple(int(round((x - 1) * 100)) for x in exact)
     assert all(i < CRIT.low for i in CRIT.ntk[:-1]) and CRIT.ntk[-1] == CRIT.low  # NTK's last λ = s
     g = CRIT.make(3, [310, 400, 400, 450, 700])
-    assert g.factors == CRIT.ntk[:3] + (310, 400, 400, 450, 700) and g.critical == 3 and CRIT.contains(g)
+    assert g.factor_steps == CRIT.ntk[:3] + (310, 400, 400, 450, 700) and g.critical_pairs == 3 and CRIT.contains(g)
     scaling = CRIT.scaling(g)
     assert scaling.long_factor == tuple(ntk_lambdas(CRIT)[:3]) + (4.1, 5.0, 5.0, 5.5, 8.0)
     assert scaling.attention_factor() == pytest.approx(sc.longrope_attention_factor("su", 4.0, 64))  # fixed "su"
@@ -68,13 +69,13 @@ def test_critical_space_bounds_ntk_part_and_scaling():
 
 def test_critical_repair_keeps_the_vector_monotone_and_canonical():
     # searched values below s are lifted to s, a decreasing tail becomes its running maximum
-    assert CRIT.make(2, [0, 900, 350, 800, 10, 10]).factors == CRIT.ntk[:2] + (300, 700, 700, 700, 700, 700)
+    assert CRIT.make(2, [0, 900, 350, 800, 10, 10]).factor_steps == CRIT.ntk[:2] + (300, 700, 700, 700, 700, 700)
     # missing searched values repeat the last one (or s)
-    assert CRIT.make(5, [420]).factors == CRIT.ntk[:5] + (420, 420, 420)
-    assert CRIT.make(9, []).critical == 8 and CRIT.make(-3, []).critical == 0
+    assert CRIT.make(5, [420]).factor_steps == CRIT.ntk[:5] + (420, 420, 420)
+    assert CRIT.make(9, []).critical_pairs == 8 and CRIT.make(-3, []).critical_pairs == 0
     # a searched value equal to NTK's own (the last pair, λ = s) belongs to the NTK part: one genome per scaling
     pure_ntk = CRIT.make(8, [])
-    assert CRIT.make(7, [300]) == pure_ntk and pure_ntk.factors == CRIT.ntk
+    assert CRIT.make(7, [300]) == pure_ntk and pure_ntk.factor_steps == CRIT.ntk
     assert not CRIT.contains(S.Genome(CRIT.ntk, 0, 7))
     assert not CRIT.contains(S.Genome(CRIT.ntk[:2] + (299,) * 6, 0, 2))  # below s
     assert not CRIT.contains(S.Genome((0,) * 2 + (300,) * 6, 0, 2))  # not NTK below c
@@ -88,13 +89,14 @@ def test_critical_seeds_hold_pi_ntk_yarn_and_the_theoretical_critical_dim():
     assert seeds["ntk"] == S.Genome(CRIT.ntk, 0, 8)  # NTK: all of it
     yarn = sc.yarn_factors(16, 10000.0, 64, 4.0).tolist()
     first_at_s = next(i for i, x in enumerate(yarn) if x >= 4 - 1e-9)
-    assert seeds["yarn"].critical == first_at_s and seeds["yarn"].factors[first_at_s:] == (300,) * (8 - first_at_s)
-    assert seeds["tcd"].critical == CRIT.critical_dim // 2 == 3
-    assert seeds["tcd"].factors == CRIT.ntk[:3] + (300,) * 5
+    assert seeds["yarn"].critical_pairs == first_at_s
+    assert seeds["yarn"].factor_steps[first_at_s:] == (300,) * (8 - first_at_s)
+    assert seeds["tcd"].critical_pairs == CRIT.critical_dim // 2 == 3
+    assert seeds["tcd"].factor_steps == CRIT.ntk[:3] + (300,) * 5
     pop = S.initial_population(CRIT, np.random.default_rng(0), S.SearchConfig())
     assert len(pop) == len(set(pop)) == 64 and all(CRIT.contains(g) for g in pop)
     assert set(seeds.values()) <= set(pop[:4])
-    assert {g.critical for g in pop} != {3}  # the population spreads c
+    assert {g.critical_pairs for g in pop} != {3}  # the population spreads c
 
 
 def test_critical_genomes_always_monotone_and_in_bounds():
@@ -113,10 +115,10 @@ def test_critical_genomes_always_monotone_and_in_bounds():
             child = space.mutate(a, rng, p, local)
             assert space.contains(child), (seed, p, local, child)
             lam = space.lambdas(child)
-            assert all(x <= y for x, y in zip(lam, lam[1:])) and min(lam) >= 1 and max(lam) <= 2 * space.scale
-            assert all(x >= space.scale - 1e-9 for x in lam[child.critical:])
+            assert all(x <= y for x, y in zip(lam, lam[1:])) and min(lam) >= 1 and max(lam) <= 2 * space.factor
+            assert all(x >= space.factor - 1e-9 for x in lam[child.critical_pairs:])
         child = space.crossover(a, b, rng)
-        assert child is None or (space.contains(child) and child.critical in (a.critical, b.critical))
+        assert child is None or (space.contains(child) and child.critical_pairs in (a.critical_pairs, b.critical_pairs))
         children = S.breed([a, b], space, rng, S.SearchConfig(mutations=3, crossovers=3), seen=[])
         assert all(space.contains(c) for c in children)
         assert len(set(children)) == len(children) and a not in children and b not in children
@@ -128,16 +130,16 @@ def test_critical_mutation_moves_c_both_ways_by_small_steps():
     steps, seen = [], set()
     for _ in range(3000):
         child = CRIT.mutate(g, rng, 0.3, 0.25)
-        steps.append(child.critical - g.critical)
+        steps.append(child.critical_pairs - g.critical_pairs)
         g = child
-        seen.add(g.critical)
+        seen.add(g.critical_pairs)
     assert seen == set(range(CRIT.size + 1))
     assert np.mean(np.abs(steps) <= 2) > 0.95  # small steps (a canonical jump at the last pair aside)
 
 
 def critical_target(space, c, tail, n_hat=0):
     g = space.make(c, tail, n_hat)
-    assert g.critical == c
+    assert g.critical_pairs == c
     return g
 
 
@@ -145,10 +147,10 @@ def test_finds_a_known_critical_dimension():
     """A synthetic fitness minimised by one genome with c = 5: the NTK part is part of the
     optimum, so the search must find c itself, not only the values."""
     target = critical_target(CRIT, 5, [350, 420, 610], n_hat=3)
-    fitness = quadratic_fitness(CRIT, target.factors, 3)
+    fitness = quadratic_fitness(CRIT, target.factor_steps, 3)
     result = S.run(CRIT, fitness, S.SearchConfig(generations=60, local=0.5, seed=1))
-    assert result.best.critical == 5, result.best
-    assert max(abs(x - t) for x, t in zip(result.best.factors, target.factors)) <= 1
+    assert result.best.critical_pairs == 5, result.best
+    assert max(abs(x - t) for x, t in zip(result.best.factor_steps, target.factor_steps)) <= 1
     assert result.summary["best"]["critical_pairs"] == 5 and result.summary["best"]["critical_dim"] == 10
     assert result.summary["space"] == {"algorithm": "critical-dim", "search_attention": False,
                                        "theoretical_critical_dim": 6, "theoretical_critical_pairs": 3}
@@ -172,13 +174,13 @@ def test_attention_gene_seeds_su_and_is_searched():
     su = sc.longrope_attention_factor("su", 4.0, 64)
     assert PLAIN_ATT.initial_attention == round((su - 1) * 100) == 15
     seeds = PLAIN_ATT.baselines()
-    assert all(g.attention == 15 for g in seeds.values())
+    assert all(g.attention_steps == 15 for g in seeds.values())
     assert PLAIN_ATT.scaling(seeds["pi"]).attention_factor() == 1.15
     assert PLAIN_ATT.scaling(seeds["pi"]).to_dict()["attention_factor"] == 1.15
     assert not PLAIN_ATT.contains(S.Genome((300,) * 8, 0))  # the gene is required
     assert not S.SearchSpace(16, 10000.0, 64, 256).contains(seeds["pi"])  # and refused without the option
     result = S.run(PLAIN_ATT, attention_fitness(PLAIN_ATT, 1.37), S.SearchConfig(generations=40, local=0.5, seed=0))
-    assert result.best.attention == 37 and result.scaling.attention_factor() == 1.37
+    assert result.best.attention_steps == 37 and result.scaling.attention_factor() == 1.37
     assert result.summary["best"]["attention_factor"] == 1.37
 
 
@@ -189,7 +191,7 @@ def test_attention_gene_mutation_stays_on_the_grid():
     for _ in range(3000):
         g = PLAIN_ATT.mutate(g, rng, 0.3, 0.25)
         assert PLAIN_ATT.contains(g)
-        seen.add(g.attention)
+        seen.add(g.attention_steps)
     assert seen == set(range(S.ATTENTION_TOP + 1))
 
 
@@ -207,7 +209,8 @@ def test_identity_names_only_non_default_choices():
 def test_critical_dim_with_attention_resumes_exactly(tmp_path):
     """Checkpoint, history and the crash log carry c and the attention gene."""
     cfg = dict(seed=2, **SMALL)
-    fitness = lambda: attention_fitness(CRIT_ATT, 1.2, critical_target(CRIT, 4, [330, 400, 500, 520]).factors)  # noqa
+    target = critical_target(CRIT, 4, [330, 400, 500, 520]).factor_steps
+    fitness = lambda: attention_fitness(CRIT_ATT, 1.2, target)  # noqa
     straight = S.run(CRIT_ATT, fitness(), S.SearchConfig(generations=5, **cfg), tmp_path / "a")
     full = (tmp_path / "a" / S.HISTORY).read_text().splitlines(keepends=True)
     record = json.loads(full[0])
@@ -225,9 +228,9 @@ def test_critical_dim_with_attention_resumes_exactly(tmp_path):
     assert sc.load(tmp_path / "b" / S.SCALING, 16).to_dict() == straight.scaling.to_dict()
 
     # another space is refused on resume
-    with pytest.raises(S.UsageError, match="search_attention=True, not the default;"):
+    with pytest.raises(UsageError, match="search_attention=True, not the default;"):
         S.run(CRIT, fitness(), S.SearchConfig(generations=6, **cfg), tmp_path / "b", resume=True)
-    with pytest.raises(S.UsageError, match="algorithm='critical-dim', not the default;"):
+    with pytest.raises(UsageError, match="algorithm='critical-dim', not the default;"):
         S.run(PLAIN_ATT, fitness(), S.SearchConfig(generations=6, **cfg), tmp_path / "b", resume=True)
 
 
@@ -248,7 +251,7 @@ class Batched:
 @pytest.mark.parametrize("budget", [dict(generations=4), dict(generations=9, max_evals=45)])
 def test_any_evaluator_width_gives_the_same_search(tmp_path, space, budget):
     cfg = S.SearchConfig(seed=3, **budget, **SMALL)
-    fitness = quadratic_fitness(space, critical_target(CRIT, 2, [320, 330, 400, 410, 500, 500]).factors, 2)
+    fitness = quadratic_fitness(space, critical_target(CRIT, 2, [320, 330, 400, 410, 500, 500]).factor_steps, 2)
     one = S.run(space, fitness, cfg, tmp_path / "one")
     for width in (1, 3, None):  # None: a whole generation per call
         evaluator = Batched(fitness, width)

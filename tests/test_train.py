@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_same_training_run
-from longrope import models, train
+from longrope import models, passkey, train
 from longrope.cli import main
-from longrope.data import Document
+from longrope.data import Document, load_documents
 from longrope.errors import UsageError
-from longrope.tokenization import VOCAB_SIZE, byte_tokenizer
+from longrope.evaluate import PASSKEY_INTRO
+from longrope.tokenization import BOS_ID, BYTE_OFFSET, EOS_ID, VOCAB_SIZE, byte_tokenizer, encode
 
 WORDS = ("the of and a to in is was he that it his her with as had for she not but be on at by which have "
          "letter garden morning evening sister house window river ship whale captain").split()
@@ -36,8 +37,8 @@ def tiny(**overrides) -> train.PretrainConfig:
 
 
 def text_of(ids) -> str:
-    assert ids[0] == train.BOS_ID
-    return bytes(i - train.BYTE_OFFSET for i in ids[1:]).decode("utf-8", errors="replace")
+    assert ids[0] == BOS_ID
+    return bytes(i - BYTE_OFFSET for i in ids[1:]).decode("utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,36 +48,36 @@ def text_of(ids) -> str:
 @pytest.mark.parametrize("context", [256, 300, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_passkey_sample_length_depth_and_wording(context, depth):
-    s = train.passkey_sample(context, 48213, depth)
+    s = passkey.sample(context, 48213, depth)
     assert len(s.ids) == context
     text = text_of(s.ids)
-    assert text.startswith(train.PASSKEY_INTRO + " ")
+    assert text.startswith(PASSKEY_INTRO + " ")
     assert text.endswith("What is the pass key? The pass key is 48213")
     needle = "The pass key is 48213. Remember it. 48213 is the pass key."
     assert text.count(needle) == 1
     assert text_of(s.ids[:s.needle_start]) + needle == text[:text.index(needle) + len(needle)]
     assert text_of((1, *s.ids[s.answer_start:])) == "48213"
     # the needle sits at the requested share of the filler (to a byte)
-    intro = len(train.PASSKEY_INTRO) + 2  # BOS + intro + space
+    intro = len(PASSKEY_INTRO) + 2  # BOS + intro + space
     before = s.needle_start - intro
     assert abs(before - depth * s.filler_tokens) <= 0.5
-    assert s.filler_tokens == context - train.passkey_fixed_tokens(intro=True)
+    assert s.filler_tokens == context - passkey.fixed_tokens(intro=True)
     if depth == 0.5 and context == 1000:
         assert "The grass is green. The sky is blue." in text
 
 
 def test_passkey_sample_real_filler_no_intro_and_purity():
     filler = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home. "
-    a = train.passkey_sample(200, "10007", 0.3, filler=filler, intro=False)
-    assert a == train.passkey_sample(200, "10007", 0.3, filler=filler, intro=False)
+    a = passkey.sample(200, "10007", 0.3, filler=filler, intro=False)
+    assert a == passkey.sample(200, "10007", 0.3, filler=filler, intro=False)
     text = text_of(a.ids)
     assert len(a.ids) == 200 and text.startswith("Emma Woodhouse") and "grass" not in text
     assert text.endswith("The pass key is 10007")
     assert abs((a.needle_start - 1) - 0.3 * a.filler_tokens) <= 0.5
     with pytest.raises(UsageError, match="too short"):
-        train.passkey_sample(train.passkey_fixed_tokens(intro=True) - 1, 12345, 0.5)
+        passkey.sample(passkey.fixed_tokens(intro=True) - 1, 12345, 0.5)
     with pytest.raises(UsageError):
-        train.passkey_sample(300, 12345, 1.5)
+        passkey.sample(300, 12345, 1.5)
 
 
 def test_training_passkey_matches_evaluation_prompt():
@@ -85,9 +86,9 @@ def test_training_passkey_matches_evaluation_prompt():
 
     tok = byte_tokenizer()
     prompt = evaluate.passkey_prompt(tok, 400, 0.0, "31415")
-    ours = train.passkey_sample(len(prompt.input_ids) + 6, "31415", 0.0)
+    ours = passkey.sample(len(prompt.input_ids) + 6, "31415", 0.0)
     assert text_of(ours.ids).startswith(prompt.text.split(" The grass")[0])
-    assert list(tok(prompt.text)["input_ids"]) == [1, *train.encode(prompt.text)]
+    assert list(tok(prompt.text)["input_ids"]) == [1, *encode(prompt.text)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,14 +101,14 @@ def test_load_documents_formats_and_ids(tmp_path):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "one.txt").write_text("one " * 20)
-    docs = train.load_documents([tmp_path / "d.jsonl.gz", tmp_path / "txt"])
+    docs = load_documents([tmp_path / "d.jsonl.gz", tmp_path / "txt"])
     assert [d.id for d in docs][:3] == ["a", "b", "c"] and len(docs) == 4
-    assert [d.id for d in train.load_documents(tmp_path / "d.jsonl.gz", ids=["b", "a"])] == ["b", "a"]
-    assert [d.id for d in train.load_documents(tmp_path / "d.jsonl.gz", exclude_ids=["a", "c"])] == ["b"]
+    assert [d.id for d in load_documents(tmp_path / "d.jsonl.gz", ids=["b", "a"])] == ["b", "a"]
+    assert [d.id for d in load_documents(tmp_path / "d.jsonl.gz", exclude_ids=["a", "c"])] == ["b"]
     with pytest.raises(UsageError, match="no document with id zz"):
-        train.load_documents(tmp_path / "d.jsonl.gz", ids=["zz"])
+        load_documents(tmp_path / "d.jsonl.gz", ids=["zz"])
     stream = train.token_stream([Document("x", "hé")])
-    assert stream.tolist() == [ord("h") + 3, 0xC3 + 3, 0xA9 + 3, train.EOS_ID]
+    assert stream.tolist() == [ord("h") + 3, 0xC3 + 3, 0xA9 + 3, EOS_ID]
 
 
 def test_batches_are_deterministic_with_bos_and_passkey_share():
@@ -116,7 +117,7 @@ def test_batches_are_deterministic_with_bos_and_passkey_share():
     a, b = train.make_batch(stream, cfg, 5), train.make_batch(stream, cfg, 5)
     assert torch.equal(a, b) and a.shape == (10, 256) and a.dtype == torch.long
     assert not torch.equal(a, train.make_batch(stream, cfg, 6))
-    assert (a[:, 0] == train.BOS_ID).all() and int(a.min()) >= 0 and int(a.max()) < VOCAB_SIZE
+    assert (a[:, 0] == BOS_ID).all() and int(a.min()) >= 0 and int(a.max()) < VOCAB_SIZE
     n_passkey = sum("What is the pass key? The pass key is" in text_of(row.tolist()) for row in a)
     assert n_passkey == 3
 

@@ -143,7 +143,7 @@ def test_other_unrecognized_rope_keys_still_warn():
 
     params = {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
               "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "short_mscale": 1.0, "long_mscale": 1.2}
-    with transformers_messages() as seen, models._quiet_about_our_rope_keys():
+    with transformers_messages() as seen, models.quiet_about_our_rope_keys():
         tiny_config("llama", params)  # ours alone: quiet
         tiny_config("llama", {**params, "typo_factor": 3.0})  # ours and another: warns
     assert len([m for m in seen if "Unrecognized keys" in m]) == 1 and "typo_factor" in str(seen), seen

@@ -3,7 +3,7 @@
 from . import scaling
 from .errors import UsageError
 from .models import attach, export, load, rope_info, scaling_from_hf_config
-from .pipeline import LongRoPEModel
+from .facade import LongRoPEModel
 from .rotary import ScaledRotaryEmbedding
 from .scaling import LongRoPEScaling, Scaling, ScalingError
 

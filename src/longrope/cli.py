@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
-from . import models, runs
+import torch
+
+from . import distributed, models, runs
 from . import scaling as sc
 from .errors import UsageError
-
-PRESETS = Path(__file__).parent / "presets"
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with bad input as one line (the problem and where to look), exit code 2."""
@@ -45,23 +45,13 @@ def resolve_scaling(spec: str | None, method: str | None, target_length: int | N
     if spec:
         if target_length is not None:
             raise UsageError("--target-length goes with --method; a --scaling file carries its own target")
-        scaling = sc.load(preset_path(spec), info.dim)
+        scaling = sc.load(sc.preset_path(spec), info.dim)
     elif method is None:
         raise UsageError("give --scaling FILE or --method METHOD with --target-length N")
     else:
         scaling = sc.make(method, info.original_length, target_length, dim=info.dim, base=info.base)
     models.check_fits(scaling, info, allow_context_mismatch)
     return scaling
-
-
-def preset_path(spec: str) -> Path:
-    """A scaling file, or the file of a preset shipped with the package."""
-    preset = PRESETS / f"{spec}.json"
-    path = preset if not Path(spec).exists() and preset.is_file() else Path(spec)
-    if not path.is_file():
-        raise UsageError(f"--scaling {spec}: no such file or preset (presets: "
-                         f"{', '.join(p.stem for p in sorted(PRESETS.glob('*.json'))) or 'none'})")
-    return path
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -91,8 +81,6 @@ def add_mismatch_arg(p: argparse.ArgumentParser) -> None:
 
 
 def device_and_dtype(args):
-    import torch
-
     device = str(models.resolve_device(args.device))
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     return device, getattr(torch, dtype)
@@ -138,8 +126,6 @@ RECIPES = ("eval", "search", "pretrain", "demo", "finetune", "extend")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = Parser(prog="longrope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     register_export(sub)
@@ -193,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         _leave_process_group(wait=False)
         return 130
     except UsageError as exc:
-        from . import parallel
-
-        if parallel.world_size() > 1 and parallel.launched_rank() != 0 and not exc.rank_specific:
+        if distributed.world_size() > 1 and distributed.launched_rank() != 0 and not exc.rank_specific:
             # under torchrun every rank meets the same bad input: rank 0 prints it, torchrun then
             # stops this rank; exiting first could get rank 0 stopped before it prints
             time.sleep(RANK_ERROR_GRACE_S)
@@ -221,12 +205,10 @@ def _leave_process_group(wait: bool = True) -> None:
 
 def entry() -> None:
     """The `longrope` console script and `python -m longrope`: main(), then exit with its code;
-    under torchrun without the interpreter's teardown (`parallel.exit_without_teardown`)."""
+    under torchrun without the interpreter's teardown (`distributed.exit_without_teardown`)."""
     code = main()
-    from . import parallel
-
-    if parallel.world_size() > 1:
-        parallel.exit_without_teardown(code)
+    if distributed.world_size() > 1:
+        distributed.exit_without_teardown(code)
     sys.exit(code)
 
 

@@ -17,11 +17,13 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import re
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -124,7 +126,7 @@ def _jsonl_documents(path: Path, raw: bytes) -> list[Document]:
 
 def _parquet_documents(path: Path) -> list[Document]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only .parquet data needs it
     except ImportError:
         raise UsageError(f"--data {path}: reading .parquet needs pyarrow: pip install pyarrow") from None
     try:
@@ -170,6 +172,53 @@ def read_documents(source: str | os.PathLike) -> list[Document]:
             docs += _parse(f, _read_bytes(f), name=str(f.relative_to(path)))
         return _check_nonempty(source, docs)
     return _check_nonempty(source, _parse(path, _read_bytes(path)))
+
+
+def load_documents(sources: str | os.PathLike | Sequence[str | os.PathLike], ids: Iterable[str] | None = None,
+                   exclude_ids: Iterable[str] | None = None) -> list[Document]:
+    """The documents of one or several sources (`read_documents` each), filtered by id
+    (`select_documents`)."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    return select_documents([d for source in sources for d in read_documents(source)], ids, exclude_ids)
+
+
+def select_documents(docs: Sequence[Document], ids: Iterable[str] | None = None,
+                     exclude_ids: Iterable[str] | None = None, what: str = "--data-ids") -> list[Document]:
+    """Keep the documents named in `ids` (in that order; all must exist), drop `exclude_ids` and
+    empty ones. Raises UsageError (naming the option `what`) if nothing is left."""
+    docs = list(docs)
+    if ids is not None:
+        wanted = list(dict.fromkeys(ids))
+        by_id = {d.id: d for d in docs}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            known = ", ".join(list(by_id)[:8]) + (" ..." if len(by_id) > 8 else "")
+            raise UsageError(f"{what}: no document with id {', '.join(missing)} (ids: {known})")
+        docs = [by_id[i] for i in wanted]
+    if exclude_ids is not None:
+        drop = set(exclude_ids)
+        docs = [d for d in docs if d.id not in drop]
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise UsageError(f"{what}: no non-empty documents left")
+    return docs
+
+
+def training_documents(sources: Sequence[str | os.PathLike], ids: Sequence[str] | None = None,
+                       exclude_ids: Sequence[str] | None = None, exclude_sources: Sequence[str | os.PathLike] = (),
+                       validation_ids: Sequence[str] | None = None) -> tuple[list[Document], list[Document] | None]:
+    """(training documents, validation documents or None): the documents of `sources` named in
+    `ids` (all by default) less `exclude_ids`, every document of `exclude_sources` and the
+    validation ones, which `validation_ids` picks from `sources` or `exclude_sources`."""
+    if validation_ids and ids and set(validation_ids) & set(ids):
+        raise UsageError(f"--val-ids and --data-ids share {', '.join(sorted(set(validation_ids) & set(ids)))}")
+    everything = load_documents(sources)
+    held_out = load_documents(exclude_sources) if exclude_sources else []
+    pool = list({d.id: d for d in [*held_out, *everything]}.values())
+    validation = select_documents(pool, validation_ids, what="--val-ids") if validation_ids else None
+    excluded = [*(exclude_ids or []), *(validation_ids or []), *(d.id for d in held_out)]
+    return select_documents(everything, ids, excluded or None), validation
 
 
 def source_digest(source: str | os.PathLike) -> str:
@@ -220,7 +269,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _cut_points(text: str, piece_chars: int) -> list[int]:
+def cut_points(text: str, piece_chars: int) -> list[int]:
     """Candidate cuts, about every `piece_chars` characters, just before a ' word' (a space between
     a non-space and a letter): where pre-tokenizers split anyway."""
     cuts = []
@@ -246,7 +295,7 @@ def tokenize_text(tokenizer, text: str, piece_chars: int = PIECE_CHARS, specials
     """
     prefix, suffix = specials if specials is not None else special_tokens_added(tokenizer)
     cuts = []
-    for cut in _cut_points(text, piece_chars):
+    for cut in cut_points(text, piece_chars):
         left, right = text[cut - _CHECK_CHARS:cut], text[cut:cut + _CHECK_CHARS]
         whole, (a, b) = _encode(tokenizer, [left + right])[0], _encode(tokenizer, [left, right])
         if whole == a + b:
@@ -297,8 +346,10 @@ def cache_path(source: str | os.PathLike, tokenizer, root: str | os.PathLike | N
 
 
 def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
-                   root: str | os.PathLike | None = None, progress: bool = False) -> list[TokenizedDocument]:
-    """Tokenised documents of `source` (with the tokenizer's BOS/EOS), from the cache when present."""
+                   root: str | os.PathLike | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[TokenizedDocument]:
+    """Tokenised documents of `source` (with the tokenizer's BOS/EOS), from the cache when present.
+    `progress(done, total)` is called as documents are tokenised (`progress.Counter` shows it)."""
     path = cache_path(source, tokenizer, root) if cache else None
     if path is not None and path.is_file():
         docs = _read_cache(path)
@@ -306,14 +357,12 @@ def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
             return docs
     texts = read_documents(source)
     specials = special_tokens_added(tokenizer)
-    from .progress import Progress
-
     docs = []
-    with Progress(len(texts), "tokenising", "docs", quiet=not progress) as bar:
-        for d in texts:
-            ids = tokenize_text(tokenizer, d.text, specials=specials)
-            docs.append(TokenizedDocument(d.id, np.asarray(ids, dtype=np.int64)))
-            bar.update()
+    for d in texts:
+        ids = tokenize_text(tokenizer, d.text, specials=specials)
+        docs.append(TokenizedDocument(d.id, np.asarray(ids, dtype=np.int64)))
+        if progress is not None:
+            progress(len(docs), len(texts))
     if path is not None:
         try:
             _write_atomic(path, docs)
@@ -386,8 +435,6 @@ def windows(n_tokens: int, length: int, mode: str = "truncate", stride: int | No
 def haystack_text(documents: Sequence[Document], n_chars: int, seed: int = 0) -> str:
     """About `n_chars` characters of real text: documents in a seeded order, joined by blank lines,
     starting at a seeded offset of the first."""
-    import random
-
     if not documents:
         raise UsageError("no documents for a data haystack")
     rng = random.Random(seed)

@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import lean, models, nll
+from . import scaling as sc
 
 DEFAULT_CHUNK = nll.DEFAULT_CHUNK
 FORWARDS = ("auto", "lean", "modules")
@@ -274,9 +275,8 @@ def passkey_correct(answer: str, key: str | int) -> bool:
 def _regime_changes(model, start: int, end: int) -> bool:
     """True if an attached LongRoPE scaling switches from short to long factors between
     sequence lengths `start` and `end` (cached keys would be stale)."""
-    scaling = getattr(model, "_longrope_scaling", None)
-    is_long = getattr(scaling, "is_long", None)
-    return is_long is not None and is_long(start) != is_long(end)
+    scaling = models.attached_scaling(model)
+    return isinstance(scaling, sc.LongRoPEScaling) and scaling.regime(start) != scaling.regime(end)
 
 
 @torch.inference_mode()

@@ -32,8 +32,11 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import DynamicCache
 
 from . import nll
+from . import scaling as sc
 from .rotary import BatchedRotaryEmbedding, ScaledRotaryEmbedding, apply_rotary
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -65,8 +68,6 @@ set_sdpa_backends(os.environ.get("LONGROPE_SDPA_BACKENDS"))
 def _sdpa_preference(device: torch.device):
     if not _backends_setting or device.type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     backends = [getattr(SDPBackend, SDPA_BACKENDS[n.strip()]) for n in _backends_setting.split(",")]
     return sdpa_kernel(backends, set_priority=True)
 
@@ -122,8 +123,9 @@ class _Rotary:
         self.module, self.n = module, n
         self.table = None
         if not isinstance(module, (ScaledRotaryEmbedding, BatchedRotaryEmbedding)):
-            kind = getattr(module, "rope_type", "default")
-            if "dynamic" in kind or kind == "longrope":  # the regime depends on the largest position
+            if sc.length_dependent(getattr(module, "rope_type", "default")):
+                # transformers' module picks its regime from the largest position it is given:
+                # take the whole sequence's table once
                 self.table = module(like, torch.arange(n, device=like.device)[None])
 
     def __call__(self, q, k, start: int, end: int):
@@ -258,8 +260,6 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
     forward that keeps K/V for generation. Beside the cache it holds only one layer's buffers,
     where transformers' own prefill also holds full-length MLP intermediates (SmolLM2 at 2M tokens:
     72.8 GiB peak for a 46 GiB cache). Raises ValueError for what `unsupported_reason` refuses."""
-    from transformers import DynamicCache
-
     ids = torch.as_tensor(input_ids).reshape(1, -1)
     reason = unsupported_reason(model, ids.shape[1])
     if reason:

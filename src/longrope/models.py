@@ -7,6 +7,7 @@ Qwen2, Qwen3 and Phi-3) for a `ScaledRotaryEmbedding`; no per-layer patching.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from . import runs
 from . import scaling as sc
@@ -124,13 +127,11 @@ def _unreadable(spec: str, exc: BaseException) -> ModelError:
 
 def load_config(spec: str):
     """The model's transformers config alone (cheap: lets commands validate input before loading weights)."""
-    from transformers import AutoConfig
-
     folder, gguf = resolve(spec)
     if gguf:
         _require_gguf_support()
     try:
-        with _quiet_about_our_rope_keys():
+        with quiet_about_our_rope_keys():
             return AutoConfig.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
     except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file, said in one line
         raise _unreadable(spec, exc) from None
@@ -160,9 +161,6 @@ def is_extended(spec: str) -> bool:
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa"):
     """(model, tokenizer) from a local spec; offline only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one line per weight file is noise on the console
     folder, gguf = resolve(spec)
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -170,7 +168,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         _require_gguf_support()
         kwargs["gguf_file"] = gguf
     try:
-        with _quiet_about_our_rope_keys():
+        with quiet_about_our_rope_keys():
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
                                                          **kwargs)
@@ -196,6 +194,23 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
 
 # --------------------------------------------------------------------------------------------
 # attaching
+
+
+def rotary_module(model) -> torch.nn.Module:
+    """The model's rotary embedding module (the one all layers share)."""
+    return _rotary_owner(model).rotary_emb
+
+
+@contextlib.contextmanager
+def rotary_swap(model):
+    """Within the block, `put(module)` installs `module` as the model's rotary embedding; the
+    original is put back at the end, whatever happens (batched search candidates, tests)."""
+    owner = _rotary_owner(model)
+    saved = owner.rotary_emb
+    try:
+        yield lambda module: setattr(owner, "rotary_emb", module)
+    finally:
+        owner.rotary_emb = saved
 
 
 def _rotary_owner(model):
@@ -265,7 +280,6 @@ def _install_cache_reset(model, scaling: Scaling) -> None:
         return
     cls_prepare = type(model).prepare_inputs_for_generation
     cache_name = cache_argument(model)
-    original = scaling.original_max_position_embeddings
 
     # wraps: generate() reads this signature to validate its keyword arguments (inputs_embeds, ...)
     @functools.wraps(cls_prepare)
@@ -275,7 +289,7 @@ def _install_cache_reset(model, scaling: Scaling) -> None:
         cache = kwargs.pop("cache", None)
         legacy = kwargs.pop("past_key_values", None)
         cache = legacy if cache is None else cache
-        if cache is not None and input_ids.shape[1] > original and cache.get_seq_length() <= original:
+        if cache is not None and scaling.regime(input_ids.shape[1]) != scaling.regime(cache.get_seq_length()):
             # no cache: the forward builds a fresh one, which generation then carries on with
             cache = None
             kwargs["next_sequence_length"] = None  # feed the whole sequence again
@@ -316,7 +330,7 @@ class _OurRopeKeysFilter(logging.Filter):
 
 
 @contextmanager
-def _quiet_about_our_rope_keys():
+def quiet_about_our_rope_keys():
     """Around transformers' from_pretrained, which builds and validates the config before we could
     declare anything on it."""
     logger = logging.getLogger("transformers.modeling_rope_utils")

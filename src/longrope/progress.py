@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 INTERVAL = 10.0  # seconds between two plain lines (default)
 INTERVAL_ENV = "LONGROPE_PROGRESS_INTERVAL"  # overrides it, e.g. 0 for a line at every update
 # tqdm's default layout with the unit after the counts; {remaining} is ours (`Progress.remaining`)
@@ -178,8 +180,6 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
     def _make_bar(self, leave: bool):
-        from tqdm import tqdm
-
         progress = self
 
         class Bar(tqdm):
@@ -209,6 +209,22 @@ class Progress:
 
     def __exit__(self, kind, exc, tb) -> None:
         self.close("done" if kind is None else "interrupted" if issubclass(kind, KeyboardInterrupt) else "stopped")
+
+
+class Counter:
+    """A `(done, total)` callback for the layers below this one (data, pipeline), which may not
+    import it: the first call opens a Progress with that total, the one reaching it closes it."""
+
+    def __init__(self, desc: str, unit: str = "it", *, quiet: bool = False):
+        self.desc, self.unit, self.quiet = desc, unit, quiet
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(total, self.desc, self.unit, quiet=self.quiet)
+        self.bar.update_to(done)
+        if done >= total:
+            self.bar.close()
 
 
 def step_callback(bar: Progress):

@@ -1,6 +1,8 @@
-"""Reports: markdown tables, results.json / results.csv and plots, written atomically to --out.
+"""Reports: markdown tables, results.json / results.csv and plots, written atomically to --out:
+`longrope eval`'s results (`write_results`), `longrope extend`'s report (`write_extend_report`),
+the demo's (`write_demo_report`) and a search's plot (`plot_search`).
 
-A results dictionary has the keys `command` ('ppl' or 'passkey'), `config` (what was asked),
+An eval results dictionary has the keys `command` ('ppl' or 'passkey'), `config` (what was asked),
 `environment` (versions, device, date), `methods` and `records`: flat dictionaries, one per
 (method, length) for perplexity and per (method, length, depth) for passkey, holding every raw
 number (per-document NLL sums, per-trial answers, token counts, peak memory).
@@ -13,10 +15,12 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Sequence
 
-from . import runs
+from . import pipeline, runs
+from . import scaling as sc
+from .pipeline import format_length
 
 environment = runs.environment  # kept for the recipes that record it beside their results
 
@@ -25,12 +29,8 @@ def label(record: dict) -> str:
     return record["method"] + (" [stock]" if record.get("impl") == "stock" else "")
 
 
-def _length_name(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
-
-
 def _table(cells: dict, rows: list[str], columns: list[int], fmt) -> str:
-    head = "| method | " + " | ".join(_length_name(c) for c in columns) + " |"
+    head = "| method | " + " | ".join(format_length(c) for c in columns) + " |"
     rule = "| --- | " + " | ".join("---:" for _ in columns) + " |"
     lines = [head, rule]
     for row in rows:
@@ -90,6 +90,13 @@ def to_csv(records: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+def _write_png(fig, path, **savefig_kwargs) -> None:
+    """Save `fig` as a PNG atomically (`runs.write_text`): a reader never meets half a plot."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", **savefig_kwargs)
+    runs.write_text(path, png.getvalue())
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -118,7 +125,7 @@ def plot_ppl(records: Sequence[dict], path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write_png(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -140,12 +147,12 @@ def plot_passkey(records: Sequence[dict], path) -> bool:
                 grid[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_title(row)
-        ax.set_xticks(range(len(lengths)), [_length_name(n) for n in lengths], rotation=45)
+        ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("length")
         ax.set_ylabel("needle depth")
     fig.colorbar(image, ax=list(axes[0]), label="accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _write_png(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -162,3 +169,116 @@ def write_results(out, results: dict, force: bool = False) -> Path:
         if results["records"] and not plot(results["records"], tmp / name):
             print("note: matplotlib is not installed, plots skipped (pip install 'longrope[plot]')")
     return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# longrope extend: report.md and report.png from what report.json holds (`pipeline.measure_report`)
+
+EXTEND_MD, EXTEND_PNG = "report.md", "report.png"
+
+
+def extend_markdown(report: dict) -> str:
+    """The stages' results, then perplexity (and the base model's inside its window) and passkey by length."""
+    final = sc.from_dict(report["scaling"])
+    lines = [f"# longrope extend: {format_length(report['original_length'])} -> "
+             f"{format_length(report['target_length'])}", "", "| stage | result |", "| --- | --- |"]
+    for stage in report["stages"]:
+        s = stage["summary"]
+        if "final_loss" in s:
+            what = f"loss {s['first_loss']:.4g} -> {s['final_loss']:.4g} in {s['steps']} steps"
+        elif "all_ones_fitness" in s:
+            what = f"perplexity at L₀ {s['fitness']:.4g} (all-ones short factors {s['all_ones_fitness']:.4g})"
+        else:
+            what = f"search perplexity {s['fitness']:.4g} ({s['evals']} evaluations)"
+        lines.append(f"| {stage['stage']} | {what} |")
+    lines += ["", "| length | perplexity | base model | passkey |", "| ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        ppl = "n/a" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        base_ppl = f"{r['base_ppl']:.3f}" if "base_ppl" in r else ""
+        passkey = "n/a" if r["passkey"] is None else f"{r['passkey']:.0%} of {r['passkey_trials']}"
+        lines.append(f"| {format_length(r['length'])} | {ppl} | {base_ppl} | {passkey} |")
+    lines += ["", f"Checkpoint: `{pipeline.MODEL_DIR}/` ({final.rope_type}, factor {final.factor:g}, "
+                  f"n̂ = {final.n_hat}).", report["note"] + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_extend_report(out, report: dict) -> None:
+    """report.md and report.png (perplexity by length of the extended model, and of the base model
+    inside its window) in `out`, each written atomically: `pipeline.extend`'s `render_report`."""
+    out = Path(out)
+    runs.write_text(out / EXTEND_MD, extend_markdown(report))
+    rows = report["results"]
+    records = [{"method": "extended", "length": r["length"], "ppl": r["ppl"]} for r in rows if r["ppl"] is not None]
+    records += [{"method": "base model", "length": r["length"], "ppl": r["base_ppl"]} for r in rows if "base_ppl" in r]
+    if records:
+        plot_ppl(records, out / EXTEND_PNG)
+
+
+# --------------------------------------------------------------------------------------------
+# longrope demo
+
+
+def write_demo_report(out, ppl: Sequence[dict], passkey: Sequence[dict], searched: Mapping[int, sc.LongRoPEScaling],
+                      info, *, seconds: float, eval_docs: int, depths: Sequence[float], trials: int,
+                      search_folder: Callable[[int], str], export_scale: int, export_folder: str,
+                      device: str = "cpu") -> str:
+    """The demo's report.md (tables, plots, the searched factors), ppl.png, passkey.png and
+    results.json in `out`, each written atomically; returns the two tables (markdown)."""
+    out = Path(out)
+    ppl_md, passkey_md = ppl_table(ppl), passkey_table(passkey)
+    plot_ppl(ppl, out / "ppl.png")
+    plot_passkey(passkey, out / "passkey.png")
+    lines = [
+        "# longrope demo report", "",
+        f"Bundled tiny Llama (context {info.original_length}, rotary dim {info.dim}, base {info.base:g}) "
+        f"extended without fine-tuning. Each method is configured for the scale it is evaluated at. "
+        f"Perplexity: first L tokens of {eval_docs} evaluation documents the search never saw. "
+        f"Passkey: {len(depths)} depths × {trials} keys per length. Total time {seconds:.0f} s.", "",
+        "## Perplexity", "", ppl_md, "", "![perplexity](ppl.png)", "",
+        "## Passkey accuracy", "", passkey_md, "", "![passkey](passkey.png)", "",
+        "## Searched factors", "",
+    ]
+    for scale, scaling in searched.items():
+        lines += [f"- {scale}×: n̂ = {scaling.n_hat}, λ from {scaling.long_factor[0]:.2f} to "
+                  f"{scaling.long_factor[-1]:.2f}; search log and plot in `{search_folder(scale)}/`"]
+    lines += ["", f"The {export_scale}× model is exported as a Hugging Face checkpoint in `{export_folder}/`."]
+    runs.write_text(out / "report.md", "\n".join(lines) + "\n")
+    runs.write_text(out / "results.json", json.dumps({"ppl": ppl, "passkey": passkey,
+                                                      "environment": runs.environment(device)}, indent=1))
+    return ppl_md + "\n\n" + passkey_md
+
+
+def plot_search(path, result, space) -> bool:
+    """A search's plot (`search.SearchResult` of a `search.SearchSpace`): best and median fitness
+    per generation; the searched λ beside PI, NTK and YaRN. Written atomically. False without
+    matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    import matplotlib.ticker  # optional dependency, there since _pyplot found matplotlib
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    gens = [r["generation"] for r in result.stats]
+    for key in ("best", "median"):
+        ax1.plot(gens, [float("nan") if r[key] is None else r[key] for r in result.stats], marker=".", label=key)
+    ax1.set(xlabel="generation", ylabel="perplexity (population)", title="search")
+    ax1.legend()
+    pairs = range(space.size)
+    for name, factors in space.references().items():
+        ax2.plot(pairs, factors, linestyle="--", label={"pi": "PI", "ntk": "NTK", "yarn": "YaRN"}.get(name, name))
+    best = result.best
+    ax2.plot(pairs, space.lambdas(best), color="black", label=f"searched (n̂={space.n_hats[best.n_hat_index]})")
+    if best.critical_pairs is not None:
+        ax2.axvline(best.critical_pairs - 0.5, color="black", linewidth=0.8, label="searched critical pair")
+        ax2.axvline(space.critical_dim / 2 - 0.5, color="grey", linestyle=":", label="theoretical (d_tcd/2)")
+    ax2.set(xlabel="frequency pair i", ylabel="rescale factor λ_i", yscale="log",
+            title=f"{space.original_length} → {space.target_length} tokens (s = {space.factor:g})")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 4, not 4×10⁰
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    runs.write_text(path, png.getvalue())
+    return True

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .phase import MAX_SPLIT_POSITION, TWO_PI, cos_sin, phase_constants, reduced_angles64
-from .scaling import LongRoPEScaling, Scaling, rope_inv_freq
+from .scaling import Scaling, rope_inv_freq
 
 
 def fused_available(t: torch.Tensor) -> bool:
@@ -15,7 +15,7 @@ def fused_available(t: torch.Tensor) -> bool:
     if not t.is_cuda:
         return False
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (optional: the fused kernel's compiler, GPU machines only)
     except ImportError:
         return False
     return True
@@ -43,17 +43,10 @@ class ScaledRotaryEmbedding(nn.Module):
 
     # the attention factor and inverse frequencies depend only on (regime, device)
     def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        key = self._regime_key(seq_len), str(device)
+        key = self.scaling.regime(seq_len), str(device)
         if key not in self._cache:
             self._cache[key] = self.scaling.inv_freq(self.dim, self.base, seq_len).to(device)
         return self._cache[key]
-
-    def _regime_key(self, seq_len: int):
-        if self.scaling.rope_type == "dynamic":
-            return max(seq_len, self.scaling.original_max_position_embeddings)
-        if isinstance(self.scaling, LongRoPEScaling):
-            return self.scaling.is_long(seq_len)
-        return None
 
     def cos_sin(self, position_ids: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (…, dim) cos and sin for integer `position_ids`; `seq_len` picks the regime
@@ -78,7 +71,7 @@ class ScaledRotaryEmbedding(nn.Module):
     def phase_constants(self, seq_len: int, device: torch.device, unscaled: bool = False) -> torch.Tensor:
         """`phase_constants` of this module's inverse frequencies for the regime of `seq_len`
         (or of the unscaled frequencies used below n̂), cached per device."""
-        key = ("phase", "unscaled" if unscaled else self._regime_key(seq_len), str(device))
+        key = ("phase", "unscaled" if unscaled else self.scaling.regime(seq_len), str(device))
         if key not in self._cache:
             inv = rope_inv_freq(self.dim, self.base) if unscaled else self._inv_freq(seq_len, torch.device("cpu"))
             self._cache[key] = phase_constants(inv).to(device)
@@ -102,7 +95,7 @@ class ScaledRotaryEmbedding(nn.Module):
         if fused is None:
             fused = fused_available(q) and seq_len <= MAX_SPLIT_POSITION
         if fused:
-            from .rotary_triton import rotate_inplace
+            from .rotary_triton import rotate_inplace  # imports triton (optional, checked above)
 
             n_hat = self.scaling.n_hat
             rotate_inplace(q, k, positions, self.phase_constants(seq_len, q.device),
@@ -209,7 +202,7 @@ class BatchedRotaryEmbedding(nn.Module):
         if fused is None:
             fused = fused_available(q) and seq_len <= MAX_SPLIT_POSITION
         if fused:
-            from .rotary_triton import rotate_inplace
+            from .rotary_triton import rotate_inplace  # imports triton (optional, checked above)
 
             consts = self._get("phase", q.device)
             consts0 = self._get("phase0", q.device) if any(self.n_hats) else None

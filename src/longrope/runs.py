@@ -26,7 +26,10 @@ import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
+
+import torch
 
 from .errors import UsageError
 
@@ -152,15 +155,31 @@ def open_dir(out, force: bool = False, resume: bool = False, command: str = "") 
     return make_dir(out, command)
 
 
-def write_text(path, text: str | bytes) -> None:
-    """Write a file atomically: a reader sees the old content or the new, never a torn one."""
+@contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """Yield a temporary name beside `path` to write a file under (`.NAME.tmp-PID`); once the
+    block ends, the file is flushed to disk and takes `path`'s place, so a reader sees the old
+    content or the new, never a torn one. On any failure the temporary file is removed (a killed
+    process leaves it: callers may delete `.NAME.tmp-*` leftovers)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(text.encode("utf-8") if isinstance(text, str) else text)
-        f.flush()
-        os.fsync(f.fileno())  # the new content is on disk before it takes the old one's name
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the new content is on disk before it takes the old one's name
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str | bytes) -> None:
+    """Write a file atomically (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,8 +190,6 @@ PACKAGES = ("longrope", "torch", "transformers", "tokenizers", "numpy", "gguf", 
 
 def versions() -> dict:
     """Python and the installed versions of the packages a result depends on (None: absent)."""
-    from importlib import metadata
-
     found: dict = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:
@@ -188,8 +205,6 @@ def environment(device=None) -> dict:
            "packages": {k: v for k, v in versions().items() if k != "python"},
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device)}
     try:
-        import torch
-
         if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
             env["device_name"] = torch.cuda.get_device_name(torch.device(device))
             env["cuda"] = torch.version.cuda

@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -135,6 +136,17 @@ class Scaling:
         """Multiplier applied to cos and sin (so attention logits scale by its square)."""
         return 1.0
 
+    # Does the regime (`regime`) depend on the sequence length? A class fact, for rotary modules
+    # that are not ours (transformers' own, which carry only a rope_type).
+    length_dependent: ClassVar[bool] = False
+
+    def regime(self, seq_len: int | None):
+        """THE decision of which frequencies a sequence of `seq_len` tokens uses, as a hashable
+        key: two lengths get the same inverse frequencies and attention factor exactly when they
+        get the same key. None: one regime for every length. Every module that caches per-regime
+        values or must notice a switch (rotary, lean, generation, context parallelism) asks this."""
+        return None
+
     @property
     def n_hat(self) -> int:
         """Leading positions that keep the original frequencies (LongRoPE only)."""
@@ -217,9 +229,15 @@ class DynamicNTKScaling(Scaling):
     factor: float
     original_max_position_embeddings: int
 
+    length_dependent: ClassVar[bool] = True
+
+    def regime(self, seq_len):
+        """The effective length: the base grows with every length past the original context."""
+        return max(seq_len or self.original_max_position_embeddings, self.original_max_position_embeddings)
+
     def _scaled_inv_freq(self, dim, base, seq_len):
         original = self.original_max_position_embeddings
-        seq_len = max(seq_len or original, original)
+        seq_len = self.regime(seq_len)
         grown = (self.factor * seq_len / original) - (self.factor - 1)
         return rope_inv_freq(dim, base * grown ** (dim / (dim - 2)))
 
@@ -351,8 +369,15 @@ class LongRoPEScaling(Scaling):
         return cls(long_factor=long_factor, original_max_position_embeddings=original_length,
                    factor=target_length / original_length, **kw)
 
+    length_dependent: ClassVar[bool] = True
+
+    def regime(self, seq_len):
+        """"long" past the original context (long factors, the long attention factor), else
+        "short" (also for an unknown length)."""
+        return "long" if seq_len and seq_len > self.original_max_position_embeddings else "short"
+
     def is_long(self, seq_len: int | None) -> bool:
-        return bool(seq_len) and seq_len > self.original_max_position_embeddings
+        return self.regime(seq_len) == "long"
 
     def factors(self, seq_len: int | None) -> tuple[float, ...]:
         if self.is_long(seq_len):
@@ -422,6 +447,15 @@ ALIASES = {"none": "default", "pi": "linear", "su": "longrope", "ntk-aware": "nt
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 
 
+def length_dependent(rope_type: str) -> bool:
+    """Does a rope type's regime depend on the sequence length? (transformers' own names too:
+    its "dynamic" variants and "longrope"; unknown types: no)."""
+    key = ALIASES.get(str(rope_type).lower(), str(rope_type).lower())
+    if "dynamic" in key:  # transformers' "dynamic" and the legacy "*_dynamic" spellings
+        key = "dynamic"
+    return key in SCALINGS and SCALINGS[key].length_dependent
+
+
 def canonical_type(name: str) -> str:
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key not in SCALINGS:
@@ -431,6 +465,8 @@ def canonical_type(name: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # construction
+
+PRESETS = Path(__file__).parent / "presets"  # searched scalings shipped with the package
 
 
 def from_dict(data: dict[str, Any], dim: int | None = None) -> Scaling:
@@ -475,6 +511,16 @@ def from_dict(data: dict[str, Any], dim: int | None = None) -> Scaling:
     except (TypeError, ValueError) as exc:
         raise ScalingError(f"scaling: {exc}") from None
     return scaling.validate(dim)
+
+
+def preset_path(spec: str) -> Path:
+    """A scaling file, or the file of a preset shipped with the package."""
+    preset = PRESETS / f"{spec}.json"
+    path = preset if not Path(spec).exists() and preset.is_file() else Path(spec)
+    if not path.is_file():
+        raise ScalingError(f"--scaling {spec}: no such file or preset (presets: "
+                           f"{', '.join(p.stem for p in sorted(PRESETS.glob('*.json'))) or 'none'})")
+    return path
 
 
 def from_json(text: str, dim: int | None = None) -> Scaling:

@@ -6,14 +6,29 @@ downloaded. Ids: 0 <pad>, 1 <s> (BOS, prepended), 2 </s>, then the 256 bytes.
 
 from __future__ import annotations
 
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 SPECIALS = ["<pad>", "<s>", "</s>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+BYTE_OFFSET = len(SPECIALS)  # token id = byte + BYTE_OFFSET
 VOCAB_SIZE = len(SPECIALS) + 256
 
 
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def encode(text: str | bytes) -> np.ndarray:
+    """The byte tokenizer's ids of `text` without BOS (every UTF-8 byte + BYTE_OFFSET), as int64:
+    what `byte_tokenizer()` gives, without building it."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
 
+
+def decode_bytes(ids: np.ndarray) -> bytes:
+    """The bytes of byte-tokenizer ids; special tokens (below BYTE_OFFSET) become byte 0."""
+    return bytes((np.asarray(ids, dtype=np.int64) - BYTE_OFFSET).clip(0, 255).astype(np.uint8))
+
+
+def byte_tokenizer():
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # 256 printable stand-ins for the bytes
     byte_order = sorted(alphabet, key=lambda ch: _BYTE_OF[ch])
     vocab = {tok: i for i, tok in enumerate(SPECIALS + byte_order)}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from .. import data, evaluate, models, report
 from .. import scaling as sc
-from ..cli import (PRESETS, add_mismatch_arg, add_model_args, add_progress_args, device_and_dtype, parse_length,
+from ..cli import (add_mismatch_arg, add_model_args, add_progress_args, device_and_dtype, parse_length,
                    parse_lengths, resolve_scaling)
 from ..errors import UsageError
-from ..progress import Progress
+from ..progress import Counter, Progress
 
 METHOD_HELP = """\
 Scaling methods (all evaluated on the same documents / prompts):
@@ -84,7 +84,7 @@ def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
             spec = MethodSpec("model", scaling=own)
         elif _is_method(entry):
             spec = MethodSpec(entry.lower(), method=entry)
-        elif Path(entry).exists() or (PRESETS / f"{entry}.json").is_file():
+        elif Path(entry).exists() or (sc.PRESETS / f"{entry}.json").is_file():
             spec = MethodSpec(scaling_label(entry), scaling=resolve_scaling(entry, None, None, info, allow))
         else:
             raise UsageError(f"method {entry!r}: not a known method ({', '.join(sc.METHODS)}) "
@@ -180,7 +180,7 @@ def cmd_ppl(args) -> int:
     if args.mode == "sliding" and args.stride is not None and args.stride > min(args.lengths):
         raise UsageError(f"--stride {args.stride}: must not exceed the shortest length {min(args.lengths)}")
     model, tokenizer, info, specs, device = _setup(args)
-    docs = data.load_tokenized(args.data, tokenizer, progress=not args.quiet)
+    docs = data.load_tokenized(args.data, tokenizer, progress=Counter("tokenising", "docs", quiet=args.quiet))
     chosen = {n: data.select(docs, n, args.docs, args.seed) for n in args.lengths}  # errors before work
     impls = ["lean", "stock"] if args.stock else ["lean"]
     records = []

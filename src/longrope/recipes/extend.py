@@ -4,10 +4,17 @@ readjustment, export and report, resumable stage by stage."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 
+from transformers import AutoTokenizer
+
+from .. import data, distributed, models, pipeline, report, train
 from ..cli import add_model_args, add_progress_args, device_and_dtype, parse_length
 from ..errors import UsageError
+from ..progress import Counter, Progress, step_callback
+from ..search import SHORT_CAP, SearchConfig
 
 DESCRIPTION = """\
 Extend --model's context to --target-length following a plan of stages (LongRoPE §3.3), e.g.
@@ -40,8 +47,6 @@ def _lengths(text: str | None) -> tuple[int, ...] | None:
 
 
 def register(sub) -> None:
-    from ..search import SHORT_CAP, SearchConfig
-
     p = sub.add_parser("extend", help="progressive extension: search / fine-tune stages, readjust, export, report",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -93,12 +98,7 @@ def register(sub) -> None:
 
 
 def cmd_extend(args) -> int:
-    import dataclasses
-
-    from .. import data, models, parallel, pipeline, train
-    from ..search import SearchConfig
-
-    quiet = parallel.launched_rank() != 0  # under torchrun only rank 0 reports
+    quiet = distributed.launched_rank() != 0  # under torchrun only rank 0 reports
     show = not (quiet or args.quiet)  # progress
     stages = pipeline.parse_stages(args.stages) if args.stages else (pipeline.Stage("search", args.target_length),)
     if args.resume and args.force:
@@ -124,15 +124,20 @@ def cmd_extend(args) -> int:
         passkey_trials=args.passkey_trials, seed=args.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
         chunk_size=args.chunk_size).validate()
     tokenizer = _tokenizer(args.model)
-    docs = data.load_tokenized(args.data, tokenizer, progress=show)
+    docs = data.load_tokenized(args.data, tokenizer, progress=Counter("tokenising", "docs", quiet=not show))
     pipeline.validate_inputs(config, info, docs)  # every stage's needs, before anything is written
     if not quiet:
         print(f"extend: {args.model} (context {info.original_length}) -> {args.target_length}; plan "
               f"{', '.join(s.label for s in stages)}{'' if args.no_readjust else ', readjust'}", file=sys.stderr)
+    hooks = pipeline.ProgressHooks(new_bar=functools.partial(Progress, quiet=not show, leave=False),
+                                   training_callback=step_callback)
     try:
-        eval_docs = data.load_tokenized(args.eval_data, tokenizer, progress=show) if args.eval_data else None
+        eval_docs = (data.load_tokenized(args.eval_data, tokenizer,
+                                         progress=Counter("tokenising", "docs", quiet=not show))
+                     if args.eval_data else None)
         result = pipeline.extend(args.model, tokenizer, docs, config, args.out, resume=args.resume, force=args.force,
-                                 eval_documents=eval_docs, max_stages=args.max_stages, progress=show)
+                                 eval_documents=eval_docs, max_stages=args.max_stages, progress=hooks,
+                                 render_report=report.write_extend_report)
     except KeyboardInterrupt:
         print("\ninterrupted; finished stages are kept: continue with the same command and --resume", file=sys.stderr)
         return 130
@@ -143,17 +148,13 @@ def cmd_extend(args) -> int:
         return 0
     for row in result.report["results"]:
         ppl = "n/a" if row["ppl"] is None else f"{row['ppl']:.3f}"
-        pk = "n/a" if row["passkey"] is None else f"{row['passkey']:.0%}"
-        print(f"  {pipeline.format_length(row['length']):>8}: perplexity {ppl}, passkey {pk}")
-    print(f"wrote {result.out} (checkpoint: {result.model_dir}, report: {result.out / pipeline.REPORT_MD})")
+        passkey = "n/a" if row["passkey"] is None else f"{row['passkey']:.0%}"
+        print(f"  {pipeline.format_length(row['length']):>8}: perplexity {ppl}, passkey {passkey}")
+    print(f"wrote {result.out} (checkpoint: {result.model_dir}, report: {result.out / report.EXTEND_MD})")
     return 0
 
 
 def _tokenizer(spec: str):
     """The model's tokenizer alone (the weights are loaded by the stages that need them)."""
-    from transformers import AutoTokenizer
-
-    from .. import models
-
     folder, gguf = models.resolve(spec)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
+import torch
+
+from .. import data, distributed, models, train
 from ..cli import add_model_args, add_progress_args, add_scaling_args, interrupted, parse_length, resolve_scaling
 from ..errors import UsageError
-from ..progress import Progress, step_callback
+from ..progress import Counter, Progress, step_callback
 
 DESCRIPTION = """\
 Fine-tune --model with a scaling attached (--scaling FILE or preset, or --method with
@@ -19,10 +21,10 @@ weights with bfloat16 autocast on a GPU, gradient checkpointing, SDPA attention,
 computed a chunk of positions at a time (never the whole (tokens × vocab) logits).
 
 Writes into --out: the fine-tuned Hugging Face checkpoint carrying the scaling (plain transformers
-loads it), train_log.jsonl (loss per step) and finetune.json (configuration, versions, losses),
-written last. checkpoint.pt (model, optimizer, RNG, step) is replaced every --checkpoint-every
-steps: continue a killed run with the same command and --resume.
-One process on one device; several GPUs (FSDP2 + context parallel) are not supported yet.
+loads it), train_log.jsonl and finetune.json (configuration, versions, losses; written last).
+checkpoint.pt is replaced every --checkpoint-every steps: continue a killed run with --resume.
+Several GPUs: `torchrun --nproc-per-node N -m longrope finetune ...` shards the weights (FSDP2)
+and splits each sequence over the N processes (context parallelism; --seq-len a multiple of 2N).
 """
 
 
@@ -60,58 +62,39 @@ def register(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    import torch
-
-    from .. import data, models, parallel, train
-
-    if args.resume and args.force:
-        raise UsageError("--resume and --force contradict each other: --force starts over")
     info = models.rope_info(models.load_config(args.model))
     scaling = resolve_scaling(args.scaling, args.method, args.target_length, info)  # before loading weights
     seq_len = args.seq_len or scaling.target_length
     if seq_len is None:
         raise UsageError("--seq-len: required with a scaling that has no target length")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "float16":
-        raise UsageError("--dtype float16: fine-tuning autocasts to bfloat16 or runs in float32; choose one of those")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    cfg = train.FinetuneConfig(
-        seq_len=seq_len, steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, seed=args.seed, device=device, dtype=dtype,
-        gradient_checkpointing=not args.no_gradient_checkpointing, loss_chunk=args.loss_chunk,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32"),
-    ).validate()
-
-    quiet = parallel.launched_rank() != 0  # under torchrun only rank 0 reports
+    cfg = train.FinetuneConfig.from_options(  # validate() refuses --dtype float16: bf16 autocast or float32
+        vars(args), seq_len=seq_len, device=device, dtype=dtype, gradient_checkpointing=not args.no_gradient_checkpointing,
+        save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32")).validate()
+    quiet = distributed.launched_rank() != 0  # under torchrun only rank 0 reports
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
-    docs = data.load_tokenized(args.data, tokenizer, progress=not (args.quiet or quiet))
+    docs = data.load_tokenized(args.data, tokenizer, progress=Counter("tokenising", "docs", quiet=args.quiet or quiet))
     packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if scaling.target_length is not None and seq_len > scaling.target_length and not quiet:
-        print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
-              file=sys.stderr)
-    world = parallel.world_size()
+    world = distributed.world_size()
     where = f"{world} processes (context parallel + FSDP2)" if world > 1 else device
     if not quiet:
+        if scaling.target_length is not None and seq_len > scaling.target_length:
+            print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
+                  file=sys.stderr)
         print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(docs)} documents "
-              f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × "
-              f"{cfg.sequences_per_step} sequences on {where} ({dtype})", file=sys.stderr)
-
-    bar = Progress(cfg.steps, "finetune", "steps", quiet=args.quiet or quiet)
+              f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × {cfg.sequences_per_step} "
+              f"sequences on {where} ({dtype})", file=sys.stderr)
     identity = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
                 "data": data.source_digest(args.data)}
     try:
-        with bar:
+        with Progress(cfg.steps, "finetune", "steps", quiet=args.quiet or quiet) as bar:
             result = train.finetune(model, tokenizer, scaling, packed, cfg, args.out, resume=args.resume,
                                     force=args.force, keep_checkpoint=args.keep_checkpoint,
-                                    callback=step_callback(bar), identity=identity,
-                                    command=shlex.join(["longrope", *sys.argv[1:]]))
+                                    callback=step_callback(bar), identity=identity)
     except KeyboardInterrupt:
         return interrupted(cfg.checkpoint_every, args.out)
-    rec = result.record
-    if quiet or not rec:
-        return 0
-    print(f"wrote {result.out}: loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, "
-          f"{rec['tokens_seen'] / 1e6:.2f}M tokens in {rec['wall_time_s']:.0f} s")
+    if rec := result.record:  # rank 0 (or the one process) exported
+        print(f"wrote {result.out}: loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, "
+              f"{rec['tokens_seen'] / 1e6:.2f}M tokens in {rec['wall_time_s']:.0f} s")
     return 0

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import shlex
+import argparse
 import sys
 
+import torch
+
+from .. import data, train
 from ..cli import add_progress_args, interrupted
-from ..errors import UsageError
 from ..progress import Progress, step_callback
 
 
-def _ids(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    ids = [t.strip() for t in text.split(",") if t.strip()]
-    if not ids:
-        raise UsageError("--data-ids/--exclude-ids: give a comma-separated list of document ids")
+def id_list(text: str) -> list[str]:  # argparse type: 'a, b' -> ['a', 'b']
+    if not (ids := [t.strip() for t in text.split(",") if t.strip()]):
+        raise argparse.ArgumentTypeError(f"not a list of document ids: {text!r} (use e.g. doc1,doc2)")
     return ids
 
 
@@ -26,11 +25,12 @@ def register(sub) -> None:
     g.add_argument("--data", required=True, nargs="+",
                    help="training text: .txt/.md file, folder of them, .jsonl(.gz) with 'text' (and 'id'), .parquet, "
                         "or 'bundled'; several allowed")
-    g.add_argument("--data-ids", help="comma-separated document ids to train on (jsonl 'id'; a text file's name)")
-    g.add_argument("--exclude-ids", help="comma-separated document ids to leave out (e.g. held out for evaluation)")
+    g.add_argument("--data-ids", type=id_list, help="comma-separated ids to train on (jsonl 'id'; a text file's name)")
+    g.add_argument("--exclude-ids", type=id_list, help="comma-separated ids to leave out (e.g. held out for evaluation)")
     g.add_argument("--exclude-data", nargs="+", default=[],
-                   help="leave out every document whose id appears in these sources (e.g. 'bundled', kept for evaluation)")
-    g.add_argument("--val-ids", help="comma-separated ids (from --data or --exclude-data) held out for a validation loss; never trained on")
+                   help="leave out every document whose id is in these sources (e.g. 'bundled', kept for evaluation)")
+    g.add_argument("--val-ids", type=id_list,
+                   help="comma-separated ids (from --data or --exclude-data) held out for a validation loss")
     g.add_argument("--out", required=True, help="output folder: the HF model, train_log.jsonl, pretrain.json")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if there is one")
     g.add_argument("--force", action="store_true", help="delete an existing --out and start over")
@@ -38,11 +38,9 @@ def register(sub) -> None:
                    help="keep checkpoint.pt (model+optimizer, float32) after a finished run")
     m = p.add_argument_group("model")
     m.add_argument("--context", type=int, default=256, help="training context in tokens (= bytes + BOS)")
-    m.add_argument("--d-model", type=int, default=256)
-    m.add_argument("--layers", type=int, default=4)
-    m.add_argument("--heads", type=int, default=4)
+    for flag, default in (("--d-model", 256), ("--layers", 4), ("--heads", 4), ("--head-dim", 64)):
+        m.add_argument(flag, type=int, default=default)
     m.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA); default 2")
-    m.add_argument("--head-dim", type=int, default=64)
     m.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default 8/3·d_model → ×256)")
     m.add_argument("--rope-theta", type=float, default=10000.0)
     m.add_argument("--tie-embeddings", action="store_true")
@@ -74,58 +72,28 @@ def register(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    import torch
-
-    from .. import train
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    cfg = train.PretrainConfig(
-        context=args.context, d_model=args.d_model, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-        head_dim=args.head_dim, intermediate_size=args.intermediate_size, rope_theta=args.rope_theta,
-        tie_embeddings=args.tie_embeddings, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, schedule=args.schedule,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, passkey_share=args.passkey_share,
-        seed=args.seed, device=device, dtype=dtype, compile=args.compile,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_every=args.eval_every,
-        eval_windows=args.eval_windows, save_dtype=args.save_dtype,
-    ).validate()
-    if args.resume and args.force:
-        raise UsageError("--resume and --force contradict each other: --force starts over")
-    data_ids, exclude_ids, val_ids = _ids(args.data_ids), _ids(args.exclude_ids), _ids(args.val_ids)
-    everything = train.load_documents(args.data)
-    held_out = [d for source in args.exclude_data for d in train.load_documents(source)]
-    if val_ids and data_ids and set(val_ids) & set(data_ids):
-        raise UsageError(f"--val-ids and --data-ids share {', '.join(sorted(set(val_ids) & set(data_ids)))}")
-    pool = list({d.id: d for d in [*held_out, *everything]}.values())  # --val-ids may name either
-    validation = train.select_documents(pool, val_ids, what="--val-ids") if val_ids else None
-    excluded = [*(exclude_ids or []), *(val_ids or []), *(d.id for d in held_out)]
-    documents = train.select_documents(everything, data_ids, excluded if excluded else None)
-    n_params = train.parameter_count(cfg)
-    bytes_per = {"float16": 2, "bfloat16": 2, "float32": 4}[cfg.save_dtype]
-    print(f"pretrain: {n_params / 1e6:.2f}M parameters (~{n_params * bytes_per / 2**20:.1f} MiB as {cfg.save_dtype}), "
+    cfg = train.PretrainConfig.from_options(vars(args), device=device, dtype=dtype).validate()
+    documents, validation = data.training_documents(args.data, args.data_ids, args.exclude_ids, args.exclude_data,
+                                                    args.val_ids)
+    n_params, n_bytes = train.parameter_count(cfg), 4 if cfg.save_dtype == "float32" else 2
+    print(f"pretrain: {n_params / 1e6:.2f}M parameters (~{n_params * n_bytes / 2**20:.1f} MiB as {cfg.save_dtype}), "
           f"{len(documents)} documents, {sum(len(d.text.encode()) for d in documents) / 1e6:.1f}M tokens, "
           f"{cfg.steps} steps × {cfg.batch_size} × {cfg.context} = {cfg.steps * cfg.batch_size * cfg.context / 1e6:.1f}M "
           f"tokens on {device} ({dtype})", file=sys.stderr)
-
-    bar = Progress(cfg.steps, "pretrain", "steps", quiet=args.quiet)
-    command = shlex.join(["longrope", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("longrope", "__main__.py")) \
-        else shlex.join(sys.argv)
-    data_info = {"paths": [str(p) for p in args.data], "ids": data_ids, "exclude_ids": exclude_ids,
-                 "exclude_data": [str(p) for p in args.exclude_data], "val_ids": val_ids,
-                 "documents_ids": [d.id for d in documents]}
+    data_info = {"paths": [str(p) for p in args.data], "ids": args.data_ids, "exclude_ids": args.exclude_ids,
+                 "exclude_data": [str(p) for p in args.exclude_data], "val_ids": args.val_ids}
     try:
-        with bar:
+        with Progress(cfg.steps, "pretrain", "steps", quiet=args.quiet) as bar:
             result = train.pretrain(cfg, documents, args.out, resume=args.resume, force=args.force,
                                     keep_checkpoint=args.keep_checkpoint, callback=step_callback(bar),
-                                    command=command, data_info=data_info, validation=validation)
+                                    data_info=data_info, validation=validation)
     except KeyboardInterrupt:
         return interrupted(cfg.checkpoint_every, args.out)
-    rec = result.record
-    acc = rec["passkey_accuracy_at_context"]
+    rec, acc = result.record, result.record["passkey_accuracy_at_context"]
+    val = "" if rec["validation_loss"] is None else f"validation loss {rec['validation_loss']:.4f}, "
     print(f"wrote {result.out}: final loss {rec['final_loss']:.4f} ({rec['final_loss'] / 0.6931:.3f} bits/byte), "
-          f"{rec['tokens_seen'] / 1e6:.1f}M tokens in {rec['wall_time_s']:.0f} s, "
-          + (f"validation loss {rec['validation_loss']:.4f}, " if rec["validation_loss"] is not None else "")
-          + f"passkey@{cfg.context} {'n/a' if acc is None else f'{acc:.0%}'}, "
-          f"model {rec['model_bytes'] / 2**20:.2f} MiB")
+          f"{rec['tokens_seen'] / 1e6:.1f}M tokens in {rec['wall_time_s']:.0f} s, {val}passkey@{cfg.context} "
+          f"{'n/a' if acc is None else f'{acc:.0%}'}, model {rec['model_bytes'] / 2**20:.2f} MiB")
     return 0

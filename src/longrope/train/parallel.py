@@ -1,5 +1,6 @@
-"""Several processes (torchrun) for fine-tuning: FSDP2 shards the weights, context parallelism
-splits each sequence's positions across the ranks.
+"""How a fine-tuning run spreads over processes: `Local` (one process, one device) or, under
+torchrun, `ContextParallel` (FSDP2 shards the weights, context parallelism splits each sequence's
+positions across the ranks). `finetune` runs one loop over either (`strategy` picks).
 
 Context parallelism here is the all-gather form (the one Llama 3's long-context training used),
 load-balanced: the sequence is cut into 2W chunks and rank r holds chunks r and 2W−1−r, so
@@ -9,99 +10,160 @@ would do 2W−1 times the first one's). Each rank computes queries, keys and val
 sequence), gathers everybody's keys and values, puts them back in sequence order, and each of
 its two chunks attends to the keys up to its own end with a bottom-right-aligned causal mask
 (flash/efficient SDPA kernels, no materialised mask on CUDA). The backward all-reduces the
-key/value gradients and keeps the local part. Compared with ring
-attention it holds the (GQA-small) keys and values of the whole sequence on every rank, and
-needs nothing beyond all_gather/all_reduce, so the same code runs with NCCL and with gloo on
-the CPU (which is how the tests check it against one process).
+key/value gradients and keeps the local part. Compared with ring attention it holds the
+(GQA-small) keys and values of the whole sequence on every rank, and needs nothing beyond
+all_gather/all_reduce, so the same code runs with NCCL and with gloo on the CPU (which is how
+the tests check it against one process).
 
 The loss of a sequence is the sum of the ranks' token NLLs divided by the global target count,
 so the gradient is the sum of the ranks' gradients. FSDP2's reduce-scatter averages over the
 ranks (a sum without averaging needs PREMUL_SUM, which gloo lacks), so each rank scales its
-loss by the world size before the backward (`Group.loss_scale`).
+loss by the world size before the backward (`ContextParallelLM.loss_scale`).
+
+The torchrun plumbing that is not about training (joining, agreeing, exiting) is `distributed`'s.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface
 
-from . import nll
-from .errors import UsageError
+from .. import distributed, models, nll
+from ..errors import UsageError
+from . import loop
 
 ATTENTION = "longrope_cp"
+_PREFIX = "model."  # ContextParallelLM holds the model as `.model`
 
 
-@dataclass(frozen=True)
-class Group:
-    """This process's place in a torchrun world: every rank works on the same sequences, each on
-    its own slice of positions."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def loss_scale(self) -> float:
-        """Multiply this rank's loss by this before backward: FSDP2 averages gradients over the
-        ranks, and the true gradient is their sum."""
-        return float(self.world)
-
-    def chunks(self, length: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The two [start, end) position ranges this rank holds in a sequence of `length` tokens."""
-        return shard_chunks(length, self.world, self.rank)
+def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross entropy, number of targets) of a [batch, seq] batch, without ever
+    building (tokens × vocab) logits: the decoder's final hidden states are scored `chunk`
+    positions at a time (`nll.summed_nll`; under autograd each chunk is recomputed in the backward
+    pass). `local_lm_loss` is its context-parallel twin."""
+    out = nll.decoder(model)(input_ids=input_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    batch, length = input_ids.shape
+    return nll.summed_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk, torch.float32), batch * (length - 1)
 
 
-def world_size() -> int:
-    """How many processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+# --------------------------------------------------------------------------------------------
+# the two strategies
 
 
-def exit_without_teardown(code: int) -> None:
-    """End a rank at once, once its process group is destroyed and its outputs are written. Left to
-    the interpreter's exit, torch's C++ distributed threads (gloo's), which outlive
-    `destroy_process_group`, can abort the process during teardown ("terminate called without an
-    active exception", glibc's "double free or corruption"; seen in about 1 in 40 two-rank runs
-    here), and torchrun then reports a finished run as failed. Skipping the teardown skips nothing
-    of ours: every output is written and closed by then; the standard streams are flushed here."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+class Local:
+    """One process on one device: the model trains as it is.
+
+    The strategy (`ContextParallel` has the same members): `open_out` checks the output folder and
+    returns the checkpoint to resume from; `prepare` gives the module to train; `nll` this
+    process's summed NLL of a batch, `loss_scale` its factor before the backward, `sum_over_ranks`
+    the whole batch's; `load_state`/`full_state` the checkpoint's state dicts; `final_model` the
+    model to export (None where another process exports)."""
+
+    world, is_main, loss_scale = 1, True, 1.0  # loss_scale: what the backward multiplies the loss by
+
+    def __init__(self, device: torch.device, loss_chunk: int):
+        self.device, self.loss_chunk = device, loss_chunk
+
+    def open_out(self, out: Path, resume: bool, force: bool, record: str) -> dict | None:
+        return loop.prepare_out(out, resume, force, record)
+
+    def prepare(self, model):
+        attention = getattr(model.config, "_attn_implementation", "sdpa")
+        if attention not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+            print(f"note: attention implementation {attention!r}; load with sdpa for long sequences")
+        return model
+
+    def nll(self, model, batch: torch.Tensor) -> torch.Tensor:
+        return chunked_lm_loss(model, batch, self.loss_chunk)[0]
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return value.detach()
+
+    def load_state(self, model, optimizer, checkpoint: dict) -> None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+
+    def full_state(self, model, optimizer) -> tuple[dict, dict]:
+        return model.state_dict(), optimizer.state_dict()
+
+    def barrier(self) -> None:
+        pass
+
+    def final_model(self, model, trained, optimizer, scaling):
+        return model
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun), readable before joining."""
-    return int(os.environ.get("RANK", "0"))
+class ContextParallel:
+    """This rank's part of a torchrun run: every rank takes the same sequences and runs its slice
+    of their positions, the weights sharded by FSDP2; rank 0 alone writes files. Checkpoints hold
+    full state dicts, so a run resumes only with the same number of processes."""
+
+    def __init__(self, group: distributed.Group, seq_len: int, loss_chunk: int):
+        shard_chunks(seq_len, group.world, group.rank)  # --seq-len must split into 2 × ranks chunks
+        self.group, self.loss_chunk = group, loss_chunk
+        self.device, self.world, self.is_main = group.device, group.world, group.is_main
+        self.loss_scale = float(group.world)  # FSDP2 averages gradients: see ContextParallelLM.loss_scale
+
+    def open_out(self, out: Path, resume: bool, force: bool, record: str) -> dict | None:
+        """Rank 0 checks (and with --force clears) the folder; the others read the checkpoint after it."""
+        found = distributed.agree(self.group, lambda: loop.prepare_out(out, resume, force, record) is not None)
+        return loop.read_checkpoint(out) if found else None
+
+    def prepare(self, model) -> ContextParallelLM:
+        use_context_parallel_attention(model)
+        return shard_model(model, self.group, self.loss_chunk)
+
+    def nll(self, root: ContextParallelLM, batch: torch.Tensor) -> torch.Tensor:
+        return root(batch)[0]
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(value)
+
+    def load_state(self, root: ContextParallelLM, optimizer, checkpoint: dict) -> None:
+        load_full_state(root, optimizer, checkpoint["model"], checkpoint["optimizer"])
+
+    def full_state(self, root: ContextParallelLM, optimizer) -> tuple[dict, dict]:
+        return full_state(root, optimizer)  # a collective: every rank gathers, rank 0 gets them
+
+    def barrier(self) -> None:
+        distributed.barrier()
+
+    def final_model(self, model, root: ContextParallelLM, optimizer, scaling):
+        """On rank 0 an unsharded copy of the trained model, scaling attached, to export; None on
+        the others, which wait for rank 0's export."""
+        model_state, _ = full_state(root, optimizer)
+        if not self.is_main:
+            distributed.barrier()
+            return None
+        model = unsharded_copy(model, model_state)
+        models.attach(model, scaling)
+        return model
 
 
-def init(device_type: str) -> Group:
-    """Join the torchrun world (NCCL on CUDA, gloo on the CPU); one GPU per local rank."""
-    rank, world, local = int(os.environ["RANK"]), world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"torchrun local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
-                             "use --nproc-per-node at most the number of GPUs", rank_specific=True)
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                **({"device_id": device} if device.type == "cuda" else {}))
-    return Group(rank, world, device)
+def strategy(device: torch.device, seq_len: int, loss_chunk: int) -> Local | ContextParallel:
+    """`ContextParallel` under torchrun (WORLD_SIZE > 1), else `Local` on `device`."""
+    if distributed.world_size() > 1:
+        return ContextParallel(distributed.init(device.type), seq_len, loss_chunk)
+    return Local(device, loss_chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# context-parallel attention
 
 
 def shard_chunks(length: int, world: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Chunks `rank` and 2·world−1−rank of 2·world equal chunks (the load-balanced layout)."""
+    """The two [start, end) position ranges `rank` holds in a sequence of `length` tokens: chunks
+    `rank` and 2·world−1−rank of 2·world equal chunks (the load-balanced layout)."""
     if length % (2 * world):
         raise UsageError(f"--seq-len {length} must be a multiple of twice the number of processes "
                          f"({2 * world}) for context parallelism")
@@ -110,7 +172,7 @@ def shard_chunks(length: int, world: int, rank: int) -> tuple[tuple[int, int], t
     return (rank * c, (rank + 1) * c), (late * c, (late + 1) * c)
 
 
-def _sequence_order(gathered: torch.Tensor, world: int) -> torch.Tensor:
+def sequence_order(gathered: torch.Tensor, world: int) -> torch.Tensor:
     """(B, H, world·2c, d) gathered in rank order (each rank: its early chunk, then its late one)
     -> the same positions in sequence order (chunk j held by rank j, or by rank 2W−1−j)."""
     b, h, n, d = gathered.shape
@@ -142,8 +204,6 @@ def context_parallel_attention(module, query, key, value, attention_mask=None, d
     """transformers attention interface: query (B, H, 2c, d), key/value (B, Hk, 2c, d) of this
     rank's two chunks (`shard_chunks`), already rotated at their global positions. Returns
     ((B, 2c, H, d), None)."""
-    from torch.nn.attention.bias import causal_lower_right
-
     if attention_mask is not None:
         raise ValueError("context parallelism: padded or packed-document masks are not supported")
     # Under autocast transformers' rotary leaves q and k in float32 (its cos/sin follow the float32
@@ -153,8 +213,8 @@ def context_parallel_attention(module, query, key, value, attention_mask=None, d
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     rank, world, c = dist.get_rank(), dist.get_world_size(), query.shape[2] // 2
-    keys = _sequence_order(_GatherPositions.apply(key), world)
-    values = _sequence_order(_GatherPositions.apply(value), world)
+    keys = sequence_order(_GatherPositions.apply(key), world)
+    values = sequence_order(_GatherPositions.apply(value), world)
     if keys.shape[1] != query.shape[1]:  # GQA
         repeat = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
@@ -167,16 +227,10 @@ def context_parallel_attention(module, query, key, value, attention_mask=None, d
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION, context_parallel_attention)
-
-
 def use_context_parallel_attention(model) -> None:
     """Make `model` (a transformers causal LM) attend with `context_parallel_attention`; no mask is
     built for it (transformers skips mask creation for an attention it has no mask function for)."""
-    _register()
+    AttentionInterface.register(ATTENTION, context_parallel_attention)
     try:
         model.set_attn_implementation(ATTENTION)
     except (ValueError, AttributeError):  # older transformers: set it on the config
@@ -196,25 +250,33 @@ def global_regime(model, length: int):
         rotary.regime_length = previous
 
 
+# --------------------------------------------------------------------------------------------
+# FSDP2: the sharded model, its loss and its full state
+
+
 class ContextParallelLM(torch.nn.Module):
     """The root FSDP2 unit: `forward(input_ids)` returns this rank's (summed NLL, global target
     count) for a batch every rank holds whole. Wrapping the loss in one module puts the
     embeddings, the final norm and the head (tied or not) in one FSDP unit that is gathered once
     per step, while the decoder stack is called directly for the final hidden states."""
 
-    def __init__(self, model, group: Group, chunk: int):
+    def __init__(self, model, group: distributed.Group, chunk: int):
         super().__init__()
         self.model, self.group, self.chunk = model, group, chunk
+
+    @property
+    def loss_scale(self) -> float:
+        """Multiply this rank's loss by this before backward: FSDP2 averages gradients over the
+        ranks, and the true gradient is their sum."""
+        return float(self.group.world)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         return local_lm_loss(self.model, input_ids, self.group, self.chunk)
 
 
-def shard_model(model, group: Group, chunk: int) -> ContextParallelLM:
+def shard_model(model, group: distributed.Group, chunk: int) -> ContextParallelLM:
     """FSDP2: each decoder layer, then the root (`ContextParallelLM`: embeddings, final norm,
-    head). Gradients are averaged over the ranks: scale the loss by `group.loss_scale`."""
-    from torch.distributed.fsdp import fully_shard
-
+    head). Gradients are averaged over the ranks: scale the loss by `root.loss_scale`."""
     for layer in model.model.layers:
         fully_shard(layer)
     root = ContextParallelLM(model, group, chunk)
@@ -222,17 +284,16 @@ def shard_model(model, group: Group, chunk: int) -> ContextParallelLM:
     return root
 
 
-def local_lm_loss(model, input_ids: torch.Tensor, group: Group, chunk: int) -> tuple[torch.Tensor, int]:
+def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int) -> tuple[torch.Tensor, int]:
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
     every rank holds whole: this rank runs the positions of its two chunks and scores, for each
     position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer)."""
-
     batch, n = input_ids.shape
-    ranges = group.chunks(n)
+    ranges = shard_chunks(n, group.world, group.rank)
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
     with global_regime(model, n):
         out = nll.decoder(model)(input_ids=input_ids[:, index], position_ids=index[None].expand(batch, -1),
-                              use_cache=False)
+                                 use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     scored = index < n - 1  # every position but the sequence's last predicts a token
     total = nll.summed_nll(model, hidden[:, scored], input_ids[:, index[scored] + 1], chunk, torch.float32)
@@ -255,52 +316,15 @@ def full_gradients(model) -> dict[str, torch.Tensor]:
     return {name: g.cpu() for name, g in iter_full_gradients(model)}
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value
-
-
-def barrier() -> None:
-    dist.barrier()
-
-
-def agree(group: Group, fn, everyone: bool = False):
-    """Run `fn` on rank 0 only (it may touch the file system), or on every rank with `everyone`
-    (a collective job such as a distributed search), and give every rank rank 0's result, or
-    raise rank 0's UsageError on every rank (so no rank is left waiting in a collective)."""
-    box = [None, None]
-    if group.is_main or everyone:
-        try:
-            value = fn()
-            if group.is_main:
-                box[0] = value
-        except UsageError as exc:
-            if not group.is_main:
-                raise
-            box[1] = str(exc)
-    dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise UsageError(box[1])
-    return box[0]
-
-
-_PREFIX = "model."  # ContextParallelLM holds the model as `.model`
-
-
 def full_state(root: ContextParallelLM, optimizer) -> tuple[dict, dict]:
     """(model, optimizer) full state dicts on the CPU of rank 0 (empty elsewhere), the model's
     keys as in the unwrapped model. A collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     msd, osd = get_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k[len(_PREFIX):]: v for k, v in msd.items()}, osd
 
 
 def load_full_state(root: ContextParallelLM, optimizer, model_state: dict, optimizer_state: dict) -> None:
     """Inverse of `full_state`; every rank passes the same full dicts (read from the checkpoint)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     set_state_dict(root, optimizer, model_state_dict={_PREFIX + k: v for k, v in model_state.items()},
                    optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
 
@@ -308,8 +332,6 @@ def load_full_state(root: ContextParallelLM, optimizer, model_state: dict, optim
 def unsharded_copy(model, model_state: dict, attention: str = "sdpa"):
     """A plain (unsharded, CPU, float32) copy of `model` holding `model_state`, attending with
     `attention`: what gets exported after a sharded run."""
-    import copy
-
     config = copy.deepcopy(model.config)
     config._attn_implementation = attention
     with torch.device("cpu"):

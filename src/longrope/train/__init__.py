@@ -1,0 +1,23 @@
+"""Training: pretraining the small bundled base model (`pretrain`) and long-context fine-tuning of a
+scaled model (`finetune`), on one machinery (`loop`: configuration, AdamW and its schedule,
+checkpoints and exact resume, the step log, the finished-run record). Fine-tuning runs in one
+process or, under torchrun, context parallel with FSDP2 (`parallel`).
+
+    from longrope import train
+    train.pretrain(train.PretrainConfig(steps=100), documents, "out")
+    train.finetune(model, tokenizer, scaling, packed, train.FinetuneConfig(seq_len=8192, steps=400), "ft")
+"""
+
+from . import loop, parallel
+from .finetune import FT_RECORD, FinetuneConfig, FinetuneResult, finetune, finetune_batch, pack_documents
+from .loop import CHECKPOINT, LOG, StepInfo, TrainConfig, lr_at
+from .parallel import chunked_lm_loss
+from .pretrain import (PRETRAIN_RECORD, PretrainConfig, PretrainResult, build_model, llama_config, lm_loss,
+                       make_batch, parameter_count, pretrain, token_stream)
+
+__all__ = [
+    "CHECKPOINT", "FT_RECORD", "LOG", "PRETRAIN_RECORD", "FinetuneConfig", "FinetuneResult", "PretrainConfig",
+    "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "finetune", "finetune_batch",
+    "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents", "parallel", "parameter_count",
+    "pretrain", "token_stream",
+]

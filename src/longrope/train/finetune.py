@@ -1,0 +1,199 @@
+"""Long-context fine-tuning: a pretrained model with a scaling attached, trained on documents packed
+into `seq_len`-token sequences (BOS/EOS between documents).
+
+AdamW with a short warm-up and linear decay (LongRoPE's lr 2e-5), bf16 autocast on CUDA over
+float32 master weights, gradient checkpointing, SDPA attention and a chunked loss that never
+materialises (tokens × vocab) logits. One process on one device, or, under torchrun, context
+parallelism with FSDP2 (`parallel`): the same loop either way. Checkpoints, resume and the log
+are `loop`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import models, nll
+from ..errors import UsageError
+from . import loop, parallel
+
+FT_RECORD = "finetune.json"  # written last: the run is finished
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(loop.TrainConfig):
+    """Fine-tuning a scaled model at `seq_len` tokens. Defaults follow LongRoPE (§4.1): AdamW
+    (β = 0.9, 0.95), lr 2e-5 with linear decay, a short warm-up. One optimizer step sees
+    batch_size × grad_accum sequences."""
+
+    seq_len: int
+    steps: int
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    schedule: str = "linear"
+    batch_size: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    # run (may differ between a run and its resumption)
+    gradient_checkpointing: bool = True
+    loss_chunk: int = nll.DEFAULT_CHUNK  # positions projected to logits at a time
+    checkpoint_every: int = 100
+    log_every: int = 1
+    save_dtype: str = "float32"
+
+    RUN_FIELDS = loop.TrainConfig.RUN_FIELDS + ("gradient_checkpointing", "loss_chunk")
+
+    def default_warmup(self) -> int:
+        return min(20, self.steps // 10)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def validate(self) -> "FinetuneConfig":
+        loop.need(self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}")
+        super().validate()
+        self.need_positive(("grad_accum", "loss_chunk"))
+        return self
+
+
+def pack_documents(documents: Iterable[Sequence[int] | np.ndarray], seq_len: int, bos_id: int | None,
+                   eos_id: int | None) -> np.ndarray:
+    """(n, seq_len) int64 training sequences: each document with BOS first and EOS last (added only
+    where the tokens lack them: `data.load_tokenized` already carries the tokenizer's BOS), all
+    concatenated in order and cut into full sequences; the last partial sequence is dropped.
+    Raises UsageError when the documents do not fill one sequence."""
+    parts = []
+    for tokens in documents:
+        t = np.asarray(tokens, dtype=np.int64)
+        if bos_id is not None and (t.size == 0 or t[0] != bos_id):
+            parts.append(np.array([bos_id], dtype=np.int64))
+        parts.append(t)
+        if eos_id is not None and (t.size == 0 or t[-1] != eos_id):
+            parts.append(np.array([eos_id], dtype=np.int64))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise UsageError(f"--seq-len {seq_len}: the documents hold {len(stream)} tokens in all (BOS/EOS included), "
+                         "not enough for one sequence; use a shorter --seq-len or more --data")
+    return stream[:n * seq_len].reshape(n, seq_len)
+
+
+def finetune_batch(packed: np.ndarray, cfg: FinetuneConfig, step: int, micro: int = 0) -> torch.Tensor:
+    """[batch_size, seq_len] for micro-batch `micro` of optimizer step `step` (1-based): the packed
+    sequences in a fresh seeded order every epoch. A pure function of (seed, step, micro), so a
+    resumed run sees exactly the batches an uninterrupted one does (and under context parallelism
+    every rank the same ones, each running its own positions of them)."""
+    n = len(packed)
+    first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
+    rows, orders = [], {}
+    for k in range(first, first + cfg.batch_size):
+        epoch = k // n
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([cfg.seed, epoch, 0xF17E]).permutation(n)
+        rows.append(orders[epoch][k % n])
+    return torch.from_numpy(np.ascontiguousarray(packed[rows]))
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    model: object  # the fine-tuned model (in save_dtype), scaling attached, eval mode; None on ranks > 0
+    record: dict = field(default_factory=dict)
+
+
+def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig, out: str | os.PathLike, *,
+             resume: bool = False, force: bool = False, keep_checkpoint: bool = False,
+             callback: Callable[[loop.StepInfo], None] | None = None, identity: dict | None = None,
+             command: str | None = None) -> FinetuneResult:
+    """Fine-tune `model` (a transformers causal LM, moved to float32 on cfg.device) with `scaling`
+    attached on `packed` sequences ([n, seq_len], see `pack_documents`); write `out`: the
+    checkpoint exported with the scaling (`models.export`: plain transformers loads it),
+    train_log.jsonl, and finetune.json last.
+
+    Checkpoints (model, optimizer, RNG, step; atomic) go to `out/checkpoint.pt` every
+    `checkpoint_every` steps; `resume=True` continues from there with identical optimizer state
+    and batches. `identity` (model, data, ...) must match on resume, as must every non-run field
+    of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
+    step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
+
+    Under torchrun (WORLD_SIZE > 1) the run is context parallel (`parallel.ContextParallel`):
+    every rank takes the same sequences and runs its slice of their positions (RoPE at global
+    positions, the short/long choice on the global length), the weights sharded by FSDP2; rank 0
+    writes every file. A checkpoint resumes only with the same number of processes."""
+    cfg.validate()
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.shape[1] != cfg.seq_len or len(packed) == 0:
+        raise UsageError(f"finetune: expected packed sequences of shape (n >= 1, {cfg.seq_len}), got {packed.shape}")
+    ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
+    device, out = ranks.device, Path(out)
+    identity = {"scaling": scaling.to_dict(), **(identity or {})}
+    checkpoint = ranks.open_out(out, resume, force, FT_RECORD)
+    loop.check_resumable(cfg, identity, checkpoint, ranks.world)
+    loop.allow_tf32(device)
+    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device))  # the model, or its FSDP2 root
+    optimizer = loop.make_optimizer(trained, cfg, device)
+    if checkpoint is not None:
+        ranks.load_state(trained, optimizer, checkpoint)
+    run = loop.Run(out, cfg, device, checkpoint, tokens_per_step=cfg.sequences_per_step * cfg.seq_len,
+                   identity=identity, world=ranks.world, main=ranks.is_main)
+    del checkpoint
+    autocast = loop.autocast(device, cfg.dtype)
+    targets_per_step = cfg.sequences_per_step * (cfg.seq_len - 1)
+
+    with run:
+        for step in run.steps():
+            lr = loop.set_lr(optimizer, cfg, step)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = finetune_batch(packed, cfg, step, micro).to(device, non_blocking=True)
+                with autocast:
+                    summed = ranks.nll(trained, batch)  # this process's positions
+                (summed * ranks.loss_scale / targets_per_step).backward()  # the mean over the step's targets
+                step_loss += ranks.sum_over_ranks(summed) / targets_per_step
+            grad_norm = loop.clip_gradients(trained, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step_done(step, lr, step_loss, grad_norm)
+            if run.checkpoint_due(step):
+                run.save_checkpoint(step, *ranks.full_state(trained, optimizer))
+                ranks.barrier()
+            if callback is not None:
+                callback(run.info(step, lr))
+
+    model = ranks.final_model(model, trained, optimizer, scaling)
+    if model is None:  # a rank > 0: rank 0 exports
+        return FinetuneResult(out=out, model=None, record={})
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.eval()
+    model.to(dtype=getattr(torch, cfg.save_dtype))
+    record = {**run.record(model, command), "scaling": scaling.to_dict(), "sequences": int(len(packed))}
+    if ranks.world > 1:
+        record["processes"] = ranks.world
+    try:
+        run.publish(FT_RECORD, record, lambda folder: _export(model, tokenizer, scaling, folder), keep_checkpoint)
+    finally:
+        ranks.barrier()
+    return FinetuneResult(out=out, model=model, record=record)
+
+
+def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device):
+    """float32 master weights on `device`, the scaling attached, gradient checkpointing on, train mode."""
+    model.to(device=device, dtype=torch.float32)
+    models.attach(model, scaling)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _export(model, tokenizer, scaling, folder: Path) -> None:
+    model.config.use_cache = True
+    models.export(model, tokenizer, scaling, folder)
