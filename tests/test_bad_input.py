@@ -209,7 +209,7 @@ def test_ctrl_c_in_eval_is_one_line_exit_130_and_writes_nothing(world, capsys, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "nll_windows", interrupted)
+    monkeypatch.setattr(evaluate.methods, "nll_windows", interrupted)
     before = tree_digest(world)
     code, _, err = run(capsys, *EVAL, "--out", "results")
     assert code == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ORIGINAL, tiny_model
-from longrope import data, evaluate, models
+from longrope import data, evaluate, models, passkey
 from longrope import scaling as sc
 from longrope.tokenization import byte_tokenizer
 
@@ -143,16 +143,16 @@ def test_peak_memory_on_cpu_is_none():
                                          (" 123456", False), (" none", False), (" 54321 12345", False),
                                          ("", False)])
 def test_passkey_scoring(answer, ok):
-    assert evaluate.passkey_correct(answer, "12345") is ok
-    assert evaluate.passkey_correct(answer, 12345) is ok
+    assert passkey.passkey_correct(answer, "12345") is ok
+    assert passkey.passkey_correct(answer, 12345) is ok
 
 
 def _needle_fraction(prompt):
     """Position of the needle within the haystack, as a fraction of the haystack's characters."""
     text = prompt.text
-    start = len(evaluate.PASSKEY_INTRO) + 1
-    needle = evaluate.PASSKEY_NEEDLE.format(key=prompt.key)
-    stop = len(text) - len(evaluate.PASSKEY_QUESTION) - 1
+    start = len(passkey.PASSKEY_INTRO) + 1
+    needle = passkey.PASSKEY_NEEDLE.format(key=prompt.key)
+    stop = len(text) - len(passkey.PASSKEY_QUESTION) - 1
     haystack_len = (stop - start) - len(needle) - 1
     return (prompt.needle_char - start) / haystack_len
 
@@ -160,25 +160,25 @@ def _needle_fraction(prompt):
 @pytest.mark.parametrize("length", [400, 1000, 3000])
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_filler_prompt_construction(tok, length, depth):
-    p = evaluate.passkey_prompt(tok, length, depth, "40413")
-    assert p.text.startswith(evaluate.PASSKEY_INTRO + " ")
-    assert p.text.endswith(" " + evaluate.PASSKEY_QUESTION)
+    p = passkey.passkey_prompt(tok, length, depth, "40413")
+    assert p.text.startswith(passkey.PASSKEY_INTRO + " ")
+    assert p.text.endswith(" " + passkey.PASSKEY_QUESTION)
     assert p.text.count("The pass key is 40413. Remember it. 40413 is the pass key.") == 1
     assert p.input_ids == tok(p.text)["input_ids"] and p.input_ids[0] == tok.bos_token_id
-    per_rep = len(evaluate.PASSKEY_FILLER) + 1  # byte-level: one token per character
+    per_rep = len(passkey.PASSKEY_FILLER) + 1  # byte-level: one token per character
     assert length - per_rep < p.actual_length <= length == p.nominal_length
-    between = p.text[len(evaluate.PASSKEY_INTRO) + 1:p.needle_char]
-    assert between.replace(evaluate.PASSKEY_FILLER, "").strip() == ""  # only whole filler sentences
+    between = p.text[len(passkey.PASSKEY_INTRO) + 1:p.needle_char]
+    assert between.replace(passkey.PASSKEY_FILLER, "").strip() == ""  # only whole filler sentences
     assert _needle_fraction(p) == pytest.approx(depth, abs=per_rep / (length - 250) + 0.01)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 0.75, 1.0])
 def test_data_haystack_prompt(tok, depth):
     text = data.read_documents("bundled")[0].text
-    p = evaluate.passkey_prompt(tok, 2000, depth, 77777, haystack=text)
+    p = passkey.passkey_prompt(tok, 2000, depth, 77777, haystack=text)
     assert 2000 - 3 <= p.actual_length <= 2000  # character granularity: within the tolerance
-    haystack = p.text[len(evaluate.PASSKEY_INTRO) + 1:-len(evaluate.PASSKEY_QUESTION) - 1]
-    before, after = haystack.split(evaluate.PASSKEY_NEEDLE.format(key="77777"))
+    haystack = p.text[len(passkey.PASSKEY_INTRO) + 1:-len(passkey.PASSKEY_QUESTION) - 1]
+    before, after = haystack.split(passkey.PASSKEY_NEEDLE.format(key="77777"))
     assert text.startswith(before.strip()[:100])
     assert (before.strip() + " " + after.strip()).strip()[:50] in text or depth in (0.0, 1.0)
     assert _needle_fraction(p) == pytest.approx(depth, abs=0.1)  # snapped to a sentence end
@@ -186,12 +186,12 @@ def test_data_haystack_prompt(tok, depth):
 
 def test_prompt_too_short_raises(tok):
     with pytest.raises(ValueError, match="shorter than the passkey prompt"):
-        evaluate.passkey_prompt(tok, 100, 0.5, 12345)
+        passkey.passkey_prompt(tok, 100, 0.5, 12345)
 
 
 def test_random_keys_are_five_digits():
     rng = random.Random(0)
-    keys = [evaluate.random_key(rng) for _ in range(200)]
+    keys = [passkey.random_key(rng) for _ in range(200)]
     assert all(len(k) == 5 and k.isdigit() for k in keys) and len(set(keys)) > 150
 
 
@@ -215,8 +215,8 @@ def test_greedy_generate_matches_transformers_generate(scaling, prompt_len):
 
 
 def test_passkey_trial_decodes_and_scores(tok, monkeypatch, llama):
-    prompt = evaluate.passkey_prompt(tok, 400, 0.5, "31415")
-    monkeypatch.setattr(evaluate, "greedy_generate",
+    prompt = passkey.passkey_prompt(tok, 400, 0.5, "31415")
+    monkeypatch.setattr(evaluate.generation, "greedy_generate",
                         lambda model, ids, n, eos_token_id=None: tok(" 31415. Rem", add_special_tokens=False)["input_ids"])
     trial = evaluate.passkey_trial(llama, tok, prompt)
     assert trial.correct and trial.answer == " 31415. Rem"
@@ -225,4 +225,4 @@ def test_passkey_trial_decodes_and_scores(tok, monkeypatch, llama):
     trial = evaluate.passkey_trial(llama, tok, prompt, max_new_tokens=3)  # a random model: real decoding
     assert trial.answer == tok.decode(evaluate.greedy_generate(llama, prompt.input_ids, 3), skip_special_tokens=True,
                                       clean_up_tokenization_spaces=False)
-    assert trial.correct is evaluate.passkey_correct(trial.answer, "31415")
+    assert trial.correct is passkey.passkey_correct(trial.answer, "31415")

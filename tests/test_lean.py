@@ -63,7 +63,7 @@ def test_lean_with_transformers_own_rotary(arch, params):
     for n in (150, 40):
         ids = _ids(n, seed=1)
         hidden = lean.final_hidden_states(model, ids, chunk_size=13)
-        ref = evaluate.final_hidden_states(model, ids)
+        ref = evaluate.modules_hidden_states(model, ids)
         torch.testing.assert_close(hidden, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -75,7 +75,7 @@ def test_attention_groups_and_budget(monkeypatch, kv_heads):
     monkeypatch.setattr(lean, "ATTENTION_BUDGET", 1)  # one KV head per SDPA call
     split = lean.final_hidden_states(model, ids, chunk_size=32)
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(split, evaluate.final_hidden_states(model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, evaluate.modules_hidden_states(model, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_nothing_tokens_by_intermediate_and_sdpa_is_causal_without_mask(monkeypatch):

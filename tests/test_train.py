@@ -16,7 +16,7 @@ from longrope import models, passkey, train
 from longrope.cli import main
 from longrope.data import Document, load_documents
 from longrope.errors import UsageError
-from longrope.evaluate import PASSKEY_INTRO
+from longrope.passkey import PASSKEY_INTRO
 from longrope.tokenization import BOS_ID, BYTE_OFFSET, EOS_ID, VOCAB_SIZE, byte_tokenizer, encode
 
 WORDS = ("the of and a to in is was he that it his her with as had for she not but be on at by which have "
@@ -85,7 +85,7 @@ def test_training_passkey_matches_evaluation_prompt():
     from longrope import evaluate
 
     tok = byte_tokenizer()
-    prompt = evaluate.passkey_prompt(tok, 400, 0.0, "31415")
+    prompt = passkey.passkey_prompt(tok, 400, 0.0, "31415")
     ours = passkey.sample(len(prompt.input_ids) + 6, "31415", 0.0)
     assert text_of(ours.ids).startswith(prompt.text.split(" The grass")[0])
     assert list(tok(prompt.text)["input_ids"]) == [1, *encode(prompt.text)]

@@ -109,7 +109,7 @@ def test_generate_across_the_switch_gives_no_deprecation_notice():
 def test_greedy_generate_gives_no_deprecation_notice(prefill, monkeypatch):
     model = models.attach(tiny_model("llama"), sc.make("longrope", ORIGINAL, 4 * ORIGINAL, dim=16, base=10000.0))
     if prefill == "modules":  # the model's own forward for the prompt, its returned cache read back
-        monkeypatch.setattr(evaluate.lean, "unsupported_reason", lambda model, n: "forced by the test")
+        monkeypatch.setattr(evaluate.generation.lean, "unsupported_reason", lambda model, n: "forced by the test")
     ids = torch.randint(3, 259, (40,), generator=torch.Generator().manual_seed(7))
     with transformers_messages() as seen:
         ours = evaluate.greedy_generate(model, ids, max_new_tokens=6)

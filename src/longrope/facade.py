@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import data as D
 from . import models, pipeline, runs, train
 from . import scaling as sc
-from . import search as S
+from .data import Document, TokenizedDocument, load_tokenized, special_tokens_added, tokenize_text
 from .errors import UsageError
+from .search import SearchConfig
 from .tokenization import byte_tokenizer
 
 # pretrain's options, as PretrainConfig's messages name them -> the facade's argument names
@@ -91,7 +91,7 @@ class LongRoPEModel(torch.nn.Module):
 
     def extend_context(self, data, target_length: int | str, *, stages: str | None = None,
                        out: str | os.PathLike | None = None, finetune_steps: int = 0, samples: int = 2,
-                       search: S.SearchConfig | None = None, readjust: bool = True,
+                       search: SearchConfig | None = None, readjust: bool = True,
                        report_lengths: Sequence[int] | None = None, device: str = "cpu", resume: bool = False,
                        seed: int = 0, log: Callable[[str], None] = print,
                        progress: pipeline.ProgressHooks | None = None,
@@ -129,7 +129,7 @@ class LongRoPEModel(torch.nn.Module):
             self.tokenizer.save_pretrained(base)
         config = pipeline.PipelineConfig(
             target_length=target, stages=plan, samples=samples,
-            search=search or S.SearchConfig(population=16, mutations=4, crossovers=4, parents=8, generations=4,
+            search=search or SearchConfig(population=16, mutations=4, crossovers=4, parents=8, generations=4,
                                             seed=seed),
             finetune=train.FinetuneConfig(seq_len=2, steps=max(1, finetune_steps), lr=1e-4, checkpoint_every=50,
                                           log_every=10, device=device),
@@ -143,17 +143,17 @@ class LongRoPEModel(torch.nn.Module):
         self.last_extension = result
         return self
 
-    def _documents(self, data) -> list[D.TokenizedDocument]:
+    def _documents(self, data) -> list[TokenizedDocument]:
         if isinstance(data, (str, os.PathLike)):
-            return D.load_tokenized(data, self.tokenizer)
+            return load_tokenized(data, self.tokenizer)
         texts = list(data)
         if not texts:
             raise UsageError("data: no documents")
-        specials = D.special_tokens_added(self.tokenizer)
+        specials = special_tokens_added(self.tokenizer)
         docs = []
         for i, item in enumerate(texts):
-            doc_id, text = (item.id, item.text) if isinstance(item, D.Document) else (f"doc{i}", str(item))
-            docs.append(D.TokenizedDocument(doc_id, np.asarray(D.tokenize_text(self.tokenizer, text, specials=specials),
+            doc_id, text = (item.id, item.text) if isinstance(item, Document) else (f"doc{i}", str(item))
+            docs.append(TokenizedDocument(doc_id, np.asarray(tokenize_text(self.tokenizer, text, specials=specials),
                                                                dtype=np.int64)))
         return docs
 

@@ -1,22 +1,208 @@
-"""Passkey prompts of an exact length in the byte tokenizer's ids: the samples the bundled
-byte-level model is pretrained on, and its quick passkey check.
+"""Passkey retrieval, the prompts: the standard test's wording, prompts of about a length for any
+tokenizer (`passkey_prompt`, what `longrope eval passkey` asks), needles in real documents whose
+answer alone is scored (`needle_samples`, LongRoPE2's search fitness), and samples of exactly
+`context` byte tokens (`sample`: what the bundled byte-level model is pretrained on, so it meets
+in training the prompt the evaluation asks, with every row of a batch the same shape).
 
-The wording is the standard passkey test's (`evaluate`'s PASSKEY_* sentences), so the model meets
-in training the prompt `longrope eval` asks. `evaluate.passkey_prompt` serves any tokenizer and
-fills whole sentences up to about a length; a sample here is exactly `context` tokens with the
-needle at its depth to the byte, so that every row of a training batch has the same shape.
+Tokenizers in, token ids out: running a model on them is `evaluate`'s.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .errors import UsageError
-from .evaluate import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 from .tokenization import BOS_ID, BYTE_OFFSET, EOS_ID, decode_bytes, encode
+
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    text: str
+    input_ids: list[int]
+    key: str
+    depth: float  # requested depth in [0, 1]
+    nominal_length: int  # the length asked for
+    needle_char: int  # where the needle starts in `text`
+
+    @property
+    def actual_length(self) -> int:
+        return len(self.input_ids)
+
+
+def passkey_text(key: str, haystack_before: str, haystack_after: str) -> str:
+    """The standard prompt: instruction, haystack, needle, haystack, question."""
+    parts = [PASSKEY_INTRO, haystack_before, PASSKEY_NEEDLE.format(key=key), haystack_after, PASSKEY_QUESTION]
+    return " ".join(p for p in parts if p)
+
+
+def split_at_depth(haystack: str, depth: float, filler: bool) -> tuple[str, str]:
+    """Split the haystack at a sentence boundary near `depth` of its characters."""
+    if not haystack:
+        return "", ""
+    target = int(round(depth * len(haystack)))
+    if target <= 0:
+        return "", haystack
+    if target >= len(haystack):
+        return haystack, ""
+    if filler:
+        unit = len(PASSKEY_FILLER) + 1
+        k = int(round(target / unit))
+        cut = k * unit
+    else:
+        # the end of the sentence or line nearest the target
+        candidates = [m.end() for m in re.finditer(r"[.!?]\s+|\n", haystack[max(0, target - 2000):target + 2000])]
+        cut = (max(0, target - 2000) + min(candidates, key=lambda c: abs(max(0, target - 2000) + c - target))
+               if candidates else target)
+    return haystack[:cut].rstrip(), haystack[cut:].lstrip()
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str | int, haystack: str | None = None) -> PasskeyPrompt:
+    """A prompt of at most `length` tokens, as close to it as the haystack's granularity allows
+    (whole filler repetitions; characters of real text), with the needle at `depth`.
+
+    `haystack=None` repeats the standard filler sentences; otherwise the leading characters of
+    the given real text are used (give comfortably more characters than `length` tokens need).
+    The whole prompt is tokenised as one text, with the tokenizer's special tokens (BOS).
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    key = str(key)
+    filler = haystack is None
+    needle = PASSKEY_NEEDLE.format(key=key)
+
+    def build(n: int) -> tuple[str, list[int]]:  # n: filler repetitions, or characters of text
+        stack = " ".join([PASSKEY_FILLER] * n) if filler else haystack[:n]
+        text = passkey_text(key, *split_at_depth(stack, depth, filler))
+        return text, list(tokenizer(text)["input_ids"])
+
+    limit = length if filler else len(haystack)
+    empty = build(0)
+    base = len(empty[1])
+    if base > length:
+        raise ValueError(f"length {length}: shorter than the passkey prompt without haystack ({base} tokens)")
+    probe = min(limit, 4 if filler else 4096)
+    rate = max(1e-3, (len(build(probe)[1]) - base) / probe) if probe else 1.0  # tokens per unit
+    tolerance = math.ceil(rate) if filler else max(1, length // 1000)
+    best_n, best = 0, empty
+    n = min(limit, max(0, int((length - base) / rate)))
+    for _ in range(40):
+        built = build(n)
+        tokens = len(built[1])
+        if tokens <= length:
+            if n >= best_n:
+                best_n, best = n, built
+            if length - tokens < tolerance or n >= limit:
+                break
+        if n > 0:
+            rate = max(1e-3, (tokens - base) / n)
+        step = (length - tokens) / rate
+        new_n = n + (max(1, int(step)) if step > 0 else min(-1, math.floor(step)))
+        new_n = min(limit, max(0, new_n))
+        if tokens > length:
+            if n - best_n <= 1:
+                break
+            if new_n <= best_n:  # bisect between the best fit and this overshoot
+                new_n = (best_n + n) // 2
+        if new_n == n or (tokens <= length and new_n <= best_n):
+            break
+        n = new_n
+    text, ids = best
+    return PasskeyPrompt(text, ids, key, float(depth), int(length), text.index(needle))
+
+
+def random_key(rng: random.Random) -> str:
+    return str(rng.randint(10000, 99999))
+
+
+def passkey_correct(answer: str, key: str | int) -> bool:
+    """Exact match: the first run of digits in the answer is the key."""
+    found = re.search(r"\d+", answer)
+    return found is not None and found.group(0) == str(key)
+
+
+
+# --------------------------------------------------------------------------------------------
+# needles in real documents (LongRoPE2's needle-driven perplexity)
+
+NEEDLE_MAX_DEPTH = 0.02  # the needle starts within the first 2% of the window (and after token 0)
+
+
+@dataclass(frozen=True)
+class NeedleSample:
+    """A real document window with a passkey needle near its start and, at its end, the question
+    and the answer: only the answer tokens are scored (`window` is nll_sum's (ids, score_from))."""
+
+    input_ids: torch.Tensor  # (length,) int64
+    key: str
+    needle_start: int  # token index of the needle's first token
+    needle_end: int  # one past its last token
+    answer_start: int  # the answer is input_ids[answer_start:]
+
+    @property
+    def answer_length(self) -> int:
+        return len(self.input_ids) - self.answer_start
+
+    @property
+    def window(self) -> tuple[torch.Tensor, int]:
+        return self.input_ids, self.answer_start
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def needle_sample(tokenizer, document_tokens, length: int, key: str | int, offset: int = 1) -> NeedleSample:
+    """Exactly `length` tokens: the document's first `offset` tokens (its BOS, if tokenised with
+    one), the needle, the document's next tokens, the question, the answer " {key}". Pieces are
+    tokenised separately and concatenated, so the answer tokens are exactly those of " {key}"."""
+    key = str(key)
+    needle = encode_plain(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
+    question = encode_plain(tokenizer, "\n" + PASSKEY_QUESTION)
+    answer = encode_plain(tokenizer, " " + key)
+    filler = length - len(needle) - len(question) - len(answer)
+    if filler < 1:
+        raise ValueError(f"length {length}: too short for the needle, question and answer "
+                         f"({length - filler} tokens)")
+    doc = [int(t) for t in (document_tokens.tolist() if hasattr(document_tokens, "tolist") else document_tokens)]
+    if len(doc) < filler:
+        raise ValueError(f"document has {len(doc)} tokens; a needle sample of {length} needs {filler}")
+    offset = min(max(int(offset), 0), filler)
+    ids = doc[:offset] + needle + doc[offset:filler] + question + answer
+    assert len(ids) == length
+    return NeedleSample(torch.tensor(ids, dtype=torch.long), key, offset, offset + len(needle),
+                        length - len(answer))
+
+
+def needle_samples(tokenizer, documents: Sequence, length: int, seed: int = 0,
+                   max_depth: float = NEEDLE_MAX_DEPTH) -> list[NeedleSample]:
+    """One sample per document (token sequences of at least `length` tokens): a random 5-digit key
+    and a needle offset in [1, max(1, max_depth·length)], both drawn from `seed` (deterministic)."""
+    rng = random.Random(seed)
+    out = []
+    for doc in documents:
+        key = random_key(rng)
+        offset = rng.randint(1, max(1, int(max_depth * length)))
+        out.append(needle_sample(tokenizer, doc, length, key, offset))
+    return out
+
+
+
+# --------------------------------------------------------------------------------------------
+# byte-exact samples (pretraining the bundled model)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,15 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, c_ptr, c0_ptr, n_tokens,
     f_lo = tl.load(c_ptr + HALF + j, mask=jmask, other=0.0)[None, :]
     b_hi = tl.load(c_ptr + 2 * HALF + j, mask=jmask, other=0.0)[None, :]
     b_lo = tl.load(c_ptr + 3 * HALF + j, mask=jmask, other=0.0)[None, :]
+    factor = scale
+    if HAS_NHAT:  # the first n̂ positions: unscaled frequencies, no attention factor
+        early = (p < n_hat)[:, None]
+        f_hi = tl.where(early, tl.load(c0_ptr + j, mask=jmask, other=0.0)[None, :], f_hi)
+        f_lo = tl.where(early, tl.load(c0_ptr + HALF + j, mask=jmask, other=0.0)[None, :], f_lo)
+        b_hi = tl.where(early, tl.load(c0_ptr + 2 * HALF + j, mask=jmask, other=0.0)[None, :], b_hi)
+        b_lo = tl.where(early, tl.load(c0_ptr + 3 * HALF + j, mask=jmask, other=0.0)[None, :], b_lo)
+        factor = tl.where(early, 1.0, scale)
+    # phase.split_angles, in float32: exact 12-bit products, one rounding of a sum below 3
     a = hi * b_hi
     a = a - tl.floor(a)
     b = lo * f_hi
@@ -48,23 +57,8 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, c_ptr, c0_ptr, n_tokens,
     turns = a + b + (hi * b_lo + lo * f_lo)
     turns = turns - tl.floor(turns + 0.5)
     angle = turns * two_pi
-    cos = tl.cos(angle) * scale
-    sin = tl.sin(angle) * scale
-    if HAS_NHAT:  # the first n̂ positions: unscaled frequencies, no attention factor
-        f_hi = tl.load(c0_ptr + j, mask=jmask, other=0.0)[None, :]
-        f_lo = tl.load(c0_ptr + HALF + j, mask=jmask, other=0.0)[None, :]
-        b_hi = tl.load(c0_ptr + 2 * HALF + j, mask=jmask, other=0.0)[None, :]
-        b_lo = tl.load(c0_ptr + 3 * HALF + j, mask=jmask, other=0.0)[None, :]
-        a = hi * b_hi
-        a = a - tl.floor(a)
-        b = lo * f_hi
-        b = b - tl.floor(b)
-        turns = a + b + (hi * b_lo + lo * f_lo)
-        turns = turns - tl.floor(turns + 0.5)
-        angle = turns * two_pi
-        early = (p < n_hat)[:, None]
-        cos = tl.where(early, tl.cos(angle), cos)
-        sin = tl.where(early, tl.sin(angle), sin)
+    cos = tl.cos(angle) * factor
+    sin = tl.sin(angle) * factor
 
     mask = tmask[:, None] & jmask[None, :]
     # transformers' rotate_half convention: pairs are (j, j + d/2)

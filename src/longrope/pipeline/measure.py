@@ -10,18 +10,17 @@ from typing import Any
 
 import torch
 
-from .. import data as D
-from .. import evaluate, models
+from .. import data, evaluate, models, passkey
 from .. import scaling as sc
 from .plan import PipelineConfig, default_report_lengths, format_length, silent_bar
 
 
-def first_tokens(documents: Sequence[D.TokenizedDocument], length: int, device) -> list[torch.Tensor]:
+def first_tokens(documents: Sequence[data.TokenizedDocument], length: int, device) -> list[torch.Tensor]:
     return [torch.as_tensor(d.tokens[:length], dtype=torch.long, device=device) for d in documents]
 
 
 @torch.no_grad()
-def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument], lengths: Sequence[int],
+def evaluate_lengths(model, tokenizer, documents: Sequence[data.TokenizedDocument], lengths: Sequence[int],
                      scalings: Callable[[int], Mapping[str, sc.Scaling]], *, n_docs: int, depths: Sequence[float],
                      trials: int, seed: int, documents_seed: int | None = None, device="cpu",
                      chunk_size: int | None = None, new_bar: Callable[[int | None, str, str], Any] = silent_bar,
@@ -44,9 +43,9 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
         labelled = scalings(length)
         chosen = []
         if any(len(d) >= length for d in documents):
-            chosen = D.select(documents, length, n_docs, seed=documents_seed)
+            chosen = data.select(documents, length, n_docs, seed=documents_seed)
         windows = first_tokens(chosen, length, device)
-        keys = {depth: [evaluate.random_key(rng) for _ in range(trials)] for depth in depths}
+        keys = {depth: [passkey.random_key(rng) for _ in range(trials)] for depth in depths}
         prompts = {depth: [prompt for prompt in (_passkey_prompt(tokenizer, length, depth, key) for key in keys[depth])
                            if prompt is not None] for depth in depths}
         cells = len(labelled) * (1 + sum(len(p) for p in prompts.values()))
@@ -73,13 +72,13 @@ def evaluate_lengths(model, tokenizer, documents: Sequence[D.TokenizedDocument],
 
 def _passkey_prompt(tokenizer, length: int, depth: float, key: str):
     try:
-        return evaluate.passkey_prompt(tokenizer, length, depth, key)
+        return passkey.passkey_prompt(tokenizer, length, depth, key)
     except ValueError:  # the prompt alone is longer than `length`
         return None
 
 
 def measure_report(model_dir: Path, final: sc.LongRoPEScaling, markers: list[dict], *, base_spec: str,
-                   info: models.RopeInfo, config: PipelineConfig, documents: Sequence[D.TokenizedDocument],
+                   info: models.RopeInfo, config: PipelineConfig, documents: Sequence[data.TokenizedDocument],
                    held_apart: bool, new_bar: Callable[[int | None, str, str], Any] = silent_bar) -> dict:
     """What report.json holds: the exported checkpoint (reloaded, so that the export is what is
     measured) at the report lengths, with the base model (`base_spec`) beside it inside the

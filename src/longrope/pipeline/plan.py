@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .. import scaling as sc
-from .. import search as S
 from .. import train
+from ..search import SHORT_CAP, SearchConfig
 from ..errors import UsageError
 
 STAGE_KINDS = ("search", "finetune")
@@ -111,12 +111,12 @@ class PipelineConfig:
     target_length: int
     stages: tuple[Stage, ...]
     samples: int = 5  # search documents per stage (the first L tokens of each)
-    search: S.SearchConfig = field(default_factory=S.SearchConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     # template of every finetune stage: seq_len comes from the stage, steps from it when given
     finetune: train.FinetuneConfig = field(default_factory=lambda: train.FinetuneConfig(seq_len=2, steps=400))
     readjust: bool = True
-    readjust_cap: float = S.SHORT_CAP
-    readjust_search: S.SearchConfig | None = None  # None: `search`
+    readjust_cap: float = SHORT_CAP
+    readjust_search: SearchConfig | None = None  # None: `search`
     # the short regime's attention factor after readjustment: "one" (the model's own temperature
     # inside its trained window; exported as short_mscale, which plain transformers ignores for
     # Llama / Phi-3) or "keep" (the long one at every length, transformers' longrope as it stands)

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import data as D
-from .. import distributed, models, runs
+from .. import data, distributed, models, runs, train
 from .. import scaling as sc
-from .. import search as S
-from .. import train
+from ..search import STATE as SEARCH_STATE
+from ..search import (SearchConfig, SearchResult, SearchSpace, ShortFactorSpace, model_fitness, planned_evals,
+                      progress_hooks, run_distributed, seeds_from)
+from ..search import run as run_search
 from ..errors import UsageError
 from .measure import first_tokens, measure_report
 from .plan import (DONE, MARKER, MODEL_DIR, PLAN, REPORT_JSON, SILENT, PipelineConfig, ProgressHooks, Stage,
@@ -41,7 +42,7 @@ class Context:
     """The state that moves from stage to stage: which model the next stage starts from, the
     current scaling, the documents; the model is loaded lazily and kept while it is current."""
 
-    def __init__(self, base_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument],
+    def __init__(self, base_spec: str, tokenizer, documents: Sequence[data.TokenizedDocument],
                  config: PipelineConfig, info: models.RopeInfo, out: Path, log: Callable[[str], None]):
         self.base_spec, self.model_spec = base_spec, base_spec
         self.tokenizer, self.documents, self.config, self.info = tokenizer, list(documents), config, info
@@ -49,7 +50,7 @@ class Context:
         self.scaling: sc.LongRoPEScaling | None = None
         self.data_digest = documents_digest(documents)
         self._loaded: tuple[str, Any] | None = None
-        self.eval_documents: list[D.TokenizedDocument] | None = None  # the report's; None: `documents`
+        self.eval_documents: list[data.TokenizedDocument] | None = None  # the report's; None: `documents`
         self.ranks: distributed.Group | None = None  # under torchrun: this process's place (rank 0 writes)
         self.progress = SILENT  # how the stages show progress (the caller's hooks on rank 0)
 
@@ -74,7 +75,7 @@ class Context:
         return f"stage:{spec.name}" if spec.parent == self.out else "base"
 
 
-def documents_digest(documents: Sequence[D.TokenizedDocument]) -> str:
+def documents_digest(documents: Sequence[data.TokenizedDocument]) -> str:
     h = hashlib.sha256()
     for d in documents:
         tokens = np.asarray(d.tokens, dtype=np.int64)
@@ -83,11 +84,11 @@ def documents_digest(documents: Sequence[D.TokenizedDocument]) -> str:
     return h.hexdigest()
 
 
-def search_on_documents(load_model: Callable[[], Any], documents: Sequence[D.TokenizedDocument], length: int,
-                        space: S.SearchSpace, config: S.SearchConfig, folder: Path, *, samples: int, seed: int,
+def search_on_documents(load_model: Callable[[], Any], documents: Sequence[data.TokenizedDocument], length: int,
+                        space: SearchSpace, config: SearchConfig, folder: Path, *, samples: int, seed: int,
                         identity: Mapping[str, Any], what: str, device="cpu", chunk_size: int | None = None,
                         new_bar: Callable[[int | None, str, str], Any] = silent_bar,
-                        ranks: distributed.Group | None = None) -> S.SearchResult:
+                        ranks: distributed.Group | None = None) -> SearchResult:
     """Search `space` for the lowest perplexity on the first `length` tokens of `samples`
     documents (`data.select` with `seed`; their ids go into the summary), checkpointing in
     `folder`: continued when it holds a search's state, else started afresh (which also clears a
@@ -95,16 +96,16 @@ def search_on_documents(load_model: Callable[[], Any], documents: Sequence[D.Tok
     `load_model()` gives the model, loaded inside the search so that under torchrun (`ranks`)
     every rank meets a failure together: each evaluates its share of each generation, rank 0
     breeds, writes and tells the others. `new_bar(total, what, "evals")`: its progress."""
-    chosen = D.select(documents, length, samples, seed=seed)
+    chosen = data.select(documents, length, samples, seed=seed)
     windows, ids = first_tokens(chosen, length, device), [d.id for d in chosen]
-    fresh = not (folder / S.STATE).is_file()
-    with new_bar(S.planned_evals(config), what, "evals") as bar:
+    fresh = not (folder / SEARCH_STATE).is_file()
+    with new_bar(planned_evals(config), what, "evals") as bar:
         kwargs = dict(identity={**identity, "samples": len(windows)}, resume=not fresh, force=fresh,
-                      extra_summary={"documents": ids}, **S.progress_hooks(bar, config))
-        run = S.run if ranks is None else S.run_distributed
+                      extra_summary={"documents": ids}, **progress_hooks(bar, config))
+        run = run_search if ranks is None else run_distributed
 
         def search():
-            return run(space, S.model_fitness(load_model(), windows, chunk_size), config, folder, **kwargs)
+            return run(space, model_fitness(load_model(), windows, chunk_size), config, folder, **kwargs)
 
         return search() if ranks is None else distributed.agree(ranks, search, everyone=True)
 
@@ -113,8 +114,8 @@ def search_on_documents(load_model: Callable[[], Any], documents: Sequence[D.Tok
 # the stages: (context, stage, folder) -> outcome. Each may be interrupted and run again.
 
 
-def _search(ctx: Context, space: S.SearchSpace, config: S.SearchConfig, length: int, folder: Path,
-            what: str) -> S.SearchResult:
+def _search(ctx: Context, space: SearchSpace, config: SearchConfig, length: int, folder: Path,
+            what: str) -> SearchResult:
     t0 = time.time()
     result = search_on_documents(ctx.model, ctx.documents, length, space, config, folder,
                                  samples=ctx.config.samples, seed=ctx.config.seed,
@@ -129,8 +130,8 @@ def _search(ctx: Context, space: S.SearchSpace, config: S.SearchConfig, length: 
 def run_search_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
     info = ctx.info
     previous = ctx.scaling
-    seeds = S.seeds_from(previous, stage.length) if isinstance(previous, sc.LongRoPEScaling) else ()
-    space = S.SearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds)
+    seeds = seeds_from(previous, stage.length) if isinstance(previous, sc.LongRoPEScaling) else ()
+    space = SearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds)
     config = ctx.config.search
     if stage.steps is not None:  # search:L:EVALS, e.g. a few candidates where each is a 2M-token forward
         config = dataclasses.replace(config, max_evals=min(stage.steps, config.max_evals or stage.steps))
@@ -180,7 +181,7 @@ def run_readjust_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome
     extended = ctx.scaling
     if ctx.config.readjust_attention == "one":  # inside the trained window, the model's own temperature
         extended = extended.replace(short_attention_factor=1.0)
-    space = S.ShortFactorSpace.for_scaling(extended, info.dim, info.base, ctx.config.readjust_cap)
+    space = ShortFactorSpace.for_scaling(extended, info.dim, info.base, ctx.config.readjust_cap)
     result = _search(ctx, space, ctx.config.readjust_search or ctx.config.search, stage.length, folder,
                      f"readjust short factors at {format_length(stage.length)}")
     ones = result.summary["baselines"]["ones"]
@@ -208,7 +209,7 @@ class ExtendResult:
     paused: bool = False  # `max_stages` reached with stages left: continue with resume=True
 
 
-def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Sequence[D.TokenizedDocument]) -> None:
+def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Sequence[data.TokenizedDocument]) -> None:
     """Everything that can be checked before any stage runs (UsageError naming the problem)."""
     config.validate()
     check_plan(config.stages, info.original_length, config.target_length)
@@ -249,11 +250,11 @@ def _prepare_out(out: Path, identity: dict, resume: bool, force: bool) -> None:
     runs.write_text(plan, json.dumps(identity, indent=2) + "\n")
 
 
-def extend(model_spec: str, tokenizer, documents: Sequence[D.TokenizedDocument], config: PipelineConfig,
+def extend(model_spec: str, tokenizer, documents: Sequence[data.TokenizedDocument], config: PipelineConfig,
            out: str | os.PathLike, *, resume: bool = False, force: bool = False,
            runners: Mapping[str, Callable[[Context, Stage, Path], StageOutcome]] | None = None,
            log: Callable[[str], None] = print,
-           eval_documents: Sequence[D.TokenizedDocument] | None = None,
+           eval_documents: Sequence[data.TokenizedDocument] | None = None,
            max_stages: int | None = None, progress: ProgressHooks | None = None,
            render_report: Callable[[Path, dict], None] | None = None) -> ExtendResult:
     """Run the plan on the model at `model_spec` (an HF folder, .gguf or named model) with

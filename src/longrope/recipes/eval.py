@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import random
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 from .. import data, evaluate, models, report
 from .. import scaling as sc
-from ..cli import (add_mismatch_arg, add_model_args, add_progress_args, device_and_dtype, parse_length,
-                   parse_lengths, resolve_scaling)
+from ..cli import add_mismatch_arg, add_model_args, add_progress_args, device_and_dtype, parse_length, parse_lengths
 from ..errors import UsageError
 from ..progress import Counter, Progress
 
@@ -39,74 +34,6 @@ def parse_depths(text: str) -> list[float]:
     if not values or any(not 0 <= v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
     return sorted(dict.fromkeys(values))
-
-
-# --------------------------------------------------------------------------------------------
-# methods
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    label: str
-    method: str | None = None  # a method name, configured per length
-    scaling: sc.Scaling | None = None  # or a fixed scaling (from a file)
-
-
-def scaling_label(spec: str) -> str:
-    """A table label for a scaling file: its name, or its folder's for a search's scaling.json."""
-    path = Path(spec)
-    return path.parent.name if path.stem == "scaling" and path.parent.name else path.stem
-
-
-def _is_method(name: str) -> bool:
-    try:
-        sc.canonical_type(name)
-        return True
-    except sc.ScalingError:
-        return False
-
-
-def method_specs(args, info: models.RopeInfo) -> list[MethodSpec]:
-    given = [bool(args.compare), bool(args.scaling), bool(args.method)]
-    if sum(given) > 1:
-        raise UsageError("give only one of --compare, --scaling and --method")
-    allow = args.allow_context_mismatch
-    if args.scaling:
-        return [MethodSpec(scaling_label(args.scaling), scaling=resolve_scaling(args.scaling, None, None, info, allow))]
-    own = models.configured_scaling(args.model)
-    default = "model" if models.is_extended(args.model) else "none"  # a model is evaluated as it is configured
-    entries = [e.strip() for e in args.compare.split(",") if e.strip()] if args.compare else [args.method or default]
-    if not entries:
-        raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
-    specs, labels = [], set()
-    for entry in entries:
-        if entry.lower() == "model":
-            spec = MethodSpec("model", scaling=own)
-        elif _is_method(entry):
-            spec = MethodSpec(entry.lower(), method=entry)
-        elif Path(entry).exists() or (sc.PRESETS / f"{entry}.json").is_file():
-            spec = MethodSpec(scaling_label(entry), scaling=resolve_scaling(entry, None, None, info, allow))
-        else:
-            raise UsageError(f"method {entry!r}: not a known method ({', '.join(sc.METHODS)}) "
-                             "nor an existing scaling file")
-        name = spec.label
-        for i in range(2, 100):
-            if name not in labels:
-                break
-            name = f"{spec.label}-{i}"
-        labels.add(name)
-        specs.append(MethodSpec(name, spec.method, spec.scaling))
-    return specs
-
-
-def scaling_at(spec: MethodSpec, length: int, info: models.RopeInfo, target_length: int | None) -> sc.Scaling:
-    """The scaling `spec` uses when evaluated at `length` tokens (see METHOD_HELP)."""
-    if spec.scaling is not None:
-        return spec.scaling
-    target = target_length or (length if length > info.original_length else None)
-    if target is None or sc.canonical_type(spec.method) == "default":
-        return sc.NoScaling()
-    return sc.make(spec.method, info.original_length, target, dim=info.dim, base=info.base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,18 +67,22 @@ def _setup(args):
         sc.canonical_type(args.method)  # unknown method: fail before loading anything
     if getattr(args, "chunk_size", None) is not None and args.chunk_size < 1:
         raise UsageError(f"--chunk-size {args.chunk_size}: must be at least 1")
+    if sum(map(bool, (args.compare, args.scaling, args.method))) > 1:
+        raise UsageError("give only one of --compare, --scaling and --method")
+    if args.scaling:
+        sc.preset_path(args.scaling)  # a file or preset, nothing else
     device, dtype = device_and_dtype(args)
     model, tokenizer = models.load(args.model, dtype=dtype, device=device)
     info = models.rope_info(model.config)
-    specs = method_specs(args, info)
+    default = "model" if models.is_extended(args.model) else "none"  # a model is evaluated as it is configured
+    entries = ([e.strip() for e in args.compare.split(",") if e.strip()] if args.compare
+               else [args.scaling or args.method or default])
+    specs = evaluate.method_specs(entries, args.model, info, args.allow_context_mismatch)
     for spec in specs:  # configuration errors surface before any evaluation
         for length in args.lengths:
-            models.check_fits(scaling_at(spec, length, info, args.target_length), info, args.allow_context_mismatch)
+            models.check_fits(evaluate.scaling_at(spec, length, info, args.target_length), info,
+                              args.allow_context_mismatch)
     return model, tokenizer, info, specs, device
-
-
-def _progress(args, total: int, desc: str, unit: str) -> Progress:
-    return Progress(total, desc, unit, quiet=args.quiet)
 
 
 def _config(args) -> dict:
@@ -182,43 +113,17 @@ def cmd_ppl(args) -> int:
     model, tokenizer, info, specs, device = _setup(args)
     docs = data.load_tokenized(args.data, tokenizer, progress=Counter("tokenising", "docs", quiet=args.quiet))
     chosen = {n: data.select(docs, n, args.docs, args.seed) for n in args.lengths}  # errors before work
-    impls = ["lean", "stock"] if args.stock else ["lean"]
-    records = []
-    # a cell: one document at one length with one method
-    bar = _progress(args, sum(len(c) for c in chosen.values()) * len(specs) * len(impls), "perplexity", "cells")
-    for length in args.lengths:
-        for spec in specs:
-            scaling = scaling_at(spec, length, info, args.target_length)
-            models.attach(model, scaling, args.allow_context_mismatch)
-            for impl in impls:
-                per_doc, started = [], time.perf_counter()
-                with evaluate.peak_memory(device) as peak:
-                    for doc in chosen[length]:
-                        spans = data.windows(len(doc), length, args.mode, args.stride or length, args.max_tokens)
-                        s, c = evaluate.nll_windows(model, evaluate.document_windows(doc.tokens, spans),
-                                                    chunk_size=args.chunk_size, stock=impl == "stock")
-                        per_doc.append({"id": doc.id, "doc_tokens": len(doc), "n_windows": len(spans),
-                                        "nll_sum": s, "n_tokens": c})
-                        bar.update(1)
-                total = sum(d["nll_sum"] for d in per_doc)
-                count = sum(d["n_tokens"] for d in per_doc)
-                records.append({"method": spec.label, "impl": impl, "length": length, "mode": args.mode,
-                                "stride": (args.stride or length) if args.mode == "sliding" else None,
-                                "ppl": evaluate.perplexity_from(total, count), "nll_sum": total, "n_tokens": count,
-                                "n_docs": len(per_doc), "peak_memory_bytes": peak.bytes,
-                                "seconds": time.perf_counter() - started, "scaling": scaling.to_dict(),
-                                "docs": per_doc})
-    bar.close()
+    cells = sum(len(c) for c in chosen.values()) * len(specs) * (2 if args.stock else 1)  # document × method
+    with Progress(cells, "perplexity", "cells", quiet=args.quiet) as bar:
+        records = evaluate.perplexity_records(
+            model, info, chosen, specs, target_length=args.target_length, mode=args.mode, stride=args.stride,
+            max_tokens=args.max_tokens, chunk_size=args.chunk_size, stock=args.stock,
+            allow_context_mismatch=args.allow_context_mismatch, device=device, tick=bar.update)
     return _finish(args, "ppl", model, info, device, records)
 
 
 # --------------------------------------------------------------------------------------------
 # eval passkey
-
-
-def _trial_rng(seed: int, length: int, depth: float, trial: int) -> random.Random:
-    digest = hashlib.sha256(f"{seed}:{length}:{depth}:{trial}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 def cmd_passkey(args) -> int:
@@ -229,47 +134,15 @@ def cmd_passkey(args) -> int:
     texts = data.read_documents(args.data) if args.haystack == "data" else None
     model, tokenizer, info, specs, device = _setup(args)
     # prompts first (they do not depend on the method): every method sees the same ones
-    prompts = {}
-    with _progress(args, len(args.lengths) * len(args.depths) * args.trials, "passkey prompts", "prompts") as making:
-        for length in args.lengths:
-            for depth in args.depths:
-                for trial in range(args.trials):
-                    rng = _trial_rng(args.seed, length, depth, trial)
-                    key = evaluate.random_key(rng)
-                    haystack = (data.haystack_text(texts, 8 * length + 2048, seed=rng.randrange(1 << 30))
-                                if texts is not None else None)
-                    try:
-                        prompts[length, depth, trial] = evaluate.passkey_prompt(tokenizer, length, depth, key,
-                                                                                haystack)
-                    except ValueError as exc:
-                        raise UsageError(f"--lengths {length}: {exc}") from None
-                    making.update()
-    records = []
-    bar = _progress(args, len(prompts) * len(specs), "passkey", "trials")
-    for length in args.lengths:
-        for spec in specs:
-            scaling = scaling_at(spec, length, info, args.target_length)
-            models.attach(model, scaling, args.allow_context_mismatch)
-            for depth in args.depths:
-                trials, started = [], time.perf_counter()
-                with evaluate.peak_memory(device) as peak:
-                    for trial in range(args.trials):
-                        t = evaluate.passkey_trial(model, tokenizer, prompts[length, depth, trial],
-                                                   max_new_tokens=args.max_new_tokens)
-                        trials.append(t)
-                        bar.update(1)
-                trials = [{"key": t.key, "answer": t.answer, "correct": t.correct,
-                           "actual_length": t.actual_length} for t in trials]
-                n_correct = sum(t["correct"] for t in trials)
-                actual = [t["actual_length"] for t in trials]
-                records.append({"method": spec.label, "length": length, "depth": depth,
-                                "haystack": args.haystack, "accuracy": n_correct / len(trials),
-                                "n_correct": n_correct, "n_trials": len(trials),
-                                "nominal_length": length, "actual_length_min": min(actual),
-                                "actual_length_max": max(actual), "peak_memory_bytes": peak.bytes,
-                                "seconds": time.perf_counter() - started, "scaling": scaling.to_dict(),
-                                "trials": trials})
-    bar.close()
+    cells = len(args.lengths) * len(args.depths) * args.trials
+    with Progress(cells, "passkey prompts", "prompts", quiet=args.quiet) as bar:
+        prompts = evaluate.passkey_prompts(tokenizer, args.lengths, args.depths, args.trials, args.seed, texts,
+                                           tick=bar.update)
+    with Progress(cells * len(specs), "passkey", "trials", quiet=args.quiet) as bar:
+        records = evaluate.passkey_records(
+            model, tokenizer, info, prompts, specs, haystack=args.haystack, target_length=args.target_length,
+            max_new_tokens=args.max_new_tokens, allow_context_mismatch=args.allow_context_mismatch,
+            device=device, tick=bar.update)
     return _finish(args, "passkey", model, info, device, records)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .. import distributed, evaluate, lean, models, nll
+from .. import distributed, evaluate, lean, models, nll, passkey
 from ..errors import UsageError
 from ..rotary import BatchedRotaryEmbedding
 from ..scaling import LongRoPEScaling
@@ -42,7 +42,7 @@ def fitness_windows(kind: str, documents: Sequence[Sequence[int]], tokenizer, le
     score_from) pairs that score only the answer. ValueError if `length` is too short for the
     needle."""
     if kind == "needle":
-        return [s.window for s in evaluate.needle_samples(tokenizer, list(documents), length, seed)]
+        return [s.window for s in passkey.needle_samples(tokenizer, list(documents), length, seed)]
     if kind != "ppl":
         raise ValueError(f"fitness: one of {', '.join(FITNESSES)}, got {kind!r}")
     return [torch.as_tensor(tokens[:length], dtype=torch.long) for tokens in documents]
