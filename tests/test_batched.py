@@ -26,8 +26,8 @@ def candidates(dim):
     pop = S.initial_population(space, np.random.default_rng(1), S.SearchConfig(population=5))
     out = [space.scaling(g) for g in pop[:4]]
     out[1] = out[1].replace(n_hat=16)
-    out[2] = out[2].replace(attention_factor_value=1.3, short_factor=tuple([1.1] * (dim // 2)))
-    out[3] = out[3].replace(n_hat=4, attention_factor_value=1.05)
+    out[2] = out[2].replace(attention_setting=1.3, short_factor=tuple([1.1] * (dim // 2)))
+    out[3] = out[3].replace(n_hat=4, attention_setting=1.05)
     assert len({s.attention_factor(4 * ORIGINAL) for s in out}) >= 3
     return out
 

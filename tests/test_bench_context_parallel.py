@@ -5,6 +5,7 @@ every length for both."""
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+@pytest.mark.torchrun
 def test_context_parallel_bench_smoke(tmp_path):
     out = tmp_path / "cp.json"
     env = {**os.environ, "LONGROPE_BENCH_SMOKE": "1", "OMP_NUM_THREADS": "1",

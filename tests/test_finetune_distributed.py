@@ -7,6 +7,7 @@ The ranks are started with torch.multiprocessing and the environment torchrun wo
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import pickle
@@ -101,6 +102,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
     distributed.exit_without_teardown(0)  # reached after success only: see its docstring
 
 
+@pytest.mark.torchrun
 def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 

@@ -201,7 +201,7 @@ def test_readjusted_short_factors_are_never_worse_than_all_ones(docs_file):
     docs = tokenized(docs_file)
     windows = [torch.as_tensor(d.tokens[:ORIGINAL]) for d in docs]
     # a long scaling whose attention factor disturbs short sequences (as at large scales)
-    long = sc.make("longrope", ORIGINAL, 1024, dim=16, base=10000.0, attention_factor_value=1.3)
+    long = sc.make("longrope", ORIGINAL, 1024, dim=16, base=10000.0, attention_setting=1.3)
     models.attach(model, long)
     ones = evaluate.perplexity(model, windows)
     for evals in (1, 5, 40):
@@ -361,6 +361,7 @@ def test_cli_extend_resumes_after_sigkill(tiny_model_dir, docs_file, tmp_path, c
     assert (out / pipeline.DONE).is_file()
 
 
+@pytest.mark.torchrun
 def test_cli_extend_under_torchrun_matches_one_process(tiny_model_dir, docs_file, tmp_path, capsys):
     """Two ranks (torchrun, gloo): the searches split each generation and equal one process's; the
     fine-tune runs context-parallel; rank 0 alone writes; --resume then finds it complete."""

@@ -82,7 +82,7 @@ def _exact_rotation(x, positions, inv, scale, rot_dim):
 def _bf16_errors(module, q, fused_q, ref_q, positions, seq_len, dim):
     """Errors of the fused and the reference bf16 results against the exact rotation of q, relative
     to max(|exact|, 1e-2) (so one bf16 ulp is at most 2^-7)."""
-    inv = module._inv_freq(seq_len, torch.device("cpu"))
+    inv = module.inv_freq64(seq_len, torch.device("cpu"))
     positions = positions.cpu()
     exact = _exact_rotation(q.cpu(), positions, inv, module.scaling.attention_factor(seq_len), dim)
     if module.scaling.n_hat:

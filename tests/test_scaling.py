@@ -23,7 +23,7 @@ CASES = {
     "yarn-betas": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
                     "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.3},
                    sc.YarnScaling(factor=8.0, original_max_position_embeddings=ORIGINAL, beta_fast=16.0,
-                                  beta_slow=2.0, attention_factor_value=1.3)),
+                                  beta_slow=2.0, attention_setting=1.3)),
     "llama3": ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0},
                sc.Llama3Scaling(factor=8.0, original_max_position_embeddings=ORIGINAL)),
@@ -78,9 +78,9 @@ def test_longrope_uses_short_inside_and_long_beyond_original():
     torch.testing.assert_close(s.inv_freq(DIM, BASE, ORIGINAL), theta / torch.tensor(SHORT, dtype=torch.float64))
     torch.testing.assert_close(s.inv_freq(DIM, BASE, ORIGINAL + 1), theta / torch.tensor(LONG, dtype=torch.float64))
     assert s.attention_factor() == pytest.approx(math.sqrt(1 + math.log(4) / math.log(ORIGINAL)))
-    yarnish = s.replace(attention_factor_value="yarn")
+    yarnish = s.replace(attention_setting="yarn")
     assert yarnish.attention_factor() == pytest.approx(0.1 * math.log(4) + 1)
-    assert s.replace(attention_factor_value=1.25).attention_factor() == 1.25
+    assert s.replace(attention_setting=1.25).attention_factor() == 1.25
 
 
 @pytest.mark.parametrize("name", CASES)

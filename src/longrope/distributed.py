@@ -10,12 +10,15 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .errors import UsageError
+
+RANK_ERROR_GRACE_S = 20.0  # how long a rank > 0 waits for rank 0 to report a shared error
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,25 @@ def exit_without_teardown(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def before_error_exit(exc: UsageError) -> None:
+    """Under torchrun every rank meets the same bad input and rank 0 prints it; torchrun then stops
+    the other ranks. A rank > 0 that exited first could get rank 0 stopped before it prints, so it
+    waits RANK_ERROR_GRACE_S here (an error that one rank may meet alone is printed at once)."""
+    if world_size() > 1 and launched_rank() != 0 and not exc.rank_specific:
+        time.sleep(RANK_ERROR_GRACE_S)
+
+
+def leave(wait: bool = True) -> None:
+    """Leave the process group a command joined (nothing without one): a gloo group left to the
+    interpreter's exit can abort the process ("terminate called without an active exception").
+    `wait`: first a barrier, so that nobody tears down while another rank's last messages are in
+    flight (only after success: after a failure the other ranks may never arrive)."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def init(device_type: str) -> Group:

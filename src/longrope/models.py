@@ -158,15 +158,30 @@ def is_extended(spec: str) -> bool:
     return _sidecar_scaling(*resolve(spec)) is not None or not isinstance(configured_scaling(spec), sc.NoScaling)
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         attn_implementation: str = "sdpa"):
-    """(model, tokenizer) from a local spec; offline only."""
-    hf_logging.disable_progress_bar()  # one line per weight file is noise on the console
+def _reader(spec: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(folder, gguf file or None, keyword arguments of `from_pretrained`: offline, the GGUF file)."""
     folder, gguf = resolve(spec)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf:
         _require_gguf_support()
         kwargs["gguf_file"] = gguf
+    return folder, gguf, kwargs
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a local spec alone, for work that loads the weights later (or never)."""
+    folder, _, kwargs = _reader(spec)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file, said in one line
+        raise _unreadable(spec, exc) from None
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from a local spec; offline only."""
+    hf_logging.disable_progress_bar()  # one line per weight file is noise on the console
+    folder, gguf, kwargs = _reader(spec)
     try:
         with quiet_about_our_rope_keys():
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -231,6 +246,24 @@ def check_fits(scaling: Scaling, info: RopeInfo, allow_context_mismatch: bool = 
         raise ScalingError(f"original_max_position_embeddings: the scaling was made for a context of {original}, "
                            f"the model's is {info.original_length}; use a scaling made for this model, or pass "
                            "--allow-context-mismatch if that is intended")
+
+
+def resolve_scaling(spec: str | None, method: str | None, target_length: int | None, info: RopeInfo,
+                    allow_context_mismatch: bool = False) -> Scaling:
+    """`--scaling` (a file or preset name) or `--method` with `--target-length`, checked against
+    the model (`check_fits`) before any weights are loaded."""
+    if spec and method:
+        raise UsageError("give --scaling FILE or --method METHOD, not both")
+    if spec:
+        if target_length is not None:
+            raise UsageError("--target-length goes with --method; a --scaling file carries its own target")
+        scaling = sc.load(sc.preset_path(spec), info.dim)
+    elif method is None:
+        raise UsageError("give --scaling FILE or --method METHOD with --target-length N")
+    else:
+        scaling = sc.make(method, info.original_length, target_length, dim=info.dim, base=info.base)
+    check_fits(scaling, info, allow_context_mismatch)
+    return scaling
 
 
 def attach(model, scaling: Scaling, allow_context_mismatch: bool = False):

@@ -42,7 +42,7 @@ class ScaledRotaryEmbedding(nn.Module):
         self._cache: dict[tuple, torch.Tensor] = {}
 
     # the attention factor and inverse frequencies depend only on (regime, device)
-    def _inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+    def inv_freq64(self, seq_len: int, device: torch.device) -> torch.Tensor:
         key = self.scaling.regime(seq_len), str(device)
         if key not in self._cache:
             self._cache[key] = self.scaling.inv_freq(self.dim, self.base, seq_len).to(device)
@@ -54,7 +54,7 @@ class ScaledRotaryEmbedding(nn.Module):
         if seq_len is None:
             seq_len = int(position_ids.max().item()) + 1 if position_ids.numel() else 1
         device = position_ids.device
-        angles = reduced_angles64(position_ids, self._inv_freq(seq_len, device))
+        angles = reduced_angles64(position_ids, self.inv_freq64(seq_len, device))
         scale = self.scaling.attention_factor(seq_len)
         n_hat = self.scaling.n_hat
         if n_hat:
@@ -73,7 +73,7 @@ class ScaledRotaryEmbedding(nn.Module):
         (or of the unscaled frequencies used below n̂), cached per device."""
         key = ("phase", "unscaled" if unscaled else self.scaling.regime(seq_len), str(device))
         if key not in self._cache:
-            inv = rope_inv_freq(self.dim, self.base) if unscaled else self._inv_freq(seq_len, torch.device("cpu"))
+            inv = rope_inv_freq(self.dim, self.base) if unscaled else self.inv_freq64(seq_len, torch.device("cpu"))
             self._cache[key] = phase_constants(inv).to(device)
         return self._cache[key]
 

@@ -40,6 +40,12 @@ def _where(path: Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def input_identity(spec: str) -> str:
+    """An input (`--model`, `--data`) as a resume identity records it: an existing file or folder
+    by its absolute path (the same run continued from another folder matches), a name as it is."""
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
 def _related(a: Path, b: Path) -> bool:
     """a is b, lies inside b, or holds b."""
     return a == b or a in b.parents or b in a.parents

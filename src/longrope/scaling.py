@@ -255,7 +255,7 @@ class YarnScaling(Scaling):
     original_max_position_embeddings: int
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor_value: float | None = None  # serialised as "attention_factor"
+    attention_setting: float | None = None  # serialised as "attention_factor"
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
@@ -267,8 +267,8 @@ class YarnScaling(Scaling):
         return theta / self.factor * ramp + theta * (1 - ramp)
 
     def attention_factor(self, seq_len=None):
-        if self.attention_factor_value is not None:
-            return float(self.attention_factor_value)
+        if self.attention_setting is not None:
+            return float(self.attention_setting)
         if self.mscale and self.mscale_all_dim:
             return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
         return yarn_mscale(self.factor)
@@ -282,8 +282,8 @@ class YarnScaling(Scaling):
 
     def to_dict(self):
         out = super().to_dict()
-        if "attention_factor_value" in out:
-            out["attention_factor"] = out.pop("attention_factor_value")
+        if "attention_setting" in out:
+            out["attention_factor"] = out.pop("attention_setting")
         return out
 
 
@@ -346,7 +346,9 @@ class LongRoPEScaling(Scaling):
     original_max_position_embeddings: int
     factor: float
     short_factor: tuple[float, ...] | None = None  # None: all 1.0
-    attention_factor_value: float | str = "su"  # serialised as "attention_factor"
+    # the attention factor as given: a number, or "su" (sqrt(1 + ln s / ln L)); `attention_factor()`
+    # resolves it; serialised as transformers' "attention_factor"
+    attention_setting: float | str = "su"
     n_hat: int = 0
     short_attention_factor: float | None = None  # None: attention_factor in both regimes
 
@@ -392,7 +394,7 @@ class LongRoPEScaling(Scaling):
         """The long regime's factor; the short one's for a `seq_len` inside the original context."""
         if self.short_attention_factor is not None and seq_len and not self.is_long(seq_len):
             return float(self.short_attention_factor)
-        return longrope_attention_factor(self.attention_factor_value, self.factor,
+        return longrope_attention_factor(self.attention_setting, self.factor,
                                          self.original_max_position_embeddings)
 
     def _validate(self, dim):
@@ -430,7 +432,7 @@ class LongRoPEScaling(Scaling):
     def to_dict(self):
         out = super().to_dict()
         # write the resolved number so the object is valid transformers rope parameters as it stands
-        out.pop("attention_factor_value", None)
+        out.pop("attention_setting", None)
         out["attention_factor"] = self.attention_factor()
         out["short_factor"] = list(self.factors(None))
         if not self.n_hat:
@@ -479,14 +481,14 @@ def from_dict(data: dict[str, Any], dim: int | None = None) -> Scaling:
     if name is None:
         raise ScalingError("rope_type: missing; add e.g. \"rope_type\": \"longrope\"")
     cls = SCALINGS[canonical_type(name)]
-    for hf_key, ours in (("attention_factor", "attention_factor_value"),):
-        if hf_key in data and "attention_factor_value" in {f.name for f in dataclasses.fields(cls)}:
+    for hf_key, ours in (("attention_factor", "attention_setting"),):
+        if hf_key in data and "attention_setting" in {f.name for f in dataclasses.fields(cls)}:
             data[ours] = data.pop(hf_key)
     if cls is LongRoPEScaling and ("short_mscale" in data or "long_mscale" in data):
         # per-regime factors as vLLM and transformers' PhiMoE write them; long_mscale rules the long regime
         short, long = data.pop("short_mscale", None), data.pop("long_mscale", None)
         if long is not None:
-            data["attention_factor_value"] = long
+            data["attention_setting"] = long
         if short is not None and short != long:
             data.setdefault("short_attention_factor", short)
     if cls is LongRoPEScaling and "factor" not in data and "max_position_embeddings" in data:

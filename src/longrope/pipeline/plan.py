@@ -108,27 +108,30 @@ def default_report_lengths(original_length: int, target_length: int) -> tuple[in
 class PipelineConfig:
     """What `extend` does. The search, fine-tuning and report settings apply to every stage."""
 
+    # "help": the command line's (`cli.add_config_options`)
     target_length: int
     stages: tuple[Stage, ...]
-    samples: int = 5  # search documents per stage (the first L tokens of each)
+    # search documents per stage (the first L tokens of each)
+    samples: int = field(default=5, metadata={"help": "documents per search"})
     search: SearchConfig = field(default_factory=SearchConfig)
     # template of every finetune stage: seq_len comes from the stage, steps from it when given
     finetune: train.FinetuneConfig = field(default_factory=lambda: train.FinetuneConfig(seq_len=2, steps=400))
-    readjust: bool = True
-    readjust_cap: float = SHORT_CAP
+    readjust: bool = field(default=True, metadata={"help": "skip the short-context readjustment"})  # --no-readjust
+    readjust_cap: float = field(default=SHORT_CAP, metadata={"help": "largest searched short factor"})
     readjust_search: SearchConfig | None = None  # None: `search`
-    # the short regime's attention factor after readjustment: "one" (the model's own temperature
-    # inside its trained window; exported as short_mscale, which plain transformers ignores for
-    # Llama / Phi-3) or "keep" (the long one at every length, transformers' longrope as it stands)
-    readjust_attention: str = "one"
+    readjust_attention: str = field(default="one", metadata={"choices": READJUST_ATTENTION, "help": (
+        "short-regime attention factor: one (the model's own inside its window; exported as short_mscale, which "
+        "vLLM and longrope.load apply and plain transformers ignores for Llama/Phi-3) or keep (the long factor at "
+        "every length, transformers' longrope as it stands)")})
     report_lengths: tuple[int, ...] | None = None  # None: default_report_lengths
-    report_docs: int = 3
+    report_docs: int = field(default=3, metadata={"help": "documents per length in the report"})
     passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
-    passkey_trials: int = 1  # keys per (length, depth)
-    seed: int = 0
+    passkey_trials: int = field(default=1, metadata={"help": "keys per length and depth (depths 0, 0.5, 1)"})
+    seed: int = field(default=0, metadata={"help": "searches, document choice, training order"})
     device: str = "cpu"
     dtype: str = "float32"  # model dtype for searches and the report (bfloat16 on GPU)
-    chunk_size: int | None = None  # evaluate's default
+    chunk_size: int | None = field(default=None, metadata={  # None: evaluate's default
+        "help": "tokens per forward chunk in evaluation"})
 
     def validate(self) -> "PipelineConfig":
         checks = [

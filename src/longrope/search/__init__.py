@@ -21,16 +21,16 @@ from .evaluators import (DIST_TIMEOUT_MINUTES, FITNESSES, Batched, DistributedEv
                          fitness_windows, init_distributed, model_fitness, rank_device, run_distributed,
                          search_on_ranks, serve)
 from .space import (ALGORITHMS, ATTENTION_TOP, GRID_STEP, N_HAT_CHOICES, SHORT_CAP, SPACES, CriticalDimSpace,
-                    Genome, SearchSpace, ShortFactorSpace, crossover, mutate, n_hat_choices, rescale_factors,
-                    resumed_space, seeds_from, theoretical_critical_dim)
+                    Genome, SearchSpace, ShortFactorSpace, crossover, init_seeds, mutate, n_hat_choices,
+                    rescale_factors, resumed_space, seeds_from, theoretical_critical_dim)
 
 __all__ = [
     "ALGORITHMS", "ATTENTION_TOP", "DIST_TIMEOUT_MINUTES", "FITNESSES", "GRID_STEP", "HISTORY", "N_HAT_CHOICES",
     "OUTPUT_FILES", "PLOT", "SCALING", "SHORT_CAP", "SPACES", "STATE", "STATE_VERSION", "SUMMARY",
     "Batched", "CriticalDimSpace", "DistributedEvaluator", "Evaluator", "Fitness", "Genome", "Rank", "SearchConfig",
     "SearchResult", "SearchSpace", "Serial", "ShortFactorSpace",
-    "breed", "candidate_nlls", "check_out", "crossover", "fitness_windows", "init_distributed", "initial_population",
-    "model_fitness", "mutate", "n_hat_choices", "planned_evals", "progress_hooks", "rank_device", "read_history",
-    "read_state", "rescale_factors", "resumed_space", "run", "run_distributed", "search_on_ranks", "seeds_from",
-    "select", "serve", "theoretical_critical_dim",
+    "breed", "candidate_nlls", "check_out", "crossover", "fitness_windows", "init_distributed", "init_seeds",
+    "initial_population", "model_fitness", "mutate", "n_hat_choices", "planned_evals", "progress_hooks",
+    "rank_device", "read_history", "read_state", "rescale_factors", "resumed_space", "run", "run_distributed",
+    "search_on_ranks", "seeds_from", "select", "serve", "theoretical_critical_dim",
 ]

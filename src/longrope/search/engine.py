@@ -63,16 +63,19 @@ class SearchConfig:
     """The paper's settings (population 64, 16 + 16 children, 32 parents, p = 0.3, 40
     generations); a budget stops the search early, after the evaluation that exhausts it."""
 
-    population: int = 64  # size of the initial population
-    mutations: int = 16  # mutated children per generation
-    crossovers: int = 16  # crossed-over children per generation
-    parents: int = 32  # survivors of truncation selection
-    p: float = 0.3  # per-gene mutation probability
-    local: float = 0.25  # share of gene mutations that are small steps (0: the paper's uniform redraw)
-    generations: int = 40  # breeding rounds after the initial population
-    max_evals: int | None = None  # stop after this many fitness evaluations
-    max_minutes: float | None = None  # wall time, resumed sessions included (not reproducible)
-    seed: int = 0
+    # "help": the command line's (`cli.add_config_options`); a field without one is a hidden option
+    population: int = field(default=64, metadata={"help": "initial population"})
+    mutations: int = field(default=16, metadata={"help": "mutated children per generation"})
+    crossovers: int = field(default=16, metadata={"help": "crossed-over children per generation"})
+    parents: int = field(default=32, metadata={"help": "survivors of truncation selection"})
+    p: float = field(default=0.3, metadata={"help": "per-factor mutation probability"})
+    local: float = field(default=0.25, metadata={"help": "share of small-step mutations, 0 = the paper's "
+                                                         "uniform redraw"})
+    generations: int = field(default=40, metadata={"help": "generations after the initial one"})
+    max_evals: int | None = field(default=None, metadata={"help": "stop after this many evaluations"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop after this many minutes, resumed "
+                                                                      "sessions included (not reproducible)"})
+    seed: int = field(default=0, metadata={"help": "search and document choice"})
     max_tries: int = 16  # attempts to draw a child not yet evaluated
 
     BUDGET = ("generations", "max_evals", "max_minutes")  # may change when a search is resumed

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .. import scaling as sc
 from ..errors import UsageError
 from ..scaling import LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
@@ -162,7 +163,7 @@ class SearchSpace:
     def scaling(self, genome: Genome) -> LongRoPEScaling:
         return LongRoPEScaling.from_target(self.lambdas(genome), self.original_length, self.target_length,
                                            n_hat=self.n_hats[genome.n_hat_index],
-                                           attention_factor_value=self.attention_value(genome))
+                                           attention_setting=self.attention_value(genome))
 
     def snap(self, lambdas: Iterable[float], n_hat: int = 0) -> Genome:
         """The nearest grid genome: round to 0.01, clip to [1, 1.25·s], then a running maximum
@@ -411,6 +412,17 @@ def seeds_from(scaling: LongRoPEScaling, target_length: int,
     new_factor = target_length / scaling.original_max_position_embeddings
     carried = rescale_factors(scaling.long_factor, scaling.factor, new_factor)
     return ((tuple(scaling.long_factor), scaling.n_hat), (carried, scaling.n_hat))
+
+
+def init_seeds(spec: str, dim: int, original_length: int, target_length: int) -> tuple:
+    """`--init A.json,B,...`: the seeds (`seeds_from`) of each searched scaling, a file or preset."""
+    seeds = []
+    for entry in [e.strip() for e in spec.split(",") if e.strip()]:
+        try:
+            seeds.extend(seeds_from(sc.load(sc.preset_path(entry), dim), target_length, original_length))
+        except UsageError as exc:
+            raise UsageError(f"--init {entry}: {str(exc).removeprefix(f'--scaling {entry}: ')}") from None
+    return tuple(seeds)
 
 
 def resumed_space(dim: int, base: float, original_length: int, target_length: int,

@@ -34,14 +34,16 @@ class FinetuneConfig(loop.TrainConfig):
     seq_len: int
     steps: int
     lr: float = 2e-5
+    warmup: int | None = field(default=None, metadata={"help": "warm-up steps (default 20, at most 10% of --steps)"})
     min_lr_ratio: float = 0.0
     schedule: str = "linear"
     batch_size: int = 1
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     weight_decay: float = 0.0
     # run (may differ between a run and its resumption)
-    gradient_checkpointing: bool = True
-    loss_chunk: int = nll.DEFAULT_CHUNK  # positions projected to logits at a time
+    gradient_checkpointing: bool = field(default=True, metadata={  # the option is --no-gradient-checkpointing
+        "help": "keep every activation (faster, more memory)"})
+    loss_chunk: int = field(default=nll.DEFAULT_CHUNK, metadata={"help": "positions projected to logits at a time"})
     checkpoint_every: int = 100
     log_every: int = 1
     save_dtype: str = "float32"

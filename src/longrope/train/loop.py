@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from ..errors import UsageError
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 RECENT_LOSSES = 10  # logged losses averaged into a run's final loss
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def need(ok: bool, message: str) -> None:
@@ -43,35 +44,29 @@ def need(ok: bool, message: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The fields every training run has. The fields without a default here get one in each kind
-    of run (pretraining and fine-tuning want different ones)."""
+    of run (pretraining and fine-tuning want different ones). "help": the command line's
+    (`cli.add_config_options`; a kind of run may give its own), also for the fields it redefines."""
 
     # optimisation
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int | None = None  # None: the kind of run's default (`default_warmup`)
-    min_lr_ratio: float  # the lr decays to lr·min_lr_ratio at the last step
-    schedule: str  # "cosine" or "linear"
-    weight_decay: float
+    steps: int = field(metadata={"help": "optimizer steps"})
+    batch_size: int = field(metadata={"help": "sequences per micro-batch"})
+    lr: float = field(metadata={"help": "peak learning rate (AdamW)"})
+    warmup: int | None = None  # None: the kind of run's default (`default_warmup`), which its help says
+    min_lr_ratio: float = field(metadata={"help": "final lr as a share of --lr"})
+    schedule: str = field(metadata={"help": "decay after the warm-up", "choices": ("cosine", "linear")})
+    weight_decay: float = field(metadata={"help": "AdamW weight decay"})
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 turns clipping off
-    seed: int = 0
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; 0 turns clipping off"})
+    seed: int = field(default=0, metadata={"help": "order of the training sequences"})
     # run (may differ between a run and its resumption)
     device: str = "cpu"
     dtype: str = "float32"  # autocast dtype: bfloat16 or float32; master weights stay float32
-    checkpoint_every: int
-    log_every: int
-    save_dtype: str
+    checkpoint_every: int = field(metadata={"help": "steps between checkpoints (what --resume continues from)"})
+    log_every: int = field(metadata={"help": "steps between lines of the training log"})
+    save_dtype: str = field(metadata={"help": "dtype of the saved weights", "choices": SAVE_DTYPES})
 
     RUN_FIELDS = ("device", "dtype", "checkpoint_every", "log_every", "save_dtype")
-
-    @classmethod
-    def from_options(cls, options: dict, **overrides):
-        """The config of the fields named in `options` (e.g. a command's `vars(args)`; other keys
-        are ignored) and `overrides`; the rest keep their defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in {**options, **overrides}.items() if k in names})
 
     def default_warmup(self) -> int:
         raise NotImplementedError
@@ -96,7 +91,7 @@ class TrainConfig:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
         need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off)")
         need(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        need(self.save_dtype in ("float16", "bfloat16", "float32"),
+        need(self.save_dtype in SAVE_DTYPES,
              f"--save-dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
         return self
 

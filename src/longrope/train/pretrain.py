@@ -31,30 +31,33 @@ MIN_CONTEXT = 32
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig(loop.TrainConfig):
     # model
-    context: int = 256
-    d_model: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    head_dim: int = 64
-    intermediate_size: int | None = None  # None: Llama's rule, 8/3·d_model rounded up to a multiple of 256
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
+    context: int = field(default=256, metadata={"help": "training context in tokens (= bytes + BOS)"})
+    d_model: int = field(default=256, metadata={"help": "hidden size"})
+    layers: int = field(default=4, metadata={"help": "decoder layers"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA)"})
+    head_dim: int = field(default=64, metadata={"help": "dimensions per head"})
+    intermediate_size: int | None = field(default=None, metadata={  # None: Llama's rule (`ffn_size`)
+        "help": "MLP width (default 8/3·d_model rounded up to a multiple of 256)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    tie_embeddings: bool = field(default=False, metadata={"help": "share the input and output embeddings"})
     # optimisation: pretraining's defaults of the shared fields
     steps: int = 1500
-    batch_size: int = 512
+    batch_size: int = field(default=512, metadata={"help": "windows per step (512 × 256 tokens fits any GPU)"})
     lr: float = 3e-3
+    warmup: int | None = field(default=None, metadata={"help": "warm-up steps (default 5% of --steps)"})
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
     weight_decay: float = 0.1
     # data
-    passkey_share: float = 0.1
+    passkey_share: float = field(default=0.1, metadata={"help": "share of synthetic passkey samples"})
     # run (may differ between a run and its resumption)
-    compile: bool = False
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     checkpoint_every: int = 500
     log_every: int = 10
-    eval_every: int = 0  # validation loss every so many steps (0: only at the end); needs validation documents
-    eval_windows: int = 64
+    eval_every: int = field(default=0, metadata={  # needs validation documents
+        "help": "validation loss every N steps (with --val-ids; 0: only at the end)"})
+    eval_windows: int = field(default=64, metadata={"help": "validation windows of --context tokens"})
     save_dtype: str = "float16"
 
     RUN_FIELDS = loop.TrainConfig.RUN_FIELDS + ("compile", "eval_every", "eval_windows")
