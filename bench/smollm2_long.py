@@ -76,7 +76,7 @@ def main():
     device = require_cuda("smollm2_long")
     model, tokenizer = models.load(args.model, dtype=torch.bfloat16, device=device)
     info = models.rope_info(model.config)
-    scaling = cli.resolve_scaling(args.scaling, None, None, info)
+    scaling = models.resolve_scaling(args.scaling, None, None, info)
     models.attach(model, scaling)
     lengths = [cli.parse_length(x) for x in args.lengths.split(",")]
     docs = data.load_tokenized(args.data, tokenizer)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
-import time
-from pathlib import Path
+import typing
+from collections.abc import Sequence
 
 import torch
 
-from . import distributed, models, runs
+from . import data, distributed, models, runs
 from . import scaling as sc
 from .errors import UsageError
+from .progress import Counter
+
+# each recipe module owns its subcommand: register(subparsers) adds it (`add_command`)
+RECIPES = ("export", "eval", "search", "pretrain", "demo", "finetune", "extend")
+# options whose values may name the command's input files or folders (comma lists for some)
+INPUT_OPTIONS = ("model", "data", "eval_data", "exclude_data", "scaling", "init", "compare")
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with bad input as one line (the problem and where to look), exit code 2."""
@@ -37,120 +45,125 @@ def parse_lengths(text: str) -> list[int]:
     return sorted(dict.fromkeys(parse_length(t) for t in items))
 
 
-def resolve_scaling(spec: str | None, method: str | None, target_length: int | None,
-                    info: models.RopeInfo, allow_context_mismatch: bool = False) -> sc.Scaling:
-    """--scaling (a file or preset name) or --method with --target-length, checked against the model."""
-    if spec and method:
-        raise UsageError("give --scaling FILE or --method METHOD, not both")
-    if spec:
-        if target_length is not None:
-            raise UsageError("--target-length goes with --method; a --scaling file carries its own target")
-        scaling = sc.load(sc.preset_path(spec), info.dim)
-    elif method is None:
-        raise UsageError("give --scaling FILE or --method METHOD with --target-length N")
-    else:
-        scaling = sc.make(method, info.original_length, target_length, dim=info.dim, base=info.base)
-    models.check_fits(scaling, info, allow_context_mismatch)
-    return scaling
+def add_command(sub, name: str, doc: str, func) -> argparse.ArgumentParser:
+    """Subcommand `name`, run by `func(args)`: a recipe's module docstring is its description, and
+    its first line, after "`longrope NAME`: ", its entry in the list of commands."""
+    p = sub.add_parser(name, help=doc.split("\n", 1)[0].split(": ", 1)[-1].rstrip("."), description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p) -> None:
     p.add_argument("--model", required=True, help="HF model folder, .gguf file, or a name (smollm2-135m)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
+    add_device_args(p)
 
 
-def add_scaling_args(p: argparse.ArgumentParser) -> None:
+def add_device_args(p, dtypes=("float32", "bfloat16", "float16"),
+                    dtype_help="default: bfloat16 on GPU, float32 on CPU") -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=dtypes, help=dtype_help)
+
+
+def add_scaling_args(p) -> None:
     p.add_argument("--scaling", help="scaling JSON (transformers rope-parameters form) or a preset name")
     p.add_argument("--method", choices=sc.METHODS, help="scaling method, with --target-length")
     p.add_argument("--target-length", type=parse_length, help="context to extend to, e.g. 64k")
 
 
-def add_progress_args(p: argparse.ArgumentParser) -> None:
-    """--quiet, for every long command (search, eval, demo, extend, finetune, pretrain): no progress
-    display (`progress.Progress`: a bar on a terminal, a line every ~10 s otherwise)."""
+def add_progress_args(p) -> None:
+    """--quiet, for every long command: no progress display (`progress.Progress`)."""
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
                    help="no progress display (a bar on a terminal, a line every ~10 s in a log); "
                         "--no-progress is the same")
 
 
-def add_mismatch_arg(p: argparse.ArgumentParser) -> None:
+def add_mismatch_arg(p) -> None:
     p.add_argument("--allow-context-mismatch", action="store_true",
                    help="accept a scaling made for another original context than the model's")
 
 
-def device_and_dtype(args):
+def add_config_options(parser, config, only: Sequence[str] | None = None) -> None:
+    """Fields of a config dataclass (a class, or an instance whose values are then the defaults) as
+    options --field-name, those in `only` in that order: typed by the field, with the "choices" and
+    "help" of its metadata (the nearest class's that has any) and its default. No default: a
+    required option; no help: a hidden one; a bool that is True by default: --no-field-name, its
+    help saying what that does. Each option's own default is None, "not given" (`config_values`)."""
+    cls = config if isinstance(config, type) else type(config)
+    fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+    for name in only or fields:
+        default = fields[name].default if config is cls else getattr(config, name)
+        meta = _metadata(cls, name)
+        kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))  # X | None
+        text = meta.get("help")
+        if text and kind is not bool and default not in (None, dataclasses.MISSING):
+            text += f" (default {default})"
+        flag, kwargs = name.replace("_", "-"), {}
+        if kind is bool:
+            flag, kwargs["action"] = (f"no-{flag}", "store_false") if default else (flag, "store_true")
+        else:
+            kwargs.update(type=kind, choices=meta.get("choices"), required=default is dataclasses.MISSING)
+        parser.add_argument(f"--{flag}", dest=name, default=None,
+                            help=text.replace("%", "%%") if text else argparse.SUPPRESS, **kwargs)
+
+
+def _metadata(cls, name: str):
+    """A field's metadata, from the nearest class that gives it any: a subclass that redefines a
+    field only for another default keeps the parent's help."""
+    for klass in cls.__mro__:
+        field = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if field is not None and field.metadata:
+            return field.metadata
+    return {}
+
+
+def config_values(args, config, **overrides) -> dict:
+    """The values of a config's fields that were given as options named like them (None: not
+    given; see `add_config_options`), then `overrides`: what to build the config from."""
+    names = {f.name for f in dataclasses.fields(config)}
+    return {**{k: v for k, v in vars(args).items() if k in names and v is not None}, **overrides}
+
+
+def device_and_dtype_names(args) -> tuple[str, str]:
+    """--device (default: cuda if available) and --dtype (default: bfloat16 on GPU, float32 on CPU)."""
     device = str(models.resolve_device(args.device))
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def device_and_dtype(args) -> tuple[str, torch.dtype]:
+    device, dtype = device_and_dtype_names(args)
     return device, getattr(torch, dtype)
 
 
-def interrupted(checkpoint_every: int, out) -> int:
-    """Ctrl-C in a training command: say how to continue; exit code 130."""
-    print(f"\ninterrupted; continue from the last checkpoint with the same command and --resume "
-          f"(checkpoints every {checkpoint_every} steps in {out})", file=sys.stderr)
+def load_model(args):
+    """(model, tokenizer, its RoPE) of --model on --device in --dtype (`device_and_dtype`)."""
+    device, dtype = device_and_dtype(args)
+    model, tokenizer = models.load(args.model, dtype=dtype, device=device)
+    return model, tokenizer, models.rope_info(model.config)
+
+
+def documents(spec, tokenizer, quiet: bool) -> list[data.TokenizedDocument]:
+    """--data tokenised (cached), counted on the progress display."""
+    return data.load_tokenized(spec, tokenizer, progress=Counter("tokenising", "docs", quiet=quiet))
+
+
+def interrupted(hint: str) -> int:
+    """Ctrl-C: one line on stderr saying how to go on; exit code 130."""
+    print(f"\nlongrope: interrupted; {hint}", file=sys.stderr)
     return 130
 
 
-def cmd_export(args) -> int:
-    info = models.rope_info(models.load_config(args.model))
-    # fail before loading weights
-    scaling = resolve_scaling(args.scaling, args.method, args.target_length, info, args.allow_context_mismatch)
-    device, dtype = device_and_dtype(args)
-    model, tokenizer = models.load(args.model, dtype=dtype, device=device)
-    models.attach(model, scaling, args.allow_context_mismatch)
-    missing = models.needs_sidecar(scaling)
-    if missing:
-        print(f"note: {missing}: transformers' config cannot express this; it is stored in "
-              f"{models.SIDECAR} and restored by longrope.load(), plain transformers ignores it")
-    out = models.export(model, tokenizer, scaling, args.out, force=args.force,
-                        allow_context_mismatch=args.allow_context_mismatch)
-    _, max_positions = models.hf_rope_parameters(scaling, info)
-    print(f"wrote {out} ({scaling.rope_type}, max_position_embeddings={max_positions})")
-    return 0
-
-
-def register_export(sub) -> None:
-    p = sub.add_parser("export", help="write a Hugging Face checkpoint carrying a scaling")
-    add_model_args(p)
-    add_scaling_args(p)
-    add_mismatch_arg(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=cmd_export)
-
-
-# each recipe module owns its subcommand: register(subparsers) adds it with set_defaults(func=...)
-RECIPES = ("eval", "search", "pretrain", "demo", "finetune", "extend")
+def training_interrupted(checkpoint_every: int, out) -> int:
+    return interrupted(f"continue from the last checkpoint with the same command and --resume "
+                       f"(checkpoints every {checkpoint_every} steps in {out})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="longrope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    register_export(sub)
     for name in RECIPES:
         importlib.import_module(f".recipes.{name}", __package__).register(sub)
     return parser
-
-
-RANK_ERROR_GRACE_S = 20.0  # how long a rank > 0 waits for rank 0 to report a shared error
-
-
-# options whose values may name the command's input files or folders (comma lists for some)
-INPUT_OPTIONS = ("model", "data", "eval_data", "exclude_data", "scaling", "init", "compare")
-
-
-def input_paths(args) -> list[str]:
-    """Every existing file or folder the command reads, from its options: --out must not touch them."""
-    found = []
-    for name in INPUT_OPTIONS:
-        value = getattr(args, name, None)
-        for item in value if isinstance(value, list) else [value]:
-            for entry in str(item).split(",") if item else []:
-                if entry.strip() and Path(entry.strip()).exists():
-                    found.append(entry.strip())
-    return found
 
 
 def check_before_work(args) -> None:
@@ -162,45 +175,28 @@ def check_before_work(args) -> None:
         if resumable and args.resume and force:
             runs.check_out(args.out, force=True, resume=True)  # the one refusal of the pair
         # a resumable command judges an existing run of its own itself (resume it, or how to)
-        runs.check_out(args.out, force=force, resume=resumable and not force, inputs=input_paths(args))
+        inputs = runs.existing_paths(getattr(args, name, None) for name in INPUT_OPTIONS)
+        runs.check_out(args.out, force=force, resume=resumable and not force, inputs=inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Under torchrun the process group it joined is left at the end, after a
+    failure without waiting for the others; after an unexpected exception nothing is done: the
+    process exits and torchrun stops the others."""
+    args = build_parser().parse_args(argv)
     try:
         check_before_work(args)
         code = args.func(args)
     except KeyboardInterrupt:
-        again = ("run the same command with --resume to continue" if hasattr(args, "resume")
-                 else "nothing was written to --out" if getattr(args, "out", None) is not None
-                 else "nothing was written")
-        print(f"\nlongrope: interrupted; {again}", file=sys.stderr)
-        _leave_process_group(wait=False)
-        return 130
+        code = interrupted("run the same command with --resume to continue" if hasattr(args, "resume")
+                           else "nothing was written to --out" if getattr(args, "out", None) is not None
+                           else "nothing was written")
     except UsageError as exc:
-        if distributed.world_size() > 1 and distributed.launched_rank() != 0 and not exc.rank_specific:
-            # under torchrun every rank meets the same bad input: rank 0 prints it, torchrun then
-            # stops this rank; exiting first could get rank 0 stopped before it prints
-            time.sleep(RANK_ERROR_GRACE_S)
+        distributed.before_error_exit(exc)
         print(f"longrope: error: {exc}", file=sys.stderr)
-        _leave_process_group(wait=False)
-        return 2
-    _leave_process_group(wait=code == 0)
+        code = 2
+    distributed.leave(wait=code == 0)
     return code
-
-
-def _leave_process_group(wait: bool = True) -> None:
-    """Under torchrun, leave the process group a command joined: a gloo group left to the
-    interpreter's exit can abort the process ("terminate called without an active exception").
-    `wait`: first a barrier, so that nobody tears down while another rank's last messages are in
-    flight (only after success: after a failure the other ranks may never arrive). After
-    an unexpected exception nothing is done: the process exits and torchrun stops the others."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        if wait:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def entry() -> None:

@@ -205,6 +205,16 @@ def select_documents(docs: Sequence[Document], ids: Iterable[str] | None = None,
     return docs
 
 
+def split_bundled(docs: Sequence[TokenizedDocument], n_search: int,
+                  seed: int = 0) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
+    """(search pool, evaluation pool) of the bundled sample, kept apart: `n_search` of its psalms
+    by a seeded shuffle, and the rest with the Austen novels, which are for evaluation only."""
+    psalms = sorted((d for d in docs if d.id.startswith("tdavid/")), key=lambda d: d.id)
+    random.Random(seed).shuffle(psalms)
+    held = {d.id for d in psalms[:n_search]}
+    return psalms[:n_search], [d for d in docs if d.id not in held]
+
+
 def training_documents(sources: Sequence[str | os.PathLike], ids: Sequence[str] | None = None,
                        exclude_ids: Sequence[str] | None = None, exclude_sources: Sequence[str | os.PathLike] = (),
                        validation_ids: Sequence[str] | None = None) -> tuple[list[Document], list[Document] | None]:

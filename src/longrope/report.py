@@ -1,6 +1,7 @@
 """Reports: markdown tables, results.json / results.csv and plots, written atomically to --out:
 `longrope eval`'s results (`write_results`), `longrope extend`'s report (`write_extend_report`),
-the demo's (`write_demo_report`) and a search's plot (`plot_search`).
+the demo's (`write_demo_report`) and a search's plot (`plot_search`); the summaries the commands
+print (`search_summary`, `extend_summary`).
 
 An eval results dictionary has the keys `command` ('ppl' or 'passkey'), `config` (what was asked),
 `environment` (versions, device, date), `methods` and `records`: flat dictionaries, one per
@@ -202,6 +203,16 @@ def extend_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def extend_summary(report: dict) -> str:
+    """Perplexity and passkey accuracy by length, a line each, for the console."""
+    lines = []
+    for r in report["results"]:
+        ppl = "n/a" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        passkey = "n/a" if r["passkey"] is None else f"{r['passkey']:.0%}"
+        lines.append(f"  {format_length(r['length']):>8}: perplexity {ppl}, passkey {passkey}")
+    return "\n".join(lines)
+
+
 def write_extend_report(out, report: dict) -> None:
     """report.md and report.png (perplexity by length of the extended model, and of the base model
     inside its window) in `out`, each written atomically: `pipeline.extend`'s `render_report`."""
@@ -246,6 +257,21 @@ def write_demo_report(out, ppl: Sequence[dict], passkey: Sequence[dict], searche
     runs.write_text(out / "results.json", json.dumps({"ppl": ppl, "passkey": passkey,
                                                       "environment": runs.environment(device)}, indent=1))
     return ppl_md + "\n\n" + passkey_md
+
+
+def search_summary(result, space, fitness: str = "ppl") -> str:
+    """A finished search in a line (`search.SearchResult` of a `search.SearchSpace`): the best
+    fitness and genes beside the baselines', the evaluations and their cost."""
+    s, best = result.summary, result.summary["best"]
+    genes = f"n_hat={best['n_hat']}"
+    if "critical_dim" in best:
+        genes += f", critical dim {best['critical_dim']} (theoretical {space.critical_dim})"
+    if "attention_factor" in best:
+        genes += f", attention factor {best['attention_factor']:.2f}"
+    baselines = ", ".join(f"{k} {v:.4g}" for k, v in s["baselines"].items() if v is not None)
+    what = "answer perplexity (needle)" if fitness == "needle" else "perplexity"
+    return (f"best {what} {result.fitness:.4g} ({genes}; {baselines}); "
+            f"{s['evals']} evaluations in {s['seconds']:.0f}s, {s['overhead_share']:.1%} outside the model")
 
 
 def plot_search(path, result, space) -> bool:

@@ -46,6 +46,17 @@ def input_identity(spec: str) -> str:
     return os.path.abspath(spec) if os.path.exists(spec) else spec
 
 
+def existing_paths(values: Iterable) -> list[str]:
+    """The existing files and folders that option values name (a value may be a list, or a comma
+    list of paths): a command's inputs, which its --out must not touch (`check_out`)."""
+    found = []
+    for value in values:
+        for item in value if isinstance(value, list) else [value]:
+            entries = [e.strip() for e in str(item).split(",")] if item else []
+            found += [e for e in entries if e and Path(e).exists()]
+    return found
+
+
 def _related(a: Path, b: Path) -> bool:
     """a is b, lies inside b, or holds b."""
     return a == b or a in b.parents or b in a.parents

@@ -7,7 +7,7 @@ Phi-3); `logits_scaling` and `final_logit_softcapping` in the config are applied
 """
 
 from .generation import PasskeyTrial, greedy_generate, passkey_accuracy, passkey_trial
-from .methods import (MethodSpec, method_specs, passkey_prompts, passkey_records, perplexity_records, scaling_at,
+from .methods import (MethodSpec, method_entries, method_specs, passkey_prompts, passkey_records, perplexity_records, scaling_at,
                       scaling_label)
 from .perplexity import (DEFAULT_CHUNK, FORWARDS, PeakMemory, as_batch, document_windows, hidden_states,
                          modules_hidden_states, needle_nll, nll_of_hidden, nll_sum, nll_windows, peak_memory,
@@ -15,7 +15,7 @@ from .perplexity import (DEFAULT_CHUNK, FORWARDS, PeakMemory, as_batch, document
 
 __all__ = [
     "DEFAULT_CHUNK", "FORWARDS", "MethodSpec", "PasskeyTrial", "PeakMemory", "as_batch", "document_windows",
-    "greedy_generate", "hidden_states", "method_specs", "modules_hidden_states", "needle_nll", "nll_of_hidden",
+    "greedy_generate", "hidden_states", "method_entries", "method_specs", "modules_hidden_states", "needle_nll", "nll_of_hidden",
     "nll_sum", "nll_windows", "passkey_accuracy", "passkey_prompts", "passkey_records", "passkey_trial",
     "peak_memory", "perplexity", "perplexity_from", "perplexity_records", "scaling_at", "scaling_label",
     "stock_nll",

@@ -40,6 +40,23 @@ def _is_method(name: str) -> bool:
         return False
 
 
+def method_entries(compare: str | None, scaling: str | None, method: str | None, target_length: int | None,
+                   default: str) -> list[str]:
+    """What `longrope eval` compares, from its options (`--compare A,B`, `--scaling S` or `--method M`;
+    else `default`), checked before any model is loaded."""
+    if sum(map(bool, (compare, scaling, method))) > 1:
+        raise UsageError("give only one of --compare, --scaling and --method")
+    if compare is not None and not [e for e in compare.split(",") if e.strip()]:
+        raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
+    if scaling and target_length is not None:
+        raise UsageError("--target-length configures methods; a --scaling file is used as it is: drop one")
+    if scaling:
+        sc.preset_path(scaling)  # a file or preset, nothing else
+    if method and method.lower() != "model":
+        sc.canonical_type(method)  # an unknown method is refused here, with the list of known ones
+    return [e.strip() for e in compare.split(",") if e.strip()] if compare else [scaling or method or default]
+
+
 def method_specs(entries: Sequence[str], model_spec: str, info: models.RopeInfo,
                  allow_context_mismatch: bool = False) -> list[MethodSpec]:
     """One spec per entry: a method name, `model` (the scaling the model carries), or a scaling

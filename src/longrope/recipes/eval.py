@@ -12,18 +12,10 @@ from ..errors import UsageError
 from ..progress import Counter, Progress
 
 METHOD_HELP = """\
-Scaling methods (all evaluated on the same documents / prompts):
-  --method M            one method: none, linear (PI), ntk, dynamic, yarn, llama3, longrope, or
-                        model (the scaling the model carries: an extended or exported model as it
-                        is configured; the default when it carries one, else none)
-  --scaling S.json      one scaling file (or preset name), used as is at every length
-  --compare A,B,...     several, each a method name or a scaling file, e.g. none,linear,ntk,yarn,S.json
-
-Target length: with --target-length N every method is configured to extend the model's context
-to N tokens. Without it, each method is configured for the length it is evaluated at: at lengths
-above the model's context the target is that length; at or below the context no scaling is
-needed and every method equals 'none'. Scaling files are always used as they are.
-"""
+Methods, all on the same documents / prompts: --method M (none, linear, ntk, dynamic, yarn, llama3,
+longrope, or model: the scaling the model carries, the default when it has one), --scaling S.json
+(a file or preset, used as is) or --compare A,B,... (several of either). With --target-length N
+every method is configured for N tokens; without it, for the length it is evaluated at."""
 
 
 def parse_depths(text: str) -> list[float]:
@@ -34,10 +26,6 @@ def parse_depths(text: str) -> list[float]:
     if not values or any(not 0 <= v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
     return sorted(dict.fromkeys(values))
-
-
-# --------------------------------------------------------------------------------------------
-# shared plumbing
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -57,28 +45,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
-    """Checks that need no model, then the model, then the methods at every length: every error
-    comes before any evaluation (the output folder was checked by the CLI before this)."""
-    if args.compare and not [e for e in args.compare.split(",") if e.strip()]:
-        raise UsageError("--compare: give a comma-separated list, e.g. none,linear,ntk,yarn")
-    if args.scaling and args.target_length is not None:
-        raise UsageError("--target-length configures methods; a --scaling file is used as it is: drop one")
-    if args.method and args.method.lower() != "model":
-        sc.canonical_type(args.method)  # unknown method: fail before loading anything
+    """The model and the methods at every length, checked before any evaluation (the output
+    folder was checked by the CLI before this)."""
     if getattr(args, "chunk_size", None) is not None and args.chunk_size < 1:
         raise UsageError(f"--chunk-size {args.chunk_size}: must be at least 1")
-    if sum(map(bool, (args.compare, args.scaling, args.method))) > 1:
-        raise UsageError("give only one of --compare, --scaling and --method")
-    if args.scaling:
-        sc.preset_path(args.scaling)  # a file or preset, nothing else
+    default = "model" if models.is_extended(args.model) else "none"  # a model is evaluated as it is configured
+    entries = evaluate.method_entries(args.compare, args.scaling, args.method, args.target_length, default)
     device, dtype = device_and_dtype(args)
     model, tokenizer = models.load(args.model, dtype=dtype, device=device)
     info = models.rope_info(model.config)
-    default = "model" if models.is_extended(args.model) else "none"  # a model is evaluated as it is configured
-    entries = ([e.strip() for e in args.compare.split(",") if e.strip()] if args.compare
-               else [args.scaling or args.method or default])
     specs = evaluate.method_specs(entries, args.model, info, args.allow_context_mismatch)
-    for spec in specs:  # configuration errors surface before any evaluation
+    for spec in specs:
         for length in args.lengths:
             models.check_fits(evaluate.scaling_at(spec, length, info, args.target_length), info,
                               args.allow_context_mismatch)
@@ -101,10 +78,6 @@ def _finish(args, command: str, model, info, device, records: list[dict]) -> int
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# eval ppl
-
-
 def cmd_ppl(args) -> int:
     if args.docs < 1:
         raise UsageError(f"--docs {args.docs}: must be at least 1")
@@ -120,10 +93,6 @@ def cmd_ppl(args) -> int:
             max_tokens=args.max_tokens, chunk_size=args.chunk_size, stock=args.stock,
             allow_context_mismatch=args.allow_context_mismatch, device=device, tick=bar.update)
     return _finish(args, "ppl", model, info, device, records)
-
-
-# --------------------------------------------------------------------------------------------
-# eval passkey
 
 
 def cmd_passkey(args) -> int:
@@ -144,9 +113,6 @@ def cmd_passkey(args) -> int:
             max_new_tokens=args.max_new_tokens, allow_context_mismatch=args.allow_context_mismatch,
             device=device, tick=bar.update)
     return _finish(args, "passkey", model, info, device, records)
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def register(sub) -> None:

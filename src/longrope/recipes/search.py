@@ -1,23 +1,5 @@
-"""`longrope search`: evolutionary search of LongRoPE rescale factors for a model and a target length.
+"""`longrope search`: search LongRoPE rescale factors (evolutionary, resumable).
 
-A thin recipe over longrope.search: options, the model and documents, progress, the plot and the
-closing lines. State, outputs and the several-process handshake are the search package's.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-from dataclasses import asdict
-
-from .. import data, models, report, runs
-from .. import scaling as sc
-from .. import search as S
-from ..cli import add_model_args, add_progress_args, device_and_dtype, parse_length
-from ..errors import UsageError
-from ..progress import Counter, Progress
-
-DESCRIPTION = """\
 Search per-frequency rescale factors (and n̂) that minimise the perplexity of the model on
 --samples documents cut to --target-length tokens (the first L' tokens of each, as the paper).
 
@@ -27,35 +9,28 @@ search.png, and search_state.json (checkpoint, rewritten after every generation)
 A killed search continues with --resume and ends exactly as an uninterrupted one would;
 --resume with a larger --generations / --max-evals extends a finished search.
 
-LongRoPE2's options: --fitness needle (perplexity of the answer to a passkey question whose
-needle is near the start of each window), --algorithm critical-dim (NTK below a searched critical
-dimension, factors in [s, 2s] above it), --search-attention (the attention factor as a gene).
+LongRoPE2's options (--fitness needle, --algorithm critical-dim, --search-attention) are below;
+--init starts from earlier searched factors, as the paper extends 128k -> 256k without fine-tuning.
 On several GPUs: torchrun --nproc-per-node N -m longrope search ... (same result as one process).
---init S.json (or a preset) starts from earlier searched factors, as the paper extends 128k -> 256k
-without fine-tuning: they join PI, NTK and YaRN in the initial population as they are and
-carried to the new scale.
 """
+# a thin recipe over longrope.search: options, the model and documents, progress, the plot and the
+# closing lines; state, outputs and the several-process handshake are the search package's
 
-# SearchConfig field -> (type, help with "{}" for the default); an option left out keeps the
-# default, or the resumed search's value
-CONFIG_OPTIONS = {
-    "population": (int, "initial population (default {})"),
-    "mutations": (int, "mutated children per generation (default {})"),
-    "crossovers": (int, "crossed-over children per generation (default {})"),
-    "parents": (int, "survivors of truncation selection (default {})"),
-    "p": (float, "per-factor mutation probability (default {})"),
-    "local": (float, "share of small-step mutations, 0 = paper (default {})"),
-    "generations": (int, "generations after the initial one (default {})"),
-    "max_evals": (int, "stop after this many evaluations"),
-    "max_minutes": (float, "stop after this many minutes (not reproducible)"),
-    "seed": (int, "search and document choice (default {})"),
-    "max_tries": (int, argparse.SUPPRESS),
-}
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+from .. import data, report, runs
+from .. import search as S
+from ..cli import (add_command, add_config_options, add_model_args, add_progress_args, config_values,
+                   device_and_dtype_names, documents, interrupted, load_model, parse_length)
+from ..errors import UsageError
+from ..progress import Progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("search", help="search LongRoPE rescale factors (evolutionary, resumable)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "search", __doc__, run)
     add_model_args(p)
     add_progress_args(p)
     p.add_argument("--data", default="bundled", help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or "
@@ -67,10 +42,8 @@ def register(sub) -> None:
     p.add_argument("--batch-candidates", type=int, default=1, metavar="K",
                    help="evaluate K candidates in one batched forward (K × --samples sequences, each with its "
                         "own scaling): faster for small models, memory permitting; same result (default 1)")
-    defaults = S.SearchConfig()
-    g = p.add_argument_group("search (defaults: the paper's)")
-    for name, (kind, text) in CONFIG_OPTIONS.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text.format(getattr(defaults, name)))
+    # an option left out keeps the default, or the resumed search's value
+    add_config_options(p.add_argument_group("search (defaults: the paper's)"), S.SearchConfig)
     v = p.add_argument_group("LongRoPE2 (default: the original LongRoPE search; --resume keeps the search's choice)")
     v.add_argument("--fitness", choices=S.FITNESSES, default=None,
                    help="ppl: perplexity of the windows (default); needle: perplexity of the answer tokens of a "
@@ -82,61 +55,43 @@ def register(sub) -> None:
                    help="search the attention factor (1.00..1.50) instead of using 'su'")
     p.add_argument("--init", default=None, metavar="S.json,...",
                    help="searched LongRoPE scalings (files or presets) to start from: their factors, as they are and "
-                        "carried to --target-length, join the initial population (--resume keeps the search's)")
+                        "carried to --target-length, join PI, NTK and YaRN in the initial population (--resume keeps "
+                        "the search's)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (start it if none)")
     p.add_argument("--force", action="store_true", help="replace a search in --out")
-    p.set_defaults(func=cmd_search)
 
 
-def init_seeds(spec: str, info, target_length: int) -> tuple:
-    """--init: each searched scaling's (factors, n̂) as they are and carried to the target."""
-    seeds = []
-    for entry in [e.strip() for e in spec.split(",") if e.strip()]:
-        try:
-            seeds.extend(S.seeds_from(sc.load(sc.preset_path(entry), info.dim), target_length, info.original_length))
-        except UsageError as exc:
-            raise UsageError(f"--init {entry}: {str(exc).removeprefix(f'--scaling {entry}: ')}") from None
-    return tuple(seeds)
-
-
-def cmd_search(args) -> int:
+def run(args) -> int:
     rank = S.init_distributed()  # None: one process; `cli.main` leaves the process group at the end
     args.device = S.rank_device(args.device, rank)
-
-    def load_replica():
-        device, dtype = device_and_dtype(args)
-        return models.load(args.model, dtype=dtype, device=device)[0]
-
     return S.search_on_ranks(rank, lambda: _setup(args, rank), lambda setup: _search(args, setup),
-                             lambda setup: setup["windows"], load_replica, args.chunk_size)
+                             lambda setup: setup["windows"], lambda: load_model(args)[0], args.chunk_size)
 
 
 def _setup(args, rank: S.Rank | None) -> dict:
     """Rank 0 (or the one process): check the options, load the model, choose the samples."""
-    for option, value in (("--samples", args.samples), ("--chunk-size", args.chunk_size),
-                          ("--batch-candidates", args.batch_candidates)):
-        if value is not None and value < 1:
-            raise UsageError(f"{option} {value}: must be at least 1")
+    for option in ("samples", "chunk_size", "batch_candidates"):
+        if (value := getattr(args, option)) is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: must be at least 1")
     if args.batch_candidates > 1 and rank is not None:
         raise UsageError("--batch-candidates: not supported under torchrun yet (use one process, or 1)")
-    S.check_out(args.out, args.resume, args.force)  # before the slow part
-    device, dtype = device_and_dtype(args)
-    model, tokenizer = models.load(args.model, dtype=dtype, device=device)
-    info = models.rope_info(model.config)
-    saved = S.read_state(args.out) if args.resume and not args.force else None
+    saved = S.check_out(args.out, args.resume, args.force)  # before the slow part; the state to resume
+    model, tokenizer, info = load_model(args)
     # the options given, else the resumed search's, else the defaults
     ident = (saved or {}).get("identity", {})
     kind = args.fitness or ident.get("fitness", "ppl")
+    seeds = S.init_seeds(args.init, info.dim, info.original_length, args.target_length) if args.init else None
     space = S.resumed_space(info.dim, info.base, info.original_length, args.target_length, ident, args.algorithm,
-                            args.search_attention, init_seeds(args.init, info, args.target_length) if args.init else None)
-    config = S.SearchConfig.resumed(saved, **{name: getattr(args, name) for name in CONFIG_OPTIONS})
+                            args.search_attention, seeds)
+    config = S.SearchConfig.resumed(saved, **config_values(args, S.SearchConfig))
     # where the fitness comes from: a resumed search must measure the same thing
-    identity = {"model": _where(args.model), "data": _where(args.data), "samples": args.samples}
+    identity = {"model": runs.input_identity(args.model), "data": runs.input_identity(args.data),
+                "samples": args.samples}
     if kind != "ppl":
         identity["fitness"] = kind
     S.check_out(args.out, args.resume, args.force, space, config, identity)
 
-    docs = data.load_tokenized(args.data, tokenizer, progress=Counter("tokenising", "docs", quiet=args.quiet))
+    docs = documents(args.data, tokenizer, quiet=args.quiet)
     try:
         chosen = data.select(docs, args.target_length, args.samples, seed=config.seed)
     except UsageError as exc:  # no document long enough
@@ -147,7 +102,7 @@ def _setup(args, rank: S.Rank | None) -> dict:
         windows = S.fitness_windows(kind, [d.tokens for d in chosen], tokenizer, args.target_length, config.seed)
     except ValueError as exc:  # a target length too short for the needle
         raise UsageError(f"--fitness needle: {exc}") from None
-    return dict(model=model, device=device, info=info, space=space, config=config, identity=identity,
+    return dict(model=model, info=info, space=space, config=config, identity=identity,
                 kind=kind, chosen=chosen, windows=windows, world=rank.world if rank else 1)
 
 
@@ -161,7 +116,7 @@ def _search(args, setup: dict) -> int:
     extra = {"model": {"spec": args.model, **asdict(setup["info"])},
              "data": {"source": args.data, "documents": [d.id for d in setup["chosen"]],
                       "tokens": args.target_length, "fitness": kind},
-             "environment": {**runs.environment(setup["device"]), "ranks": world}}
+             "environment": {**runs.environment(device_and_dtype_names(args)[0]), "ranks": world}}
     if args.batch_candidates > 1:
         extra["environment"]["batch_candidates"] = args.batch_candidates
     # progress in evaluations (initial population included), to the end --max-evals sets
@@ -177,23 +132,9 @@ def _search(args, setup: dict) -> int:
                 fitness = S.model_fitness(model, setup["windows"], args.chunk_size)
                 result = S.run_distributed(space, fitness, config, args.out, **kwargs)
     except KeyboardInterrupt:
-        print("interrupted; every evaluation so far is kept: continue with the same command and --resume")
-        return 130
+        return interrupted("every evaluation so far is kept: continue with the same command and --resume")
     if not report.plot_search(os.path.join(args.out, S.PLOT), result, space):
         print("note: matplotlib is not installed, no search.png (pip install matplotlib)")
-    s, best = result.summary, result.summary["best"]
-    genes = f"n_hat={best['n_hat']}"
-    if "critical_dim" in best:
-        genes += f", critical dim {best['critical_dim']} (theoretical {space.critical_dim})"
-    if "attention_factor" in best:
-        genes += f", attention factor {best['attention_factor']:.2f}"
-    baselines = ", ".join(f"{k} {v:.4g}" for k, v in s["baselines"].items() if v is not None)
-    what = "answer perplexity (needle)" if kind == "needle" else "perplexity"
-    print(f"best {what} {result.fitness:.4g} ({genes}; {baselines}); "
-          f"{s['evals']} evaluations in {s['seconds']:.0f}s, {s['overhead_share']:.1%} outside the model")
+    print(report.search_summary(result, space, kind))
     print(f"wrote {args.out}")
     return 0
-
-
-def _where(spec: str) -> str:
-    return os.path.abspath(spec) if os.path.exists(spec) else spec

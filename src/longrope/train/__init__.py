@@ -10,14 +10,14 @@ process or, under torchrun, context parallel with FSDP2 (`parallel`).
 
 from . import loop, parallel
 from .finetune import FT_RECORD, FinetuneConfig, FinetuneResult, finetune, finetune_batch, pack_documents
-from .loop import CHECKPOINT, LOG, StepInfo, TrainConfig, lr_at
+from .loop import CHECKPOINT, LOG, SAVE_DTYPES, StepInfo, TrainConfig, lr_at
 from .parallel import chunked_lm_loss
 from .pretrain import (PRETRAIN_RECORD, PretrainConfig, PretrainResult, build_model, llama_config, lm_loss,
                        make_batch, parameter_count, pretrain, token_stream)
 
 __all__ = [
-    "CHECKPOINT", "FT_RECORD", "LOG", "PRETRAIN_RECORD", "FinetuneConfig", "FinetuneResult", "PretrainConfig",
-    "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "finetune", "finetune_batch",
-    "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents", "parallel", "parameter_count",
-    "pretrain", "token_stream",
+    "CHECKPOINT", "FT_RECORD", "LOG", "PRETRAIN_RECORD", "SAVE_DTYPES", "FinetuneConfig", "FinetuneResult",
+    "PretrainConfig", "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "finetune",
+    "finetune_batch", "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents", "parallel",
+    "parameter_count", "pretrain", "token_stream",
 ]

@@ -34,7 +34,7 @@ class FinetuneConfig(loop.TrainConfig):
     seq_len: int
     steps: int
     lr: float = 2e-5
-    warmup: int | None = field(default=None, metadata={"help": "warm-up steps (default 20, at most 10% of --steps)"})
+    warmup: int | None = field(default=None, metadata={"help": "warm-up steps (default 20, at most 10% of the steps)"})
     min_lr_ratio: float = 0.0
     schedule: str = "linear"
     batch_size: int = 1
