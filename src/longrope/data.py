@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import runs
 from .errors import UsageError
 
 BUNDLED = Path(__file__).parent / "bundled" / "bundled.jsonl.gz"
@@ -321,21 +321,14 @@ def cache_dir() -> Path:
     return Path(base) / "longrope"
 
 
-def _write_atomic(path: Path, docs: list[TokenizedDocument]) -> None:
+def _write_cache(path: Path, docs: list[TokenizedDocument]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     tokens = np.concatenate([d.tokens for d in docs]) if docs else np.zeros(0, dtype=np.int64)
     dtype = np.uint32 if tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2 ** 32) else np.int64
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, tokens=tokens.astype(dtype), lengths=lengths,
-                     ids=np.array([d.id for d in docs], dtype=str), version=np.array(CACHE_VERSION))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with runs.atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, tokens=tokens.astype(dtype), lengths=lengths,
+                 ids=np.array([d.id for d in docs], dtype=str), version=np.array(CACHE_VERSION))
 
 
 def _read_cache(path: Path) -> list[TokenizedDocument] | None:
@@ -375,7 +368,7 @@ def load_tokenized(source: str | os.PathLike, tokenizer, cache: bool = True,
             progress(len(docs), len(texts))
     if path is not None:
         try:
-            _write_atomic(path, docs)
+            _write_cache(path, docs)
         except OSError as exc:
             print(f"note: could not write the token cache {path}: {exc.strerror}")
     return docs

@@ -99,7 +99,7 @@ def _write_png(fig, path, **savefig_kwargs) -> None:
 
 
 def _pyplot():
-    try:
+    try:  # matplotlib is optional (the plot extra): without it results are written, plots skipped
         import matplotlib
 
         matplotlib.use("Agg")

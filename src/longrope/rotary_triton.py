@@ -82,6 +82,7 @@ _compiled: dict[bool, object] = {}
 def _kernel(interpret: bool):
     if interpret not in _compiled:
         if interpret:
+            # triton's interpreter, only for CPU tensors (tests); a module of the optional triton
             from triton.runtime.interpreter import InterpretedFunction
 
             _compiled[interpret] = InterpretedFunction(_rope_kernel)
