@@ -289,3 +289,12 @@ def test_gguf_without_the_extra_is_one_line(world, capsys, monkeypatch):
     code, _, err = run(capsys, "export", "--model", "fake.gguf", "--method", "yarn", "--target-length", "256",
                        "--out", "o")
     assert code == 2 and err.count("\n") == 1 and "pip install 'longrope[gguf]'" in err and "accelerate" in err
+
+
+def test_init_without_rope_keys_names_the_field(world, capsys):
+    """--init with a JSON lacking the rope keys used to cut the field name off the message."""
+    (world / "no-rope.json").write_text(json.dumps({"factor": 4.0}))
+    before = tree_digest(world)
+    code, _, err = run(capsys, *SEARCH, "--init", "no-rope.json")
+    assert code == 2 and "--init no-rope.json: rope_type: missing" in err and err.count("\n") == 1
+    assert tree_digest(world) == before
