@@ -12,11 +12,12 @@ from .methods import (MethodSpec, method_entries, method_specs, passkey_prompts,
 from .perplexity import (DEFAULT_CHUNK, FORWARDS, PeakMemory, as_batch, document_windows, hidden_states,
                          modules_hidden_states, needle_nll, nll_of_hidden, nll_sum, nll_windows, peak_memory,
                          perplexity, perplexity_from, stock_nll)
+from .ruler import TASKS as RULER_TASKS, RulerSample, fit_to_length, make_sample as ruler_sample, score as ruler_score
 
 __all__ = [
     "DEFAULT_CHUNK", "FORWARDS", "MethodSpec", "PasskeyTrial", "PeakMemory", "as_batch", "document_windows",
     "greedy_generate", "hidden_states", "method_entries", "method_specs", "modules_hidden_states", "needle_nll", "nll_of_hidden",
     "nll_sum", "nll_windows", "passkey_accuracy", "passkey_prompts", "passkey_records", "passkey_trial",
     "peak_memory", "perplexity", "perplexity_from", "perplexity_records", "scaling_at", "scaling_label",
-    "stock_nll",
+    "stock_nll", "RULER_TASKS", "RulerSample", "fit_to_length", "ruler_sample", "ruler_score",
 ]
