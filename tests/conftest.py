@@ -87,6 +87,18 @@ def _temporary_files_inside_pytest(tmp_path_factory):
     tempfile.tempdir = saved[1]
 
 
+@pytest.fixture
+def long_text_file(tmp_path):
+    """One 200-word text of a 15-word vocabulary, long enough for the tiny model's searches."""
+    import random
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
+    path = tmp_path / "long.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(200)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama with a working tokenizer, for CLI tests."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import re
 import subprocess
 import sys
@@ -180,25 +179,16 @@ def test_search_time_left_never_exceeds_what_max_minutes_leaves(clock):
 # the commands
 
 
-@pytest.fixture
-def docs(tmp_path):
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
-    path = tmp_path / "long.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(200)))
-    return path
-
-
 SMALL = ["--target-length", "128", "--samples", "1", "--population", "8", "--mutations", "2", "--crossovers", "2",
          "--parents", "4", "--generations", "20"]  # 8 + 20 × 4 = 88 evaluations without a cap
 
 
-def test_search_command_in_a_log_file_shows_evaluations_to_max_evals(tiny_model_dir, docs, tmp_path):
+def test_search_command_in_a_log_file_shows_evaluations_to_max_evals(tiny_model_dir, long_text_file, tmp_path):
     out = tmp_path / "search"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), P.INTERVAL_ENV: "0"}
     with open(tmp_path / "stderr.log", "w") as err:
         proc = subprocess.run([sys.executable, "-m", "longrope", "search", "--model", str(tiny_model_dir),
-                               "--data", str(docs), "--out", str(out), "--device", "cpu", *SMALL,
+                               "--data", str(long_text_file), "--out", str(out), "--device", "cpu", *SMALL,
                                "--max-evals", "40"], env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=300)
     text = (tmp_path / "stderr.log").read_text()
     assert proc.returncode == 0, text
@@ -212,10 +202,10 @@ def test_search_command_in_a_log_file_shows_evaluations_to_max_evals(tiny_model_
     assert [n for n, _ in found if n <= first_generation] == list(range(1, 9))
 
 
-def test_quiet_search_shows_no_progress(tiny_model_dir, docs, tmp_path, monkeypatch, capsys):
+def test_quiet_search_shows_no_progress(tiny_model_dir, long_text_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(P.INTERVAL_ENV, "0")
-    argv = ["search", "--model", str(tiny_model_dir), "--data", str(docs), "--device", "cpu", *SMALL,
+    argv = ["search", "--model", str(tiny_model_dir), "--data", str(long_text_file), "--device", "cpu", *SMALL,
             "--max-evals", "12"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert counts(capsys.readouterr().err)[-1] == (12, 12)
@@ -233,10 +223,10 @@ def test_every_long_command_has_quiet(command, capsys):
     assert "--quiet" in capsys.readouterr().out
 
 
-def test_eval_ppl_lines_count_cells(tiny_model_dir, docs, tmp_path, monkeypatch, capsys):
+def test_eval_ppl_lines_count_cells(tiny_model_dir, long_text_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(P.INTERVAL_ENV, "0")
-    assert main(["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(docs), "--lengths", "64,128",
+    assert main(["eval", "ppl", "--model", str(tiny_model_dir), "--data", str(long_text_file), "--lengths", "64,128",
                  "--docs", "1", "--compare", "none,linear", "--device", "cpu"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("perplexity:")]
     assert [line.split()[1:3] for line in lines] == [["1/4", "cells"], ["2/4", "cells"], ["3/4", "cells"],

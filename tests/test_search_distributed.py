@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import shutil
 import subprocess
 import sys
@@ -122,15 +121,6 @@ def test_evaluator_refuses_outside_a_process_group():
 # the command line under torchrun
 
 
-@pytest.fixture()
-def docs(tmp_path):
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while seven wizards hex jolly zebras".split()
-    path = tmp_path / "long.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(200)))
-    return path
-
-
 def torchrun() -> list[str] | None:
     exe = Path(sys.executable).with_name("torchrun")
     return [str(exe)] if exe.is_file() else ([shutil.which("torchrun")] if shutil.which("torchrun") else None)
@@ -142,12 +132,12 @@ CLI = ["--target-length", "256", "--samples", "1", "--population", "6", "--mutat
 
 
 @pytest.mark.torchrun
-def test_torchrun_cli_gives_the_one_process_result(tiny_model_dir, docs, tmp_path, monkeypatch, capsys):
+def test_torchrun_cli_gives_the_one_process_result(tiny_model_dir, long_text_file, tmp_path, monkeypatch, capsys):
     launcher = torchrun()
     if launcher is None:
         pytest.skip("torchrun is not installed")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    args = ["search", "--model", str(tiny_model_dir), "--data", str(docs), *CLI]
+    args = ["search", "--model", str(tiny_model_dir), "--data", str(long_text_file), *CLI]
     job = subprocess.run([*launcher, "--standalone", "--nproc-per-node", str(WORLD), "-m", "longrope", *args,
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=150)
     assert job.returncode == 0, job.stdout + job.stderr
