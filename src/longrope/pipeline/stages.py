@@ -284,7 +284,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[data.TokenizedDocumen
     stages = list(config.stages)
     if config.readjust:
         stages.append(Stage("readjust", info.original_length))
-    where = os.path.abspath(model_spec) if os.path.exists(model_spec) else model_spec
+    where = runs.input_identity(model_spec)
     identity = {"model": where, "data": documents_digest(documents), **config.identity()}
     if ranks is None:
         _prepare_out(out, identity, resume, force)
