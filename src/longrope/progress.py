@@ -167,6 +167,13 @@ class Progress:
             parts.append(final)
         return f"{self.desc}: " * bool(self.desc) + ", ".join(parts)
 
+    def note(self, text: str) -> None:
+        """A line of its own among the progress (a search's generation, say); nothing when quiet."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        elif self.mode == "lines":
+            self._write(text)
+
     def _maybe_line(self) -> None:
         if self.mode != "lines":
             return

@@ -16,6 +16,14 @@ Reproducibility: one seeded numpy Generator drives every random choice. After ea
 atomically, and every evaluation is appended to `history.jsonl` as it happens, so a search killed
 mid-generation resumes from the last state, takes the evaluations it already paid for from the
 log, and ends with exactly the result an uninterrupted run gives.
+
+Generalisation (issue 15): with a `validation` evaluator (the same measure on documents the
+fitness never sees) each generation's fittest genome, the seeds and, at the end, the
+`validate_top` fittest are scored on validation, and the search returns the best of them *on
+validation*, not the fittest. `references` (named scalings: PI, NTK, YaRN, YaRN-shaped LongRoPE
+under each temperature, see `space.reference_scalings`) are scored too, and one of them is
+returned when none of the searched genomes beats it: a search never returns something worse than
+its best seed on the criterion it is judged by.
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class SearchConfig:
     max_minutes: float | None = field(default=None, metadata={"help": "stop after this many minutes, resumed "
                                                                       "sessions included (not reproducible)"})
     seed: int = field(default=0, metadata={"help": "search and document choice"})
+    validate_top: int = field(default=4, metadata={"help": "with validation documents: the N fittest genomes are "
+                                                           "also scored on them at the end"})
     max_tries: int = 16  # attempts to draw a child not yet evaluated
 
     BUDGET = ("generations", "max_evals", "max_minutes")  # may change when a search is resumed
@@ -93,6 +103,7 @@ class SearchConfig:
             (self.max_evals is None or self.max_evals >= 1, f"max_evals must be >= 1, got {self.max_evals}"),
             (self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}"),
             (self.max_tries >= 1, f"max_tries must be >= 1, got {self.max_tries}"),
+            (self.validate_top >= 1, f"validate_top must be >= 1, got {self.validate_top}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,12 +191,14 @@ def breed(parents: list[Genome], space: SearchSpace, rng: np.random.Generator, c
 
 @dataclass
 class SearchResult:
-    best: Genome
-    fitness: float
-    scaling: LongRoPEScaling
-    stats: list[dict]  # per generation: best, median, evals, seconds
+    best: Genome  # the searched genome chosen: the best on validation (without validation: the fittest)
+    fitness: float  # of what is returned (`scaling`)
+    scaling: LongRoPEScaling  # what is returned: `best`'s, or a reference's that beat it
+    stats: list[dict]  # per generation: best, median, evals, seconds (and the best's validation)
     summary: dict  # what summary.json holds
     out: Path | None = None
+    returned: str = "search"  # or the name of the reference returned instead
+    validation: float | None = None  # of what is returned, when there were validation documents
 
 
 def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig | None = None,
@@ -193,7 +206,8 @@ def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig
         identity: Mapping[str, Any] | None = None, resume: bool = False, force: bool = False,
         on_generation: Callable[[dict], None] | None = None,
         on_evaluation: Callable[[dict], None] | None = None,
-        extra_summary: Mapping[str, Any] | None = None) -> SearchResult:
+        extra_summary: Mapping[str, Any] | None = None, validation: Evaluator | None = None,
+        references: Mapping[str, LongRoPEScaling] | None = None) -> SearchResult:
     """Search factors minimising `fitness` (one scaling -> a number) or, instead, `evaluator`
     (a list of scalings -> their numbers, in order; its `width`, if any, is how many candidates
     it takes at once: the budget is checked between calls). With `out`, checkpoint there and
@@ -205,7 +219,11 @@ def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig
     time, "earlier": False, "start": False}; "earlier" is True for evaluations made before this
     call, which cost no time now: once at the start of a resumed search ("start": True, the
     checkpoint's count, "generation" the next to run) and for each evaluation taken from the log
-    after a crash. `progress_hooks` shows all this on a progress bar."""
+    after a crash. `progress_hooks` shows all this on a progress bar.
+
+    `validation` (an evaluator on documents the fitness does not see) and `references` (named
+    scalings) choose what is returned, as the module says; neither changes the evolution. A
+    single-scaling validation function goes in as `Serial(function)`."""
     if (fitness is None) == (evaluator is None):
         raise TypeError("run: give either fitness or evaluator")
     evaluator = evaluator or Serial(fitness)
@@ -216,6 +234,8 @@ def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig
     state = book.state
     if state.cache:  # a resumed search: its evaluations so far
         book.evaluated(state.generation, None, earlier=True, start=True)
+    book.judge = _Judge(validation, references or {}, state)
+    book.judge.score_references(evaluator)
 
     while state.generation <= config.generations and not book.spent():
         g = state.generation
@@ -227,6 +247,8 @@ def run(space: SearchSpace, fitness: Fitness | None = None, config: SearchConfig
                     else initial_population(space, state.rng, config))
         book.evaluate(children, g, evaluator)
         state.population = parents + [c for c in children if c in state.cache]
+        if g == 0:  # the seeds themselves are candidates for what is returned
+            book.judge.validate([b for b in space.baselines().values() if b in state.cache], space)
         book.end_generation()
         if on_generation:
             on_generation(state.stats[-1])
@@ -266,6 +288,11 @@ def progress_hooks(bar, config: SearchConfig) -> dict[str, Callable[[dict], None
 
     def on_generation(stats: dict) -> None:
         bar.set_total(planned_evals(config, stats["evals"], stats["generation"] + 1))
+        if "validation" in stats:  # the issue asks each generation to log how its best generalises
+            fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731
+            bar.note(f"generation {stats['generation']}: fittest {fmt(stats['best'])}, "
+                     f"on validation {fmt(stats['validation'])}")
+            bar.update(0, val=float("inf") if stats["validation"] is None else stats["validation"])
 
     return {"on_evaluation": on_evaluation, "on_generation": on_generation}
 
@@ -283,6 +310,49 @@ class _State:
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the search up to the last checkpoint
     fitness_seconds: float = 0.0  # of which inside fitness calls
+    validation: dict[Genome, float] = field(default_factory=dict)  # genomes scored on validation
+    references: dict[str, dict] = field(default_factory=dict)  # name -> {"fitness", "validation"}
+
+
+class _Judge:
+    """What the search returns: genomes scored on validation (kept in the state, so a resumed
+    search does not pay twice) and the references. Without validation it judges by fitness."""
+
+    def __init__(self, validation: Evaluator | None, references: Mapping[str, LongRoPEScaling], state: _State):
+        self.validator, self.references, self.state = validation, dict(references), state
+
+    def score_references(self, evaluator: Evaluator) -> None:
+        """Fitness (and validation) of each reference not yet scored: before the first generation."""
+        todo = [name for name in self.references if name not in self.state.references]
+        if not todo:
+            return
+        scalings = [self.references[name] for name in todo]
+        fitness = list(evaluator(scalings))
+        valid = list(self.validator(scalings)) if self.validator else [None] * len(todo)
+        for name, f, v in zip(todo, fitness, valid):
+            self.state.references[name] = {"fitness": _num(float(f)), "validation": None if v is None else _num(float(v))}
+
+    def validate(self, genomes: Sequence[Genome], space: SearchSpace) -> None:
+        todo = [g for g in dict.fromkeys(genomes) if g not in self.state.validation]
+        if self.validator and todo:
+            values = self.validator([space.scaling(g) for g in todo])
+            self.state.validation.update({g: _rank(float(v)) for g, v in zip(todo, values)})
+
+    def score(self, g: Genome) -> float:
+        """The criterion a genome is judged by (lower is better)."""
+        return self.state.validation[g] if self.validator else _rank(self.state.cache[g])
+
+    def choose(self, space: SearchSpace, top: int) -> tuple[Genome, str | None]:
+        """The genome to return, and the reference that beats it on the criterion (or None)."""
+        s = self.state
+        fittest = select(list(s.cache), s.cache, top if self.validator else 1)
+        self.validate(fittest, space)
+        pool = list(s.validation) if self.validator else fittest
+        best = min(pool, key=lambda g: (self.score(g), _rank(s.cache.get(g))))
+        key = "validation" if self.validator else "fitness"
+        scored = {n: _rank(r[key]) for n, r in s.references.items()}
+        better = min(scored, key=scored.get, default=None)
+        return best, (better if better is not None and scored[better] < self.score(best) else None)
 
 
 def _num(x: float) -> float | None:
@@ -370,6 +440,7 @@ class _Book:
         self.t0 = time.perf_counter() - state.seconds
         self.log = open(out / HISTORY, "a", encoding="utf-8") if out else None
         self.on_evaluation: Callable[[dict], None] | None = None  # see `run`
+        self.judge: _Judge = _Judge(None, {}, state)  # what is returned (set by `run`)
         self.best = min((_rank(v) for v in state.cache.values()), default=math.inf)
 
     @classmethod
@@ -391,9 +462,11 @@ class _Book:
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = saved["rng"]
         cache = {_from_state_item(x, 1): math.inf if x[2] is None else x[2] for x in saved["cache"]}
+        validation = {_from_state_item(x, 1): _rank(x[2]) for x in saved.get("validation", [])}
         return _State(rng=rng, generation=saved["generation"],
                       population=[_from_state_item(x) for x in saved["population"]], cache=cache,
-                      stats=saved["stats"], seconds=saved["seconds"], fitness_seconds=saved["fitness_seconds"])
+                      stats=saved["stats"], seconds=saved["seconds"], fitness_seconds=saved["fitness_seconds"],
+                      validation=validation, references=saved.get("references", {}))
 
     @staticmethod
     def _recover(path: Path, space: SearchSpace, cache: Mapping[Genome, float]) -> dict[Genome, dict]:
@@ -490,9 +563,13 @@ class _Book:
     def end_generation(self) -> None:
         state = self.state
         values = np.array([_rank(state.cache[g]) for g in state.population] or [math.inf])
-        state.stats.append({"generation": state.generation, "best": _num(float(values.min())),
-                            "median": _num(float(np.median(values))), "evals": len(state.cache),
-                            "seconds": round(self.elapsed(), 3)})
+        stats = {"generation": state.generation, "best": _num(float(values.min())),
+                 "median": _num(float(np.median(values))), "evals": len(state.cache)}
+        if self.judge.validator and state.population:  # how the fittest generalises, generation by generation
+            fittest = select(state.population, state.cache, 1)[0]
+            self.judge.validate([fittest], self.space)
+            stats["validation"] = _num(state.validation[fittest])
+        state.stats.append({**stats, "seconds": round(self.elapsed(), 3)})
         state.generation += 1
         self.save()
 
@@ -505,20 +582,23 @@ class _Book:
                 "generation": s.generation, "finished": finished, "rng": s.rng.bit_generator.state,
                 "population": [_state_item(g) for g in s.population],
                 "cache": [_state_item(g, _num(v)) for g, v in s.cache.items()],
-                "stats": s.stats, "seconds": s.seconds, "fitness_seconds": s.fitness_seconds}
+                "stats": s.stats, "seconds": s.seconds, "fitness_seconds": s.fitness_seconds,
+                "validation": [_state_item(g, _num(v)) for g, v in s.validation.items()],
+                "references": s.references}
         runs.write_text(self.out / STATE, json.dumps(data) + "\n")
 
     def finish(self, extra_summary: Mapping[str, Any] | None) -> SearchResult:
         s, c = self.state, self.config
         if not s.cache:
             raise UsageError("search: no candidate was evaluated (budget too small?)")
-        best = select(list(s.cache), s.cache, 1)[0]
+        best, beaten_by = self.judge.choose(self.space, c.validate_top)
         stopped = "generations" if s.generation > c.generations else (
             "max_evals" if c.max_evals is not None and len(s.cache) >= c.max_evals else "max_minutes")
         seconds = self.elapsed()
+        judged = self._judged(best, beaten_by)
         summary = {
-            "best_fitness": _num(s.cache[best]),
-            "best": self.space.describe(best),
+            "best_fitness": judged["fitness"],
+            "best": self.space.describe(best), **judged["summary"],
             "baselines": {name: _num(s.cache.get(g)) for name, g in self.space.baselines().items()},
             "evals": len(s.cache), "generations": s.generation, "stopped": stopped,
             "seconds": round(seconds, 3), "fitness_seconds": round(s.fitness_seconds, 3),
@@ -528,11 +608,39 @@ class _Book:
             "config": c.to_dict(), "identity": self.identity, "versions": runs.versions(),
             "stats": s.stats, "space": self.space.summary(), **(extra_summary or {}),
         }
-        scaling = self.space.scaling(best)
+        scaling = self.judge.references[beaten_by] if beaten_by else self.space.scaling(best)
         if self.log:
             self.log.close()
         if self.out:
             self.save(finished=stopped)
             runs.write_text(self.out / SCALING, scaling.to_json())
             runs.write_text(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        return SearchResult(best, s.cache[best], scaling, s.stats, summary, self.out)
+        fitness = math.inf if judged["fitness"] is None else judged["fitness"]
+        return SearchResult(best, fitness, scaling, s.stats, summary, self.out, beaten_by or "search",
+                            judged["validation"])
+
+    def _judged(self, best: Genome, beaten_by: str | None) -> dict:
+        """What the summary says of the choice: the criterion, the returned candidate's scores, the
+        references' and the gain over the best of them (1 - returned / best reference)."""
+        s, judge = self.state, self.judge
+        if beaten_by:
+            fitness, valid = s.references[beaten_by]["fitness"], s.references[beaten_by]["validation"]
+        else:
+            fitness, valid = _num(s.cache[best]), _num(s.validation[best]) if judge.validator else None
+        out: dict[str, Any] = {"selection": "validation" if judge.validator else "fitness",
+                               "returned": beaten_by or "search"}
+        if judge.validator:
+            out["best_validation"] = valid
+            out["validated"] = len(s.validation)
+            fittest = select(list(s.cache), s.cache, 1)[0]
+            out["fittest"] = {"fitness": _num(s.cache[fittest]), "validation": _num(s.validation.get(fittest))}
+        if s.references:
+            key = out["selection"]
+            name = min(s.references, key=lambda n: _rank(s.references[n][key]))
+            ref = s.references[name]
+            mine = valid if judge.validator else fitness
+            out["references"] = s.references
+            out["best_reference"] = {"name": name, **ref}
+            out["gain_over_best_reference"] = (round(1 - mine / ref[key], 6)
+                                               if mine is not None and ref[key] else None)
+        return {"fitness": fitness, "validation": valid, "summary": out}

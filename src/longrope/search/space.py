@@ -249,6 +249,24 @@ class SearchSpace:
         seeded = {f"seed{i}": self.snap(lambdas, n_hat) for i, (lambdas, n_hat) in enumerate(self.seeds)}
         return {**seeded, **{name: self.snap(factors) for name, factors in self.references().items()}}
 
+    def reference_scalings(self) -> dict[str, LongRoPEScaling]:
+        """The strongest plain baselines, exact (not snapped to the grid), as LongRoPE scalings the
+        search may return: PI and NTK-aware as they are (no temperature), YaRN with its own
+        0.1·ln s + 1, and the search's own seeds: PI, NTK and YaRN shapes under the space's
+        temperature, YaRN's shape also under none. Each is exactly its method at lengths beyond
+        the original context (`scaling.equivalent_factors`)."""
+        shapes = self.references()
+        temperatures = {"pi": [1.0, self.attention_factor], "ntk": [1.0, self.attention_factor],
+                        "yarn": ["yarn", self.attention_factor, 1.0]}
+        own = {("pi", 1.0), ("ntk", 1.0), ("yarn", "yarn")}  # the methods themselves keep their names
+        out = {}
+        for shape, settings in temperatures.items():
+            for t in dict.fromkeys(settings):
+                name = shape if (shape, t) in own else f"{shape}+{t:g}" if isinstance(t, float) else f"{shape}+{t}"
+                out[name] = LongRoPEScaling.from_target(shapes[shape], self.original_length, self.target_length,
+                                                        attention_setting=t)
+        return out
+
     def identity(self) -> dict[str, Any]:
         out = {"dim": self.dim, "base": self.base, "original_length": self.original_length,
                "target_length": self.target_length, "attention_factor": self.attention_factor}
