@@ -170,9 +170,7 @@ def needle_sample(tokenizer, document_tokens, length: int, key: str | int, offse
     one), the needle, the document's next tokens, the question, the answer " {key}". Pieces are
     tokenised separately and concatenated, so the answer tokens are exactly those of " {key}"."""
     key = str(key)
-    needle = encode_plain(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
-    question = encode_plain(tokenizer, "\n" + PASSKEY_QUESTION)
-    answer = encode_plain(tokenizer, " " + key)
+    needle, question, answer = _needle_pieces(tokenizer, key)
     filler = length - len(needle) - len(question) - len(answer)
     if filler < 1:
         raise ValueError(f"length {length}: too short for the needle, question and answer "
@@ -188,17 +186,38 @@ def needle_sample(tokenizer, document_tokens, length: int, key: str | int, offse
 
 
 def needle_samples(tokenizer, documents: Sequence, length: int, seed: int = 0,
-                   max_depth: float = NEEDLE_MAX_DEPTH) -> list[NeedleSample]:
-    """One sample per document (token sequences of at least `length` tokens): a random 5-digit key
-    and a needle offset in [1, max(1, max_depth·length)], both drawn from `seed` (deterministic)."""
+                   max_depth: float = NEEDLE_MAX_DEPTH, depths: Sequence[float] | None = None) -> list[NeedleSample]:
+    """Needle samples from tokenised documents (token sequences of at least `length` tokens), a
+    random 5-digit key each, drawn from `seed` (deterministic). Without `depths`: one per document,
+    the needle at an offset in [1, max(1, max_depth·length)] (LongRoPE2's: near the start, the
+    longest dependency). With `depths`: one per depth, needle at that share of the document text
+    before it, the documents taken in turn."""
     rng = random.Random(seed)
     out = []
-    for doc in documents:
+    if depths is None:
+        for doc in documents:
+            key = random_key(rng)
+            offset = rng.randint(1, max(1, int(max_depth * length)))
+            out.append(needle_sample(tokenizer, doc, length, key, offset))
+        return out
+    for i, depth in enumerate(depths):
+        if not 0 <= depth <= 1:
+            raise ValueError(f"needle depth {depth}: must be in [0, 1]")
         key = random_key(rng)
-        offset = rng.randint(1, max(1, int(max_depth * length)))
-        out.append(needle_sample(tokenizer, doc, length, key, offset))
+        out.append(needle_sample(tokenizer, documents[i % len(documents)], length, key,
+                                 max(1, round(depth * _filler_tokens(tokenizer, length, key)))))
     return out
 
+
+def _needle_pieces(tokenizer, key: str) -> tuple[list[int], list[int], list[int]]:
+    """The needle, the question and the answer of a needle sample, tokenised apart."""
+    return (encode_plain(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n"),
+            encode_plain(tokenizer, "\n" + PASSKEY_QUESTION), encode_plain(tokenizer, " " + key))
+
+
+def _filler_tokens(tokenizer, length: int, key: str) -> int:
+    """Document tokens in a needle sample of `length` tokens (as `needle_sample` counts them)."""
+    return length - sum(len(piece) for piece in _needle_pieces(tokenizer, key))
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 the demo's (`write_demo_report`) and a search's plot (`plot_search`); the summaries the commands
 print (`search_summary`, `extend_summary`).
 
-An eval results dictionary has the keys `command` ('ppl' or 'passkey'), `config` (what was asked),
-`environment` (versions, device, date), `methods` and `records`: flat dictionaries, one per
-(method, length) for perplexity and per (method, length, depth) for passkey, holding every raw
-number (per-document NLL sums, per-trial answers, token counts, peak memory).
+An eval results dictionary has the keys `command` ('ppl', 'passkey' or 'ruler'), `config` (what was
+asked), `environment` (versions, device, date), `methods` and `records`: flat dictionaries, one per
+(method, length) for perplexity, per (method, length, depth) for passkey and per (method, task,
+length, depth, sample) for RULER, holding every raw number (per-document NLL sums, per-trial
+answers, outputs, token counts, peak memory).
 """
 
 from __future__ import annotations
@@ -71,9 +72,38 @@ def passkey_table(records: Sequence[dict]) -> str:
     return _table(passkey_accuracy_by_length(records), rows, columns, lambda v: f"{100 * v:.0f}%")
 
 
+def ruler_scores(records: Sequence[dict]) -> dict:
+    """{(label, length): {task: mean score over depths and samples}}, RULER's 0..1 scores."""
+    scores: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        scores[label(r), r["length"]][r["task"]].append(r["score"])
+    return {cell: {task: sum(v) / len(v) for task, v in by_task.items()} for cell, by_task in scores.items()}
+
+
+def ruler_table(records: Sequence[dict]) -> str:
+    """Markdown: a row per method and length, a column per task and the average over the tasks
+    (RULER's average), scores in percent as RULER reports them."""
+    rows, lengths = _order(records)
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    scores = ruler_scores(records)
+    lines = ["| method | length | " + " | ".join(tasks) + " | average |",
+             "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
+    for row in rows:
+        for length in lengths:
+            by_task = scores.get((row, length))
+            if by_task is None:
+                continue
+            cells = [f"{100 * by_task[t]:.1f}" if t in by_task else "" for t in tasks]
+            average = 100 * sum(by_task.values()) / len(by_task)
+            lines.append(f"| {row} | {format_length(length)} | " + " | ".join(cells) + f" | {average:.1f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"ppl": ppl_table, "passkey": passkey_table, "ruler": ruler_table}
+
+
 def table(results: dict) -> str:
-    records = results["records"]
-    return ppl_table(records) if results["command"] == "ppl" else passkey_table(records)
+    return TABLES[results["command"]](results["records"])
 
 
 def to_csv(records: Sequence[dict]) -> str:
@@ -131,45 +161,83 @@ def plot_ppl(records: Sequence[dict], path) -> bool:
     return True
 
 
-def plot_passkey(records: Sequence[dict], path) -> bool:
-    """Heatmap of accuracy (depth × length), one panel per method. False if no matplotlib."""
+def _heatmaps(panels: Mapping[str, Mapping[tuple[float, int], float]], path, value: str, columns: int) -> bool:
+    """Depth × length heatmaps of values in [0, 1], one panel per title ({(depth, length): value}),
+    `columns` panels a row. False if no matplotlib."""
     plt = _pyplot()
     if plt is None:
         return False
-    rows, lengths = _order(records)
-    depths = sorted({r["depth"] for r in records})
-    fig, axes = plt.subplots(1, len(rows), figsize=(1.2 + 0.7 * len(lengths) * len(rows) + 1.5 * len(rows), 3.8),
-                             squeeze=False)
+    depths = sorted({d for cells in panels.values() for d, _ in cells})
+    lengths = sorted({n for cells in panels.values() for _, n in cells})
+    n_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(n_rows, columns, squeeze=False,
+                             figsize=(1.2 + 0.7 * len(lengths) * columns + 1.5 * columns, 3.8 * n_rows))
     image = None
-    for ax, row in zip(axes[0], rows):
-        grid = [[float("nan")] * len(lengths) for _ in depths]
-        for r in records:
-            if label(r) == row:
-                grid[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
+    for ax, (title, cells) in zip(axes.flat, panels.items()):
+        grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_title(row)
+        ax.set_title(title)
         ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("length")
         ax.set_ylabel("needle depth")
-    fig.colorbar(image, ax=list(axes[0]), label="accuracy")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=list(axes.flat), label=value)
     _write_png(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
-def write_results(out, results: dict, force: bool = False) -> Path:
-    """Write results.json, results.csv and the plot into `out` atomically (refuses an existing
-    folder unless force). Returns the folder."""
-    with runs.staged(out, force, command=f"eval {results['command']}") as tmp:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        (tmp / "results.csv").write_text(to_csv(results["records"]))
-        (tmp / "table.md").write_text(table(results) + "\n")
-        plot = plot_ppl if results["command"] == "ppl" else plot_passkey
-        name = "ppl.png" if results["command"] == "ppl" else "passkey.png"
-        if results["records"] and not plot(results["records"], tmp / name):
-            print("note: matplotlib is not installed, plots skipped (pip install 'longrope[plot]')")
+def plot_passkey(records: Sequence[dict], path) -> bool:
+    """Heatmap of accuracy (depth × length), one panel per method. False if no matplotlib."""
+    rows, _ = _order(records)
+    panels = {row: {(r["depth"], r["length"]): r["accuracy"] for r in records if label(r) == row} for row in rows}
+    return _heatmaps(panels, path, "accuracy", columns=len(rows))
+
+
+def plot_ruler(records: Sequence[dict], path) -> bool:
+    """Heatmaps of the mean RULER score of the NIAH tasks (depth × length): a row of panels per
+    task, one panel per method; none without a NIAH task. False if no matplotlib."""
+    rows, _ = _order(records)
+    niah = [r for r in records if r["task"].startswith("niah")]
+    if not niah:
+        return True
+    scores: dict = defaultdict(list)
+    for r in niah:
+        scores[r["task"], label(r), r["depth"], r["length"]].append(r["score"])
+    panels: dict = defaultdict(dict)
+    for (task, row, depth, length), values in scores.items():
+        panels[f"{row}: {task}"][depth, length] = sum(values) / len(values)
+    tasks = list(dict.fromkeys(r["task"] for r in niah))
+    ordered = {f"{row}: {task}": panels[f"{row}: {task}"] for task in tasks for row in rows}
+    return _heatmaps(ordered, path, "RULER score", columns=len(rows))
+
+
+# each eval command's plot: the function and its file name
+PLOTS = {"ppl": (plot_ppl, "ppl.png"), "passkey": (plot_passkey, "passkey.png"), "ruler": (plot_ruler, "ruler_niah.png")}
+
+
+def write_results(out, results: dict, force: bool = False, in_place: bool = False) -> Path:
+    """Write results.json, results.csv, table.md and the plot into `out` atomically: the whole
+    folder at once (refused if it exists, unless force), or with `in_place` (`out` is the
+    command's own folder, made by `runs.open_dir` for a run that writes as it goes) file by file.
+    Returns the folder."""
+    if in_place:
+        _write_result_files(Path(out), results)
+    else:
+        with runs.staged(out, force, command=f"eval {results['command']}") as tmp:
+            _write_result_files(tmp, results)
     return Path(out)
+
+
+def _write_result_files(folder: Path, results: dict) -> None:
+    runs.write_text(folder / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    runs.write_text(folder / "results.csv", to_csv(results["records"]))
+    runs.write_text(folder / "table.md", table(results) + "\n")
+    plot, name = PLOTS[results["command"]]
+    if results["records"] and not plot(results["records"], folder / name):
+        print("note: matplotlib is not installed, plots skipped (pip install 'longrope[plot]')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +328,9 @@ def write_demo_report(out, ppl: Sequence[dict], passkey: Sequence[dict], searche
 
 
 def search_summary(result, space, fitness: str = "ppl") -> str:
-    """A finished search in a line (`search.SearchResult` of a `search.SearchSpace`): the best
-    fitness and genes beside the baselines', the evaluations and their cost."""
+    """A finished search in a few lines (`search.SearchResult` of a `search.SearchSpace`): what it
+    returns, its fitness and genes beside the baselines', on validation beside the best reference
+    and the gain over it, the evaluations and their cost."""
     s, best = result.summary, result.summary["best"]
     genes = f"n_hat={best['n_hat']}"
     if "critical_dim" in best:
@@ -269,9 +338,24 @@ def search_summary(result, space, fitness: str = "ppl") -> str:
     if "attention_factor" in best:
         genes += f", attention factor {best['attention_factor']:.2f}"
     baselines = ", ".join(f"{k} {v:.4g}" for k, v in s["baselines"].items() if v is not None)
-    what = "answer perplexity (needle)" if fitness == "needle" else "perplexity"
-    return (f"best {what} {result.fitness:.4g} ({genes}; {baselines}); "
-            f"{s['evals']} evaluations in {s['seconds']:.0f}s, {s['overhead_share']:.1%} outside the model")
+    what = {"ppl": "perplexity", "needle": "answer perplexity (needle)"}.get(fitness, f"fitness ({fitness})")
+    lines = [f"best {what} {result.fitness:.4g} ({genes}; seeds on the grid: {baselines})"]
+    reference = s.get("best_reference")
+    if s.get("selection") == "validation":
+        lines.append(f"on the {len(s.get('data', {}).get('validation_documents', []))} validation documents: "
+                     f"{_maybe(s['best_validation'])} (the fittest genome: {_maybe(s['fittest']['validation'])})")
+    if reference:
+        key = s["selection"]
+        lines.append(f"best reference on {key}: {reference['name']} {_maybe(reference[key])}; gain "
+                     f"{_maybe(s['gain_over_best_reference'], '.2%')}" +
+                     ("" if result.returned == "search" else f"; nothing searched beat it, so {result.returned} "
+                                                              "is returned"))
+    lines.append(f"{s['evals']} evaluations in {s['seconds']:.0f}s, {s['overhead_share']:.1%} outside the model")
+    return "\n".join(lines)
+
+
+def _maybe(value, fmt: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def plot_search(path, result, space) -> bool:

@@ -1,7 +1,13 @@
 """`longrope search`: search LongRoPE rescale factors (evolutionary, resumable).
 
 Search per-frequency rescale factors (and n̂) that minimise the perplexity of the model on
---samples documents cut to --target-length tokens (the first L' tokens of each, as the paper).
+--samples documents cut to --target-length tokens (the first L' tokens of each, as the paper), or
+a weighted --fitness of that, LongRoPE2's needle-driven perplexity and the short-context term.
+
+What is returned is judged on --validation-samples other documents (seeded, disjoint from the
+fitness ones): each generation's fittest, the seeds and the --validate-top fittest are scored there
+and the best is returned; PI, NTK, YaRN and YaRN-shaped LongRoPE under each temperature are scored
+too, and returned if nothing searched beats them. summary.json states every score and the gain.
 
 Writes into --out: scaling.json (use with --scaling, `longrope eval`, `longrope export`),
 history.jsonl (every evaluated candidate), summary.json (evals, time, overhead, baselines),
@@ -38,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--target-length", type=parse_length, required=True, help="context to extend to, e.g. 64k")
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     p.add_argument("--samples", type=int, default=5, help="documents evaluated per candidate (default 5)")
+    p.add_argument("--validation-samples", type=int, default=None, metavar="V",
+                   help="other documents that judge what is returned (default: as many as --samples; 0: none, "
+                        "the fittest is returned)")
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per forward chunk (default: evaluate's)")
     p.add_argument("--batch-candidates", type=int, default=1, metavar="K",
                    help="evaluate K candidates in one batched forward (K × --samples sequences, each with its "
@@ -45,9 +54,11 @@ def register(sub) -> None:
     # an option left out keeps the default, or the resumed search's value
     add_config_options(p.add_argument_group("search (defaults: the paper's)"), S.SearchConfig)
     v = p.add_argument_group("LongRoPE2 (default: the original LongRoPE search; --resume keeps the search's choice)")
-    v.add_argument("--fitness", choices=S.FITNESSES, default=None,
-                   help="ppl: perplexity of the windows (default); needle: perplexity of the answer tokens of a "
-                        "passkey question, the needle near the start of each window")
+    v.add_argument("--fitness", default=None, metavar="TERMS",
+                   help="ppl: perplexity of the windows (default); needle: perplexity of the answer tokens of "
+                        "passkey needles at depths 0.1..0.9 of the documents (LongRoPE2); short: perplexity at the "
+                        "model's original length with the long factors (what vLLM serves short prompts); or "
+                        "weighted, e.g. ppl=1,needle=1,short=0.5: the weighted geometric mean of the perplexities")
     v.add_argument("--algorithm", choices=S.ALGORITHMS, default=None,
                    help="evolution: every factor searched in [1, 1.25·s] (default); critical-dim: NTK below a "
                         "searched critical dimension, factors in [s, 2s] from it")
@@ -65,7 +76,8 @@ def run(args) -> int:
     rank = S.init_distributed()  # None: one process; `cli.main` leaves the process group at the end
     args.device = S.rank_device(args.device, rank)
     return S.search_on_ranks(rank, lambda: _setup(args, rank), lambda setup: _search(args, setup),
-                             lambda setup: setup["windows"], lambda: load_model(args)[0], args.chunk_size)
+                             lambda setup: {"windows": setup["windows"], "weights": setup["weights"]},
+                             lambda: load_model(args)[0], args.chunk_size)
 
 
 def _setup(args, rank: S.Rank | None) -> dict:
@@ -73,13 +85,23 @@ def _setup(args, rank: S.Rank | None) -> dict:
     for option in ("samples", "chunk_size", "batch_candidates"):
         if (value := getattr(args, option)) is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} {value}: must be at least 1")
+    if args.validation_samples is not None and args.validation_samples < 0:
+        raise UsageError(f"--validation-samples {args.validation_samples}: must be 0 or more")
+    try:
+        weights = S.parse_fitness(args.fitness) if args.fitness else None
+    except ValueError as exc:
+        raise UsageError(f"--fitness {exc}") from None
     if args.batch_candidates > 1 and rank is not None:
         raise UsageError("--batch-candidates: not supported under torchrun yet (use one process, or 1)")
     saved = S.check_out(args.out, args.resume, args.force)  # before the slow part; the state to resume
     model, tokenizer, info = load_model(args)
     # the options given, else the resumed search's, else the defaults
     ident = (saved or {}).get("identity", {})
-    kind = args.fitness or ident.get("fitness", "ppl")
+    weights = weights or S.parse_fitness(ident.get("fitness", "ppl"))
+    kind = S.fitness_name(weights)
+    # None: as many as --samples where the documents allow (`_split`); a resumed search keeps its own
+    n_valid = args.validation_samples if args.validation_samples is not None else ident.get(
+        "validation_samples", 0 if saved else None)
     seeds = S.init_seeds(args.init, info.dim, info.original_length, args.target_length) if args.init else None
     space = S.resumed_space(info.dim, info.base, info.original_length, args.target_length, ident, args.algorithm,
                             args.search_attention, seeds)
@@ -89,21 +111,45 @@ def _setup(args, rank: S.Rank | None) -> dict:
                 "samples": args.samples}
     if kind != "ppl":
         identity["fitness"] = kind
-    S.check_out(args.out, args.resume, args.force, space, config, identity)
-
+    if n_valid:
+        identity["validation_samples"] = n_valid
+    S.check_out(args.out, args.resume, args.force, space, config, identity)  # before tokenising
     docs = documents(args.data, tokenizer, quiet=args.quiet)
+    chosen, held = _split(args, docs, n_valid, config.seed)
+    if held:
+        identity["validation_samples"] = len(held)  # what "as many as there are" came to
+
+    def windows_of(docs_):
+        try:
+            return {term: S.fitness_windows(term, [d.tokens for d in docs_], tokenizer, args.target_length,
+                                            config.seed, info.original_length) for term in weights}
+        except ValueError as exc:  # a target length too short for the needle
+            raise UsageError(f"--fitness needle: {exc}") from None
+
+    return dict(model=model, info=info, space=space, config=config, identity=identity, kind=kind, weights=weights,
+                chosen=chosen, held=held, windows=windows_of(chosen), validation=windows_of(held) if held else None,
+                world=rank.world if rank else 1)
+
+
+def _split(args, docs, n_valid: int | None, seed: int) -> tuple[list, list]:
+    """The fitness documents and, disjoint from them, the validation documents: `n_valid` of them
+    (refused if there are not that many), or with None as many as --samples where there are."""
+    want = args.samples if n_valid is None else n_valid
     try:
-        chosen = data.select(docs, args.target_length, args.samples, seed=config.seed)
+        picked = data.select(docs, args.target_length, args.samples + want, seed=seed)
     except UsageError as exc:  # no document long enough
         raise UsageError(f"--data {args.data}: {exc}") from None
+    if n_valid and len(picked) < args.samples + n_valid:
+        raise UsageError(f"--data {args.data}: {len(picked)} documents have {args.target_length} tokens, not the "
+                         f"{args.samples} + {n_valid} that --samples and --validation-samples take (disjoint); "
+                         "lower them, or --validation-samples 0")
+    chosen, held = picked[:args.samples], picked[args.samples:]
     if len(chosen) < args.samples:
         print(f"note: only {len(chosen)} of the documents have {args.target_length} tokens; searching on those")
-    try:
-        windows = S.fitness_windows(kind, [d.tokens for d in chosen], tokenizer, args.target_length, config.seed)
-    except ValueError as exc:  # a target length too short for the needle
-        raise UsageError(f"--fitness needle: {exc}") from None
-    return dict(model=model, info=info, space=space, config=config, identity=identity,
-                kind=kind, chosen=chosen, windows=windows, world=rank.world if rank else 1)
+    if n_valid is None and len(held) < args.samples:
+        print(f"note: {len(held) or 'no'} other documents of {args.target_length} tokens for validation"
+              + ("; the fittest is returned" if not held else ""))
+    return chosen, held
 
 
 def _search(args, setup: dict) -> int:
@@ -113,23 +159,28 @@ def _search(args, setup: dict) -> int:
               f"({space.critical_dim // 2} frequency pairs follow NTK in its seed)")
     if world > 1:
         print(f"evaluating on {world} ranks")
+    weights = setup["weights"]
     extra = {"model": {"spec": args.model, **asdict(setup["info"])},
              "data": {"source": args.data, "documents": [d.id for d in setup["chosen"]],
-                      "tokens": args.target_length, "fitness": kind},
+                      "validation_documents": [d.id for d in setup["held"]],
+                      "tokens": args.target_length, "fitness": kind, "weights": weights},
              "environment": {**runs.environment(device_and_dtype_names(args)[0]), "ranks": world}}
     if args.batch_candidates > 1:
         extra["environment"]["batch_candidates"] = args.batch_candidates
     # progress in evaluations (initial population included), to the end --max-evals sets
     bar = Progress(S.planned_evals(config), "search", "evals", quiet=args.quiet)
+    # the validation documents are scored by this process alone (a few candidates per generation)
+    validation = (S.term_evaluator(model, setup["validation"], weights, args.chunk_size, args.batch_candidates)
+                  if setup["validation"] else None)
     kwargs = dict(identity=setup["identity"], resume=args.resume, force=args.force, extra_summary=extra,
-                  **S.progress_hooks(bar, config))
+                  validation=validation, references=space.reference_scalings(), **S.progress_hooks(bar, config))
     try:
         with bar:
             if args.batch_candidates > 1:  # one process (checked in _setup)
-                evaluator = S.Batched(model, setup["windows"], args.batch_candidates, args.chunk_size)
+                evaluator = S.term_evaluator(model, setup["windows"], weights, args.chunk_size, args.batch_candidates)
                 result = S.run(space, None, config, args.out, evaluator=evaluator, **kwargs)
             else:
-                fitness = S.model_fitness(model, setup["windows"], args.chunk_size)
+                fitness = S.term_fitness(model, setup["windows"], weights, args.chunk_size)
                 result = S.run_distributed(space, fitness, config, args.out, **kwargs)
     except KeyboardInterrupt:
         return interrupted("every evaluation so far is kept: continue with the same command and --resume")

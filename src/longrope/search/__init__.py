@@ -17,9 +17,10 @@ attention factor (`search_attention=True`), and any fitness (the recipe's needle
 from .engine import (HISTORY, OUTPUT_FILES, PLOT, SCALING, STATE, STATE_VERSION, SUMMARY, Evaluator, Fitness,
                      SearchConfig, SearchResult, Serial, breed, check_out, initial_population, planned_evals,
                      progress_hooks, read_history, read_state, run, select)
-from .evaluators import (DIST_TIMEOUT_MINUTES, FITNESSES, Batched, DistributedEvaluator, Rank, candidate_nlls,
-                         fitness_windows, init_distributed, model_fitness, rank_device, run_distributed,
-                         search_on_ranks, serve)
+from .evaluators import (DIST_TIMEOUT_MINUTES, FITNESSES, NEEDLE_DEPTHS, Batched, DistributedEvaluator, Rank, Terms,
+                         candidate_nlls, fitness_name, fitness_windows, init_distributed, model_fitness,
+                         parse_fitness, rank_device, run_distributed, search_on_ranks, served_long, serve,
+                         term_evaluator, term_fitness)
 from .space import (ALGORITHMS, ATTENTION_TOP, GRID_STEP, N_HAT_CHOICES, SHORT_CAP, SPACES, CriticalDimSpace,
                     Genome, SearchSpace, ShortFactorSpace, crossover, init_seeds, mutate, n_hat_choices,
                     rescale_factors, resumed_space, seeds_from, theoretical_critical_dim)
@@ -27,6 +28,7 @@ from .space import (ALGORITHMS, ATTENTION_TOP, GRID_STEP, N_HAT_CHOICES, SHORT_C
 __all__ = [
     "ALGORITHMS", "ATTENTION_TOP", "DIST_TIMEOUT_MINUTES", "FITNESSES", "GRID_STEP", "HISTORY", "N_HAT_CHOICES",
     "OUTPUT_FILES", "PLOT", "SCALING", "SHORT_CAP", "SPACES", "STATE", "STATE_VERSION", "SUMMARY",
+    "NEEDLE_DEPTHS", "Terms", "fitness_name", "parse_fitness", "served_long", "term_evaluator", "term_fitness",
     "Batched", "CriticalDimSpace", "DistributedEvaluator", "Evaluator", "Fitness", "Genome", "Rank", "SearchConfig",
     "SearchResult", "SearchSpace", "Serial", "ShortFactorSpace",
     "breed", "candidate_nlls", "check_out", "crossover", "fitness_windows", "init_distributed", "init_seeds",

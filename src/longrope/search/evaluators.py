@@ -23,10 +23,10 @@ from .. import distributed, evaluate, lean, models, nll, passkey
 from ..errors import UsageError
 from ..rotary import BatchedRotaryEmbedding
 from ..scaling import LongRoPEScaling
-from .engine import Fitness, SearchConfig, SearchResult, run
+from .engine import Fitness, SearchConfig, SearchResult, Serial, run
 from .space import SearchSpace
 
-FITNESSES = ("ppl", "needle")  # what a model fitness measures (`fitness_windows`)
+FITNESSES = ("ppl", "needle", "short")  # the terms a model fitness combines (`parse_fitness`)
 DIST_TIMEOUT_MINUTES = 180  # a collective waits this long (a worker waits while rank 0 tokenises)
 
 Prepared = TypeVar("Prepared")
@@ -36,16 +36,98 @@ Prepared = TypeVar("Prepared")
 # one process
 
 
-def fitness_windows(kind: str, documents: Sequence[Sequence[int]], tokenizer, length: int, seed: int) -> list:
-    """CPU token windows of `length` tokens from tokenised documents: for "ppl" the first `length`
-    tokens of each (the paper's protocol), for "needle" (LongRoPE2) passkey samples as (tokens,
-    score_from) pairs that score only the answer. ValueError if `length` is too short for the
-    needle."""
+def parse_fitness(text: str) -> dict[str, float]:
+    """A fitness on the command line: one term ("ppl", "needle", "short") or weighted terms
+    ("ppl=1,needle=1,short=0.5"), as {term: weight}. ValueError names what is wrong."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        name, _, weight = part.partition("=")
+        if name not in FITNESSES or name in weights:
+            raise ValueError(f"{part!r}: terms are {', '.join(FITNESSES)}, each once (e.g. ppl=1,needle=1,short=0.5)")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{part!r}: the weight must be a number") from None
+        if not (math.isfinite(weights[name]) and weights[name] > 0):
+            raise ValueError(f"{part!r}: the weight must be a positive number")
+    return weights
+
+
+def fitness_name(weights: dict[str, float]) -> str:
+    """`parse_fitness`'s input back: "ppl", or "ppl=1,needle=0.5" (identity, summaries)."""
+    if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+        return next(iter(weights))
+    return ",".join(f"{k}={v:g}" for k, v in weights.items())
+
+
+NEEDLE_DEPTHS = (0.1, 0.5, 0.9)  # needle depths of the "needle" term, the documents taken in turn
+
+
+def fitness_windows(kind: str, documents: Sequence[Sequence[int]], tokenizer, length: int, seed: int,
+                    original_length: int | None = None) -> list:
+    """CPU token windows of one fitness term from tokenised documents: "ppl", the first `length`
+    tokens of each (the paper's protocol); "needle" (LongRoPE2's needle-driven perplexity), passkey
+    samples at `NEEDLE_DEPTHS` of the documents as (tokens, score_from) pairs that score only the
+    answer; "short", the first `original_length` tokens of each (scored with the long factors, see
+    `served_long`). ValueError if `length` is too short for the needle."""
     if kind == "needle":
-        return [s.window for s in passkey.needle_samples(tokenizer, list(documents), length, seed)]
-    if kind != "ppl":
+        depths = NEEDLE_DEPTHS if len(documents) <= len(NEEDLE_DEPTHS) else [
+            0.1 + 0.8 * i / (len(documents) - 1) for i in range(len(documents))]  # one per document
+        return [s.window for s in passkey.needle_samples(tokenizer, list(documents), length, seed, depths=depths)]
+    if kind == "short":
+        if original_length is None:
+            raise ValueError("fitness: the short term needs the original length")
+        length = original_length
+    elif kind != "ppl":
         raise ValueError(f"fitness: one of {', '.join(FITNESSES)}, got {kind!r}")
     return [torch.as_tensor(tokens[:length], dtype=torch.long) for tokens in documents]
+
+
+def served_long(scaling: LongRoPEScaling) -> LongRoPEScaling:
+    """The scaling as vLLM serves it when its max length exceeds the original context: the long
+    factors and temperature for every prompt, short ones included (the "short" term)."""
+    return scaling.replace(short_factor=scaling.long_factor, short_attention_factor=None)
+
+
+class Terms:
+    """The evaluator of a weighted fitness: each term's evaluator (a list of scalings -> their
+    perplexities on that term's windows) combined as the weighted geometric mean of the
+    perplexities, exp(Σ w·ln ppl / Σ w): a single term is its perplexity, and a weight says how
+    much a relative change in that term counts. `last` holds the terms of the last call."""
+
+    def __init__(self, evaluators: dict[str, "Callable"], weights: dict[str, float]):
+        self.evaluators, self.weights = evaluators, weights
+        self.width = min((int(getattr(e, "width", 1) or 1) for e in evaluators.values()), default=1)
+        self.last: list[dict[str, float]] = []
+
+    def __call__(self, scalings: Sequence[LongRoPEScaling]) -> list[float]:
+        scalings = list(scalings)
+        per_term = {}
+        for name, evaluator in self.evaluators.items():
+            given = [served_long(s) for s in scalings] if name == "short" else scalings
+            per_term[name] = [float(v) for v in evaluator(given)]
+        self.last = [{name: values[i] for name, values in per_term.items()} for i in range(len(scalings))]
+        total = sum(self.weights.values())
+        return [math.exp(sum(w * math.log(terms[name]) for name, w in self.weights.items()) / total)
+                if all(math.isfinite(v) and v > 0 for v in terms.values()) else math.inf
+                for terms in self.last]
+
+
+def term_evaluator(model, windows: dict[str, list], weights: dict[str, float], chunk_size: int | None = None,
+                   candidates: int = 1) -> Terms:
+    """`Terms` on a model: each term's windows through `model_fitness` or, with `candidates` > 1,
+    `Batched` (several candidates per forward)."""
+    def one(term_windows):
+        if candidates > 1:
+            return Batched(model, term_windows, candidates, chunk_size)
+        return Serial(model_fitness(model, term_windows, chunk_size))
+    return Terms({name: one(windows[name]) for name in weights}, weights)
+
+
+def term_fitness(model, windows: dict[str, list], weights: dict[str, float], chunk_size: int | None = None) -> Fitness:
+    """`term_evaluator` as a one-scaling fitness (what the ranks of a torchrun search serve)."""
+    evaluator = term_evaluator(model, windows, weights, chunk_size)
+    return lambda scaling: evaluator([scaling])[0]
 
 
 def _device_of(model) -> torch.device:
@@ -273,14 +355,15 @@ def _agree(error: str | None, payload: Any = None) -> tuple[str | None, Any]:
 
 
 def search_on_ranks(rank: Rank | None, setup: Callable[[], Prepared], search: Callable[[Prepared], int],
-                    windows_of: Callable[[Prepared], list], load_replica: Callable[[], Any],
+                    windows_of: Callable[[Prepared], dict], load_replica: Callable[[], Any],
                     chunk_size: int | None = None) -> int:
     """A model search in one process (`rank` None) or on every rank of a torchrun world; returns
     the process's exit code. Rank 0 (or the one process) runs `setup` (check the options, load
     its model, choose the windows: the slow part), then `search(prepared)`, which runs the search
     with `run_distributed`. Each other rank meanwhile loads its model with `load_replica()`,
-    receives rank 0's CPU windows (`windows_of(prepared)`) and evaluates its share of each
-    generation on them (`model_fitness`, `serve`) until rank 0's search ends. A failure in any
+    receives rank 0's CPU windows and weights (`windows_of(prepared)`: {"windows": {term: windows},
+    "weights": {term: weight}}) and evaluates its share of each generation on them (`term_fitness`,
+    `serve`) until rank 0's search ends. A failure in any
     rank's setup reaches every rank: rank 0 raises it (a UsageError naming the rank), the others
     return 2 without a word, so that it is reported once."""
     if rank is not None and rank.rank != 0:
@@ -289,10 +372,10 @@ def search_on_ranks(rank: Rank | None, setup: Callable[[], Prepared], search: Ca
             model = load_replica()
         except Exception as exc:  # reported once, by rank 0
             error = f"rank {rank.rank}: {exc}"
-        failed, windows = _agree(error)
+        failed, payload = _agree(error)
         if failed:
             return 2
-        serve(model_fitness(model, windows, chunk_size))
+        serve(term_fitness(model, payload["windows"], payload["weights"], chunk_size))
         return 0
     try:
         prepared = setup()
