@@ -79,6 +79,7 @@ def test_never_worse_than_the_best_reference_and_says_so(tmp_path):
     summary = json.loads((tmp_path / "s" / S.SUMMARY).read_text())
     assert summary["returned"] == "oracle" and summary["best_reference"]["name"] == "oracle"
     assert summary["gain_over_best_reference"] == 0.0
+    assert sc.load(tmp_path / "s" / S.REFERENCE).long_factor == references["oracle"].long_factor
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

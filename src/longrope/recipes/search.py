@@ -9,7 +9,8 @@ fitness ones): each generation's fittest, the seeds and the --validate-top fitte
 and the best is returned; PI, NTK, YaRN and YaRN-shaped LongRoPE under each temperature are scored
 too, and returned if nothing searched beats them. summary.json states every score and the gain.
 
-Writes into --out: scaling.json (use with --scaling, `longrope eval`, `longrope export`),
+Writes into --out: scaling.json (use with --scaling, `longrope eval`, `longrope export`), best_reference.json
+(the best of the references: report it beside scaling.json),
 history.jsonl (every evaluated candidate), summary.json (evals, time, overhead, baselines),
 search.png, and search_state.json (checkpoint, rewritten after every generation).
 A killed search continues with --resume and ends exactly as an uninterrupted one would;

@@ -14,7 +14,7 @@ attention factor (`search_attention=True`), and any fitness (the recipe's needle
 - `evaluators`: fitness on a model, several candidates per forward, several processes.
 """
 
-from .engine import (HISTORY, OUTPUT_FILES, PLOT, SCALING, STATE, STATE_VERSION, SUMMARY, Evaluator, Fitness,
+from .engine import (HISTORY, OUTPUT_FILES, PLOT, REFERENCE, SCALING, STATE, STATE_VERSION, SUMMARY, Evaluator, Fitness,
                      SearchConfig, SearchResult, Serial, breed, check_out, initial_population, planned_evals,
                      progress_hooks, read_history, read_state, run, select)
 from .evaluators import (DIST_TIMEOUT_MINUTES, FITNESSES, NEEDLE_DEPTHS, Batched, DistributedEvaluator, Rank, Terms,
@@ -27,7 +27,7 @@ from .space import (ALGORITHMS, ATTENTION_TOP, GRID_STEP, N_HAT_CHOICES, SHORT_C
 
 __all__ = [
     "ALGORITHMS", "ATTENTION_TOP", "DIST_TIMEOUT_MINUTES", "FITNESSES", "GRID_STEP", "HISTORY", "N_HAT_CHOICES",
-    "OUTPUT_FILES", "PLOT", "SCALING", "SHORT_CAP", "SPACES", "STATE", "STATE_VERSION", "SUMMARY",
+    "OUTPUT_FILES", "PLOT", "REFERENCE", "SCALING", "SHORT_CAP", "SPACES", "STATE", "STATE_VERSION", "SUMMARY",
     "NEEDLE_DEPTHS", "Terms", "fitness_name", "parse_fitness", "served_long", "term_evaluator", "term_fitness",
     "Batched", "CriticalDimSpace", "DistributedEvaluator", "Evaluator", "Fitness", "Genome", "Rank", "SearchConfig",
     "SearchResult", "SearchSpace", "Serial", "ShortFactorSpace",

@@ -46,8 +46,9 @@ from .space import Genome, SearchSpace, mutate
 
 # files a search writes into its output folder
 STATE, HISTORY, SCALING, SUMMARY = "search_state.json", "history.jsonl", "scaling.json", "summary.json"
+REFERENCE = "best_reference.json"  # the best of the references: the baseline to report beside scaling.json
 PLOT = "search.png"  # drawn by the recipe
-OUTPUT_FILES = (STATE, HISTORY, SCALING, SUMMARY, PLOT)
+OUTPUT_FILES = (STATE, HISTORY, SCALING, SUMMARY, REFERENCE, PLOT)
 STATE_VERSION = 1
 
 Fitness = Callable[[LongRoPEScaling], float]
@@ -615,6 +616,9 @@ class _Book:
             self.save(finished=stopped)
             runs.write_text(self.out / SCALING, scaling.to_json())
             runs.write_text(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            if "best_reference" in summary:
+                runs.write_text(self.out / REFERENCE,
+                                self.judge.references[summary["best_reference"]["name"]].to_json())
         fitness = math.inf if judged["fitness"] is None else judged["fitness"]
         return SearchResult(best, fitness, scaling, s.stats, summary, self.out, beaten_by or "search",
                             judged["validation"])

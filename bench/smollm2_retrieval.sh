@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 15 on one GPU: SmolLM2-135M (trained at 8192) searched at 64k and 128k with the
+# retrieval-aware fitness and validation documents, then measured on documents neither search saw,
+# beside YaRN, NTK and the best seed (the best reference of each search on its validation documents).
+#
+# usage: bench/smollm2_retrieval.sh PHASE MODEL DATA OUT
+#   DATA: the folder bench/make_retrieval_data.py writes (search.jsonl.gz, report_prose.jsonl.gz,
+#         report_code.jsonl.gz); MODEL: an HF folder or .gguf; OUT: where results go
+#   PHASE search: both searches side by side on the one GPU (MINUTES each, default 5)
+#   PHASE eval:   perplexity (prose, code), passkey (10 keys, depths 0.05-0.95) and RULER niah_single
+#                 (10 needles, depths 0.05-0.95) at 64k and 128k
+#   PHASE ruler:  the RULER table: 4k and 8k with no scaling, 16k-128k for YaRN, the best seed, the presets
+# Every command resumes (search --resume, ruler --resume) or is quick to redo. The lengths can be
+# changed for a smoke test on a CPU with the bundled model (L1=1k L2=2k SHORT=128,256 MID=512):
+# L1, L2 the two targets (64k, 128k), SHORT the lengths without scaling, MID the lengths below L1.
+set -euo pipefail
+PHASE=$1; MODEL=$2; DATA=$3; OUT=$4
+L1=${L1:-64k}; L2=${L2:-128k}; SHORT=${SHORT:-4k,8k}; MID=${MID:-16k,32k}
+LR="python3 -m longrope"
+S64=$OUT/search-$L1; S128=$OUT/search-$L2
+FITNESS=ppl=1,needle=1,short=0.25
+DEPTHS=0.05,0.275,0.5,0.725,0.95
+
+if [[ $PHASE == search ]]; then
+  M=${MINUTES:-5}
+  $LR search --model "$MODEL" --data "$DATA/search.jsonl.gz" --target-length $L1 --samples 2 --validation-samples 2 \
+      --fitness $FITNESS --population 24 --mutations 8 --crossovers 8 --parents 12 --generations 40 \
+      --max-minutes "$M" --seed 0 --out "$S64" --resume > "$S64.log" 2>&1 &
+  first=$!
+  $LR search --model "$MODEL" --data "$DATA/search.jsonl.gz" --target-length $L2 --samples 1 --validation-samples 2 \
+      --fitness $FITNESS --population 16 --mutations 6 --crossovers 6 --parents 8 --generations 40 \
+      --max-minutes "$M" --seed 0 --out "$S128" --resume > "$S128.log" 2>&1 &
+  second=$!
+  wait $first || { tail -3 "$S64.log"; exit 1; }
+  wait $second || { tail -3 "$S128.log"; exit 1; }
+fi
+
+M64=yarn,ntk,$S64/best_reference.json,$S64/scaling.json
+M128=yarn,ntk,$S128/best_reference.json,$S128/scaling.json
+if [[ $PHASE == eval ]]; then
+  for n in $L1 $L2; do
+    [[ $n == $L1 ]] && M=$M64 || M=$M128
+    $LR eval ppl --model "$MODEL" --data "$DATA/report_prose.jsonl.gz" --docs 5 --lengths $n --target-length $n \
+        --compare "$M" --out "$OUT/ppl-prose-$n" --force --no-progress
+    $LR eval ppl --model "$MODEL" --data "$DATA/report_code.jsonl.gz" --docs 4 --lengths $n --target-length $n \
+        --compare "$M" --out "$OUT/ppl-code-$n" --force --no-progress
+    $LR eval passkey --model "$MODEL" --lengths $n --target-length $n --depths $DEPTHS --trials 2 --compare "$M" \
+        --out "$OUT/passkey-$n" --force --no-progress
+    $LR eval ruler --model "$MODEL" --tasks niah_single --lengths $n --target-length $n --depths $DEPTHS --samples 2 \
+        --compare "$M" --out "$OUT/niah-$n" --resume --no-progress
+  done
+fi
+
+if [[ $PHASE == ruler ]]; then
+  $LR eval ruler --model "$MODEL" --lengths $SHORT --method none --depths 0.25,0.5,0.75 --samples 1 \
+      --out "$OUT/ruler-8k" --resume --no-progress
+  $LR eval ruler --model "$MODEL" --lengths $MID,$L1 --depths 0.25,0.5,0.75 --samples 1 \
+      --compare yarn,$S128/best_reference.json,$S64/scaling.json,$S128/scaling.json --out "$OUT/ruler-64k" --resume \
+      --no-progress
+  $LR eval ruler --model "$MODEL" --lengths $L2 --depths 0.25,0.5,0.75 --samples 1 \
+      --compare yarn,$S128/best_reference.json,$S128/scaling.json --out "$OUT/ruler-128k" --resume --no-progress
+fi
