@@ -81,6 +81,7 @@ def world(tmp_path, tiny_model_dir, monkeypatch):
 EXPORT = ["export", "--model", "model", "--method", "yarn", "--target-length", "256"]
 EVAL = ["eval", "ppl", "--model", "model", "--data", "docs.txt", "--lengths", "128", "--docs", "1"]
 PASSKEY = ["eval", "passkey", "--model", "model", "--lengths", "128", "--trials", "1"]
+RULER = ["eval", "ruler", "--model", "model", "--lengths", "1k", "--tasks", "niah_single", "--method", "yarn"]
 SEARCH = ["search", "--model", "model", "--data", "docs.txt", "--target-length", "256", "--out", "s"]
 FINETUNE = ["finetune", "--model", "model", "--method", "longrope", "--target-length", "128", "--data", "docs.txt"]
 PRETRAIN = ["pretrain", "--data", "docs.txt", "--context", "32", "--steps", "1"]
@@ -153,6 +154,22 @@ CASES = {
     "passkey --depths 2": PASSKEY + ["--depths", "2"],
     "passkey --trials 0": PASSKEY[:-2] + ["--trials", "0"],
     "search --samples 0": SEARCH + ["--samples", "0"],
+    "ruler unknown task": RULER[:-4] + ["--tasks", "niah_single,wizard"],
+    "ruler --depths 1.5": RULER + ["--depths", "0.5,1.5"],
+    "ruler --depths -0.1": RULER + ["--depths=-0.1"],
+    "ruler --samples 0": RULER + ["--samples", "0"],
+    "ruler --max-new-tokens 0": RULER + ["--max-new-tokens", "0"],
+    "ruler essay without --data": RULER + ["--haystack", "essay"],
+    "ruler --data too short for the essay": RULER[:5] + ["32k"] + RULER[6:] + ["--haystack", "essay", "--data",
+                                                                               "docs.txt"],
+    "ruler none at 16x the context": RULER[:-2] + ["--method", "none"],
+    "ruler default method at 16x the context": RULER[:-2],
+    "ruler yarn for a shorter target": RULER + ["--target-length", "256"],
+    "ruler template longer than the length": RULER[:5] + ["256"] + RULER[6:],
+    "ruler --chat without a chat template": RULER + ["--chat"],
+    "ruler --wording passkey with other tasks": RULER[:-4] + ["--wording", "passkey", "--method", "yarn"],
+    "ruler --resume without --out": RULER + ["--resume"],
+    "ruler --out the model": RULER + ["--out", "model", "--force"],
     "extend bad plan": EXTEND + ["--stages", "wizard:1k", "--out", "x"],
     "unknown subcommand": ["wizard"],
     "unknown option": EXPORT + ["--out", "o", "--wizard"],

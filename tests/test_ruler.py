@@ -206,3 +206,58 @@ def test_sample_by_name(tok):
     assert ruler_sample("niah_single", tok, 1024, 0.5, 1) == ruler.niah_single(tok, 1024, 0.5, 1)
     with pytest.raises(ValueError):
         ruler_sample("qa_1", tok, 1024, 0.5, 1)
+
+
+PASSKEY_NEEDLE_RE = re.compile(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.")
+
+
+@pytest.mark.parametrize("haystack", ruler.NIAH_HAYSTACKS)
+@pytest.mark.parametrize("length, depth", [(256, 0.1), (256, 0.9), (1024, 0.5)])
+def test_niah_single_in_the_passkey_wording(tok, haystack, length, depth):
+    """Parsed back: one needle in longrope.passkey's words, its number the answer, the passkey
+    question last; the haystack around it at about `depth`."""
+    from longrope import passkey
+
+    sample = ruler.niah_single(tok, length, depth, 4, haystack=haystack, essay=ESSAY, wording="passkey")
+    needles = PASSKEY_NEEDLE_RE.findall(sample.prompt)
+    assert len(needles) == 1 and needles[0][0] == needles[0][1] and sample.answers == [needles[0][0]]
+    assert re.fullmatch(r"\d{5}", sample.answers[0]) and sample.prompt.count(sample.answers[0]) == 2
+    assert sample.prompt.endswith(" " + passkey.PASSKEY_QUESTION) and not NEEDLE_RE.search(sample.prompt)
+    assert passkey.PASSKEY_INTRO not in sample.prompt  # left out: at 256 tokens it leaves no room for a haystack
+    count = n_tokens(tok, sample.prompt)
+    assert count == sample.actual_length <= length and length - count <= 64
+    haystack_text = sample.prompt[:-len(passkey.PASSKEY_QUESTION)]
+    before, after = haystack_text.split(passkey.PASSKEY_NEEDLE.format(key=sample.answers[0]))
+    assert len(before) + len(after) > 100  # a haystack, even at 256 tokens
+    if haystack != "essay" or length > 256:  # 256 tokens hold ~30 essay words: a needle snaps to a sentence end
+        tolerance = 0.15 if haystack == "essay" else 0.1
+        assert abs(len(before.strip()) / (len(before.strip()) + len(after.strip())) - depth) <= tolerance
+    assert ruler.score("niah_single", f" {sample.answers[0]}. Remember it.", sample.answers) == 1.0
+    with pytest.raises(ValueError, match="single needle"):
+        ruler.niah_multikey(tok, 1024, depth, 4, wording="passkey")
+
+
+def test_essay_haystack_is_not_repeated(tok):
+    short = " ".join(ESSAY.split()[:200])
+    sample = ruler.niah_single(tok, 1024, 0.5, 1, haystack="essay", essay=short)
+    assert sample.actual_length <= 1024
+    with pytest.raises(ValueError, match="too short"):
+        ruler.niah_single(tok, 4096, 0.5, 1, haystack="essay", essay=short)
+
+
+def test_chat_frames_every_task(tok):
+    from longrope.tokenization import byte_tokenizer
+
+    chat_tok = byte_tokenizer()
+    chat_tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}[/]{% endfor %}"
+                              "{% if add_generation_prompt %}[assistant]{% endif %}")
+    for task in ruler.TASKS:
+        plain = ruler.make_sample(task, tok, 2048, 0.5, 2)
+        framed = ruler.make_sample(task, chat_tok, 2048, 0.5, 2, chat=True)
+        assert framed.prompt.startswith("<s>[user]") and "[/][assistant]" in framed.prompt
+        body, reply = framed.prompt[len("<s>[user]"):].split("[/][assistant]")
+        assert plain.prompt.endswith(" " + reply) and body.startswith(plain.prompt[:40])  # the prefix opens the reply
+        assert framed.input_ids[0] == 1 != framed.input_ids[1]  # one BOS, the template's
+        assert 2048 - 64 <= framed.actual_length <= 2048 and plain.answers == framed.answers
+    with pytest.raises(ValueError, match="no chat template"):
+        ruler.niah_single(tok, 1024, 0.5, 0, chat=True)

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         check_before_work(args)
         code = args.func(args)
     except KeyboardInterrupt:
-        code = interrupted("run the same command with --resume to continue" if hasattr(args, "resume")
+        resumable = hasattr(args, "resume") and getattr(args, "out", None) is not None  # what it did is kept
+        code = interrupted("run the same command with --resume to continue" if resumable
                            else "nothing was written to --out" if getattr(args, "out", None) is not None
                            else "nothing was written")
     except UsageError as exc:

@@ -236,16 +236,34 @@ def _rotary_owner(model):
                      "Llama, Mistral, Qwen2, Qwen3 and Phi-3")
 
 
-def check_fits(scaling: Scaling, info: RopeInfo, allow_context_mismatch: bool = False) -> None:
+def reach(scaling: Scaling, info: RopeInfo) -> int | None:
+    """The longest sequence `scaling` is made for on a model with `info`: the model's own context
+    without a factor, factor × the original context with one; None (any) for dynamic NTK, whose
+    base grows with the length."""
+    if isinstance(scaling, sc.DynamicNTKScaling):
+        return None
+    factor = getattr(scaling, "factor", None)
+    original = getattr(scaling, "original_max_position_embeddings", None) or info.original_length
+    return info.original_length if factor is None else int(round(factor * original))
+
+
+def check_fits(scaling: Scaling, info: RopeInfo, allow_context_mismatch: bool = False,
+               length: int | None = None) -> None:
     """Validate `scaling` for a model with `info`. A scaling made for another original context
-    (another model's, most likely) is refused unless `allow_context_mismatch` (to treat a model
-    as trained shorter or longer on purpose)."""
+    (another model's, most likely), or (given `length`) one that does not reach `length` tokens
+    (`reach`), is refused unless `allow_context_mismatch` (to treat a model as trained shorter
+    or longer on purpose, or to measure how it fails beyond its reach)."""
     scaling.validate(info.dim)
     original = getattr(scaling, "original_max_position_embeddings", None)
     if original is not None and original != info.original_length and not allow_context_mismatch:
         raise ScalingError(f"original_max_position_embeddings: the scaling was made for a context of {original}, "
                            f"the model's is {info.original_length}; use a scaling made for this model, or pass "
                            "--allow-context-mismatch if that is intended")
+    limit = reach(scaling, info)
+    if length is not None and limit is not None and length > limit and not allow_context_mismatch:
+        what = "no scaling" if isinstance(scaling, sc.NoScaling) else f"the {scaling.rope_type} scaling"
+        raise ScalingError(f"length {length}: {what} reaches {limit} tokens on this model; use a scaling "
+                           "made for that length, or pass --allow-context-mismatch to measure beyond its reach")
 
 
 def resolve_scaling(spec: str | None, method: str | None, target_length: int | None, info: RopeInfo,

@@ -170,7 +170,7 @@ def _heatmaps(panels: Mapping[str, Mapping[tuple[float, int], float]], path, val
     depths = sorted({d for cells in panels.values() for d, _ in cells})
     lengths = sorted({n for cells in panels.values() for _, n in cells})
     n_rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(n_rows, columns, squeeze=False,
+    fig, axes = plt.subplots(n_rows, columns, squeeze=False, gridspec_kw={"hspace": 0.6, "wspace": 0.4},
                              figsize=(1.2 + 0.7 * len(lengths) * columns + 1.5 * columns, 3.8 * n_rows))
     image = None
     for ax, (title, cells) in zip(axes.flat, panels.items()):
@@ -215,7 +215,8 @@ def plot_ruler(records: Sequence[dict], path) -> bool:
 
 
 # each eval command's plot: the function and its file name
-PLOTS = {"ppl": (plot_ppl, "ppl.png"), "passkey": (plot_passkey, "passkey.png"), "ruler": (plot_ruler, "ruler_niah.png")}
+PLOTS = {"ppl": (plot_ppl, "ppl.png"), "passkey": (plot_passkey, "passkey.png"),
+         "ruler": (plot_ruler, "ruler_niah.png")}
 
 
 def write_results(out, results: dict, force: bool = False, in_place: bool = False) -> Path:

@@ -9,6 +9,10 @@ Tasks, named as RULER names them: niah_single (haystacks "filler", "essay", "noi
 niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe. Words, keys and noise are
 pseudo-words drawn from the seed, so nothing is downloaded; every random choice comes from
 `random.Random` seeded by (task, seed), so the same inputs give the identical sample.
+
+Every task takes `chat=True` to put its text into the tokenizer's chat template as the user's
+message, the answer prefix opening the assistant's reply (the length counts the template too);
+niah_single takes `wording="passkey"`, the compact wording of `longrope.passkey`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..passkey import PASSKEY_FILLER
+from ..passkey import PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION
 
 # --------------------------------------------------------------------------------------------
 # templates, as RULER's synthetic/constants.py writes them (needle type "numbers")
@@ -45,7 +49,15 @@ FWE_TEMPLATE = ("Read the following coded text and track the frequency of each c
 FWE_ANSWER_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
 FWE_NOISE_WORD = "...."  # RULER's most frequent "word", which the question says to ignore
 
+# niah_single in longrope.passkey's wording, which the bundled byte-level model is trained on:
+# RULER's template alone (~400 bytes with the needle) exceeds its 256-token context. The passkey
+# intro is left out too: with it, 256 tokens would leave no room for a haystack.
+_question, _answer = PASSKEY_QUESTION.split("? ", 1)  # "What is the pass key", "The pass key is"
+PASSKEY_QUERY, PASSKEY_ANSWER_PREFIX = _question + "?", " " + _answer
+PASSKEY_VALUE_DIGITS = 5  # as longrope.passkey's keys
+
 NIAH_HAYSTACKS = ("filler", "essay", "noise")
+NIAH_WORDINGS = ("ruler", "passkey")
 FILLER_SENTENCES = [s.strip() + "." for s in PASSKEY_FILLER.split(".") if s.strip()]  # finer fitting unit
 
 # Pseudo-words of a fixed number of syllables all have the same length, so no word is a substring
@@ -74,9 +86,11 @@ class RulerSample:
 # fitting a prompt to a length
 
 
-def fit_to_length(tokenizer, length: int, build: Callable[[int], str], max_units: int) -> tuple[int, str, list[int]]:
+def fit_to_length(tokenizer, length: int, build: Callable[[int], str], max_units: int,
+                  add_special_tokens: bool = True) -> tuple[int, str, list[int]]:
     """The largest n in [0, max_units] whose `build(n)` has at most `length` tokens, with its
-    text and ids (the text tokenised whole, special tokens included, as a model would see it).
+    text and ids (the text tokenised whole, special tokens included unless `add_special_tokens`
+    is False, as a model would see it: a chat template writes its own).
 
     `build(n)` must grow with n (n haystack units: sentences, words, list entries). The idea of
     `passkey_prompt`'s loop, made generic: estimate tokens per unit from two probes, jump to the
@@ -85,7 +99,7 @@ def fit_to_length(tokenizer, length: int, build: Callable[[int], str], max_units
     """
     def count(n: int) -> tuple[str, list[int]]:
         text = build(n)
-        return text, list(tokenizer(text)["input_ids"])
+        return text, list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     fits: dict[int, tuple[str, list[int]]] = {0: count(0)}  # the fitting builds seen, by n
     base = len(fits[0][1])
@@ -129,6 +143,27 @@ def fit_to_length(tokenizer, length: int, build: Callable[[int], str], max_units
     best_n = low
     best_text, best_ids = fits[best_n]
     return best_n, best_text, best_ids
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def framed(tokenizer, body: str, answer_prefix: str, chat: bool) -> str:
+    """The prompt text: the task's text then its answer prefix, or (`chat`) the text as the user's
+    message in the tokenizer's chat template and the prefix opening the assistant's reply."""
+    if not chat:
+        return body + answer_prefix
+    if not has_chat_template(tokenizer):
+        raise ValueError("the tokenizer has no chat template")
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                         add_generation_prompt=True)
+    return turn + answer_prefix.lstrip()  # RULER's prefixes start with a space: they follow the question
+
+
+def _fit(tokenizer, length: int, build: Callable[[int], str], max_units: int, chat: bool):
+    # a chat template writes its own special tokens (BOS), so the tokenizer must not add them again
+    return fit_to_length(tokenizer, length, build, max_units, add_special_tokens=not chat)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,17 +225,22 @@ class NoiseSentences:
 
 
 def haystack_units(kind: str, essay: str | None, seed: int) -> Callable[[int], str]:
-    """The i-th unit (sentence or word) of a haystack, cycled so any length can be filled."""
+    """The i-th unit (sentence or word) of a haystack: filler and noise go on for ever; an essay's
+    words are its own (`essay_words`), never repeated."""
     if kind == "filler":
         return lambda i: FILLER_SENTENCES[i % len(FILLER_SENTENCES)]
     if kind == "essay":
-        words = (essay or "").split()
-        if not words:
-            raise ValueError("haystack 'essay' needs the essay text")
-        return lambda i: words[i % len(words)]
+        return essay_words(essay).__getitem__
     if kind == "noise":
         return NoiseSentences(seed).__getitem__
     raise ValueError(f"haystack must be one of {NIAH_HAYSTACKS}, got {kind!r}")
+
+
+def essay_words(essay: str | None) -> list[str]:
+    words = (essay or "").split()
+    if not words:
+        raise ValueError("haystack 'essay' needs the essay text")
+    return words
 
 
 def with_inserts(unit: Callable[[int], str], n_units: int, inserts: Sequence[tuple[float, str]],
@@ -241,52 +281,69 @@ def _check_depth(depth: float) -> float:
 
 def niah(tokenizer, length: int, depth: float, seed: int, *, task: str = "niah_single", haystack: str = "filler",
          essay: str | None = None, key_kind: str = "words", num_keys: int = 1, num_values: int = 1,
-         num_queries: int = 1) -> RulerSample:
+         num_queries: int = 1, wording: str = "ruler", chat: bool = False) -> RulerSample:
     """RULER's NIAH family. `num_keys` needles with distinct keys, the first `num_queries` asked;
     each asked key has `num_values` needles (values all asked). The first asked needle sits at
-    `depth`; the others at depths drawn from the seed, as RULER scatters them."""
+    `depth`; the others at depths drawn from the seed, as RULER scatters them.
+
+    `wording="passkey"` (a single needle only): "The pass key is V. Remember it. V is the pass
+    key." in the haystack, "What is the pass key? The pass key is" after it, V a 5-digit number.
+    An essay haystack is never repeated: one too short for `length` raises ValueError."""
     depth = _check_depth(depth)
+    if wording not in NIAH_WORDINGS:
+        raise ValueError(f"wording must be one of {NIAH_WORDINGS}, got {wording!r}")
+    if wording == "passkey" and num_keys * num_values > 1:
+        raise ValueError(f"{task}: the passkey wording has a single needle (niah_single)")
     rng = random.Random(f"{task}/{haystack}/{key_kind}/{seed}")
     keys = random_keys(rng, num_keys, key_kind)
     values_per_key = num_values if num_queries == 1 else 1
-    values = random_values(rng, num_keys * values_per_key, avoid=keys)
+    digits = PASSKEY_VALUE_DIGITS if wording == "passkey" else 7
+    values = random_values(rng, num_keys * values_per_key, digits=digits, avoid=keys)
     needles = [(keys[i // values_per_key], values[i]) for i in range(len(values))]
     asked_keys = keys[:num_queries]
     answers = [v for k, v in needles if k in asked_keys]
     depths = [depth] + [rng.random() for _ in needles[1:]]
-    inserts = [(d, NIAH_NEEDLE.format(key=k, value=v)) for d, (k, v) in zip(depths, needles)]
+    if wording == "passkey":
+        texts = [PASSKEY_NEEDLE.format(key=v) for _, v in needles]
+    else:
+        texts = [NIAH_NEEDLE.format(key=k, value=v) for k, v in needles]
+    inserts = list(zip(depths, texts))
     query = asked_keys[0] if num_queries == 1 else ", ".join(asked_keys[:-1]) + ", and " + asked_keys[-1]
     unit = haystack_units(haystack, essay, seed)
+    available = len(essay_words(essay)) if haystack == "essay" else length  # at most a unit per token
 
     def build(n: int) -> str:
         context = with_inserts(unit, n, inserts, snap_to_sentence=(haystack == "essay"))
-        return NIAH_TEMPLATE.format(context=context, query=query) + NIAH_ANSWER_PREFIX.format(query=query)
+        if wording == "passkey":
+            return framed(tokenizer, f"{context} {PASSKEY_QUERY}", PASSKEY_ANSWER_PREFIX, chat)
+        return framed(tokenizer, NIAH_TEMPLATE.format(context=context, query=query),
+                      NIAH_ANSWER_PREFIX.format(query=query), chat)
 
-    _, text, ids = fit_to_length(tokenizer, length, build, max_units=length)
+    n, text, ids = _fit(tokenizer, length, build, min(length, available), chat)
+    if n == available < length:
+        raise ValueError(f"the essay ({available} words) is too short for a haystack of {length} tokens; "
+                         "give more text")
     return RulerSample(task, text, answers, int(length), depth, int(seed), ids, haystack=haystack)
 
 
-def niah_single(tokenizer, length: int, depth: float, seed: int, haystack: str = "filler",
-                essay: str | None = None, key_kind: str = "words") -> RulerSample:
-    return niah(tokenizer, length, depth, seed, haystack=haystack, essay=essay, key_kind=key_kind)
+def niah_single(tokenizer, length: int, depth: float, seed: int, **options) -> RulerSample:
+    """One needle (`niah` takes the options: haystack, essay, key_kind, wording, chat)."""
+    return niah(tokenizer, length, depth, seed, **options)
 
 
-def niah_multikey(tokenizer, length: int, depth: float, seed: int, num_keys: int = 4, haystack: str = "filler",
-                  essay: str | None = None, key_kind: str = "words") -> RulerSample:
-    return niah(tokenizer, length, depth, seed, task="niah_multikey", haystack=haystack, essay=essay,
-                key_kind=key_kind, num_keys=num_keys)
+def niah_multikey(tokenizer, length: int, depth: float, seed: int, num_keys: int = 4, **options) -> RulerSample:
+    return niah(tokenizer, length, depth, seed, task="niah_multikey", num_keys=num_keys, **options)
 
 
-def niah_multivalue(tokenizer, length: int, depth: float, seed: int, num_values: int = 4, haystack: str = "filler",
-                    essay: str | None = None, key_kind: str = "words") -> RulerSample:
-    return niah(tokenizer, length, depth, seed, task="niah_multivalue", haystack=haystack, essay=essay,
-                key_kind=key_kind, num_values=num_values)
+def niah_multivalue(tokenizer, length: int, depth: float, seed: int, num_values: int = 4,
+                    **options) -> RulerSample:
+    return niah(tokenizer, length, depth, seed, task="niah_multivalue", num_values=num_values, **options)
 
 
-def niah_multiquery(tokenizer, length: int, depth: float, seed: int, num_queries: int = 4, haystack: str = "filler",
-                    essay: str | None = None, key_kind: str = "words") -> RulerSample:
-    return niah(tokenizer, length, depth, seed, task="niah_multiquery", haystack=haystack, essay=essay,
-                key_kind=key_kind, num_keys=num_queries, num_queries=num_queries)
+def niah_multiquery(tokenizer, length: int, depth: float, seed: int, num_queries: int = 4,
+                    **options) -> RulerSample:
+    return niah(tokenizer, length, depth, seed, task="niah_multiquery", num_keys=num_queries,
+                num_queries=num_queries, **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +351,7 @@ def niah_multiquery(tokenizer, length: int, depth: float, seed: int, num_queries
 
 
 def vt(tokenizer, length: int, depth: float, seed: int, num_hops: int = 4,
-       num_distractor_chains: int = 1) -> RulerSample:
+       num_distractor_chains: int = 1, chat: bool = False) -> RulerSample:
     """Chains `VAR A = 12345. VAR B = VAR A. ...` in filler text; the asked chain starts at `depth`
     and its hops follow in order (tracking needs them in order), distractor chains anywhere."""
     depth = _check_depth(depth)
@@ -321,9 +378,9 @@ def vt(tokenizer, length: int, depth: float, seed: int, num_hops: int = 4,
     def build(n: int) -> str:
         context = with_inserts(filler, n, inserts)
         prefix = VT_ANSWER_PREFIX.format(num_v=len(answers), query=query)
-        return VT_TEMPLATE.format(context=context, query=query) + prefix
+        return framed(tokenizer, VT_TEMPLATE.format(context=context, query=query), prefix, chat)
 
-    _, text, ids = fit_to_length(tokenizer, length, build, max_units=length)
+    _, text, ids = _fit(tokenizer, length, build, length, chat)
     return RulerSample("vt", text, answers, int(length), depth, int(seed), ids)
 
 
@@ -332,7 +389,7 @@ def vt(tokenizer, length: int, depth: float, seed: int, num_hops: int = 4,
 
 
 def cwe(tokenizer, length: int, seed: int, num_common: int = 10, common_freq: int | None = None,
-        uncommon_freq: int | None = None) -> RulerSample:
+        uncommon_freq: int | None = None, chat: bool = False) -> RulerSample:
     """A numbered list of `num_common` words `common_freq` times each among uncommon words
     `uncommon_freq` times each (RULER: 30 and 3, or 2 and 1 below 4096 tokens, where 300 common
     entries would not fit); the uncommon words fill the length."""
@@ -348,9 +405,10 @@ def cwe(tokenizer, length: int, seed: int, num_common: int = 10, common_freq: in
         entries = common * common_freq + uncommon[:n] * uncommon_freq
         random.Random(f"cwe/{seed}/{n}").shuffle(entries)
         context = " ".join(f"{i + 1}. {word}" for i, word in enumerate(entries))
-        return CWE_TEMPLATE.format(context=context, num_cw=num_common) + CWE_ANSWER_PREFIX.format(num_cw=num_common)
+        return framed(tokenizer, CWE_TEMPLATE.format(context=context, num_cw=num_common),
+                      CWE_ANSWER_PREFIX.format(num_cw=num_common), chat)
 
-    _, text, ids = fit_to_length(tokenizer, length, build, max_units=len(uncommon))
+    _, text, ids = _fit(tokenizer, length, build, len(uncommon), chat)
     return RulerSample("cwe", text, common, int(length), None, int(seed), ids)
 
 
@@ -360,7 +418,8 @@ def fwe_counts(scale: int, vocab_size: int, alpha: float = 2.0) -> list[int]:
     return [max(1, int(scale / (rank + 1) ** alpha)) for rank in range(vocab_size)]
 
 
-def fwe(tokenizer, length: int, seed: int, alpha: float = 2.0, vocab_size: int | None = None) -> RulerSample:
+def fwe(tokenizer, length: int, seed: int, alpha: float = 2.0, vocab_size: int | None = None,
+        chat: bool = False) -> RulerSample:
     """RULER's coded text: words of a Zipf-like profile, the most frequent being '....' (ignored),
     shuffled; the answer is the next three by frequency."""
     vocab_size = vocab_size or max(8, length // 50)
@@ -370,9 +429,9 @@ def fwe(tokenizer, length: int, seed: int, alpha: float = 2.0, vocab_size: int |
     def build(scale: int) -> str:
         stream = [word for word, count in zip(vocab, fwe_counts(scale, vocab_size, alpha)) for _ in range(count)]
         random.Random(f"fwe/{seed}/{scale}").shuffle(stream)
-        return FWE_TEMPLATE.format(context=" ".join(stream)) + FWE_ANSWER_PREFIX
+        return framed(tokenizer, FWE_TEMPLATE.format(context=" ".join(stream)), FWE_ANSWER_PREFIX, chat)
 
-    scale, text, ids = fit_to_length(tokenizer, length, build, max_units=length)
+    scale, text, ids = _fit(tokenizer, length, build, length, chat)
     counts = fwe_counts(scale, vocab_size, alpha)
     if not counts[3] > max(counts[4:], default=0):
         raise ValueError(f"fwe: length {length} too short for a clear top three (vocabulary {vocab_size})")
