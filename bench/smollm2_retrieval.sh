@@ -10,6 +10,8 @@
 #   PHASE eval:   perplexity (prose, code), passkey (10 keys, depths 0.05-0.95) and RULER niah_single
 #                 (10 needles, depths 0.05-0.95) at 64k and 128k
 #   PHASE ruler:  the RULER table: 4k and 8k with no scaling, 16k-128k for YaRN, the best seed, the presets
+# New tokens are capped (niah_single 32, the table 64; RULER decodes up to 128): the prompts end with
+# the answer prefix, so the answers (one 7-digit number; at most ten words) start at once and fit.
 # Every command resumes (search --resume, ruler --resume) or is quick to redo. The lengths can be
 # changed for a smoke test on a CPU with the bundled model (L1=1k L2=2k SHORT=128,256 MID=512):
 # L1, L2 the two targets (64k, 128k), SHORT the lengths without scaling, MID the lengths below L1.
@@ -46,17 +48,17 @@ if [[ $PHASE == eval ]]; then
         --compare "$M" --out "$OUT/ppl-code-$n" --force --no-progress
     $LR eval passkey --model "$MODEL" --lengths $n --target-length $n --depths $DEPTHS --trials 2 --compare "$M" \
         --out "$OUT/passkey-$n" --force --no-progress
-    $LR eval ruler --model "$MODEL" --tasks niah_single --lengths $n --target-length $n --depths $DEPTHS --samples 2 \
+    $LR eval ruler --model "$MODEL" --tasks niah_single --lengths $n --target-length $n --depths $DEPTHS --samples 2 --max-new-tokens 32 \
         --compare "$M" --out "$OUT/niah-$n" --resume --no-progress
   done
 fi
 
 if [[ $PHASE == ruler ]]; then
-  $LR eval ruler --model "$MODEL" --lengths $SHORT --method none --depths 0.25,0.5,0.75 --samples 1 \
+  $LR eval ruler --model "$MODEL" --lengths $SHORT --method none --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
       --out "$OUT/ruler-8k" --resume --no-progress
-  $LR eval ruler --model "$MODEL" --lengths $MID,$L1 --depths 0.25,0.5,0.75 --samples 1 \
+  $LR eval ruler --model "$MODEL" --lengths $MID,$L1 --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
       --compare yarn,$S128/best_reference.json,$S64/scaling.json,$S128/scaling.json --out "$OUT/ruler-64k" --resume \
       --no-progress
-  $LR eval ruler --model "$MODEL" --lengths $L2 --depths 0.25,0.5,0.75 --samples 1 \
+  $LR eval ruler --model "$MODEL" --lengths $L2 --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
       --compare yarn,$S128/best_reference.json,$S128/scaling.json --out "$OUT/ruler-128k" --resume --no-progress
 fi

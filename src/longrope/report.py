@@ -340,7 +340,12 @@ def search_summary(result, space, fitness: str = "ppl") -> str:
         genes += f", attention factor {best['attention_factor']:.2f}"
     baselines = ", ".join(f"{k} {v:.4g}" for k, v in s["baselines"].items() if v is not None)
     what = {"ppl": "perplexity", "needle": "answer perplexity (needle)"}.get(fitness, f"fitness ({fitness})")
-    lines = [f"best {what} {result.fitness:.4g} ({genes}; seeds on the grid: {baselines})"]
+    searched = f"{genes}; seeds on the grid: {baselines}"
+    if result.returned == "search":
+        lines = [f"best {what} {result.fitness:.4g} ({searched})"]
+    else:  # a reference beat every searched genome on the criterion: say both
+        lines = [f"returned the reference {result.returned}: {what} {result.fitness:.4g}; the best searched genome "
+                 f"({searched})"]
     reference = s.get("best_reference")
     if s.get("selection") == "validation":
         lines.append(f"on the {len(s.get('data', {}).get('validation_documents', []))} validation documents: "
