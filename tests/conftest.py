@@ -68,6 +68,13 @@ def rotary_dim(model) -> int:
     return rope_info(model.config).dim
 
 
+@pytest.fixture(autouse=True)
+def _token_cache_per_test(tmp_path, monkeypatch):
+    """Each test's token cache (`data.load_tokenized`) in its own folder: the user's cache stays
+    clean, and no test sees what another tokenised."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _temporary_files_inside_pytest(tmp_path_factory):
     """Whatever asks the system for a temporary folder during the tests (torchrun's

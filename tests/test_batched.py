@@ -114,7 +114,6 @@ def test_batched_evaluator_falls_back_to_serial():
 
 
 def test_search_batch_candidates_same_result(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     import random
 
     rng = random.Random(0)

@@ -14,10 +14,6 @@ from longrope import runs, cli, data, models, report
 from longrope import scaling as sc
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
 
 @pytest.fixture
 def docs_file(tmp_path):

@@ -11,7 +11,6 @@ from longrope import LongRoPEModel
 
 
 def test_the_seed_s_three_lines(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # extend_context's default output folder
     d_model, n_heads, num_layers, base_length = 32, 2, 1, 32
     target_length, batch = 64, 2

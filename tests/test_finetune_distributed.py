@@ -106,7 +106,6 @@ def _rank_main(rank: int, port: int, work: str) -> None:
 def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     work = tmp_path / "ranks"
     work.mkdir()
     mp.spawn(_rank_main, args=(_free_port(), str(work)), nprocs=WORLD, join=True)

@@ -14,10 +14,6 @@ from longrope.cli import main
 SMALL = ["--samples", "1", "--population", "6", "--mutations", "2", "--crossovers", "2", "--parents", "3"]
 
 
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # keep the user's cache clean
-
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):

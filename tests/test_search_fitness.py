@@ -93,10 +93,6 @@ def test_terms_are_the_weighted_geometric_mean_of_each_terms_perplexity():
 SMALL = ["--population", "6", "--mutations", "2", "--crossovers", "2", "--parents", "3", "--generations", "2"]
 
 
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
