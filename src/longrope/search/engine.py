@@ -328,15 +328,19 @@ class _Judge:
         if not todo:
             return
         scalings = [self.references[name] for name in todo]
+        start = time.perf_counter()
         fitness = list(evaluator(scalings))
         valid = list(self.validator(scalings)) if self.validator else [None] * len(todo)
+        self.state.fitness_seconds += time.perf_counter() - start  # model time, not the search's overhead
         for name, f, v in zip(todo, fitness, valid):
             self.state.references[name] = {"fitness": _num(float(f)), "validation": None if v is None else _num(float(v))}
 
     def validate(self, genomes: Sequence[Genome], space: SearchSpace) -> None:
         todo = [g for g in dict.fromkeys(genomes) if g not in self.state.validation]
         if self.validator and todo:
+            start = time.perf_counter()
             values = self.validator([space.scaling(g) for g in todo])
+            self.state.fitness_seconds += time.perf_counter() - start
             self.state.validation.update({g: _rank(float(v)) for g, v in zip(todo, values)})
 
     def score(self, g: Genome) -> float:
@@ -604,7 +608,8 @@ class _Book:
             "evals": len(s.cache), "generations": s.generation, "stopped": stopped,
             "seconds": round(seconds, 3), "fitness_seconds": round(s.fitness_seconds, 3),
             "evals_per_min": round(60 * len(s.cache) / seconds, 3) if seconds > 0 else None,
-            # the target: time outside model forwards < 10% of the search
+            # the target: time outside model forwards < 10% of the search (validation and
+            # references are model time too)
             "overhead_share": round(1 - s.fitness_seconds / seconds, 4) if seconds > 0 else None,
             "config": c.to_dict(), "identity": self.identity, "versions": runs.versions(),
             "stats": s.stats, "space": self.space.summary(), **(extra_summary or {}),
