@@ -6,14 +6,16 @@
 # usage: bench/smollm2_retrieval.sh PHASE MODEL DATA OUT
 #   DATA: the folder bench/make_retrieval_data.py writes (search.jsonl.gz, report_prose.jsonl.gz,
 #         report_code.jsonl.gz); MODEL: an HF folder or .gguf; OUT: where results go
-#   PHASE search: both searches side by side on the one GPU (MINUTES each, default 5)
+#   PHASE search: both searches side by side on the one GPU (MINUTES each, default 8);
+#         search1 / search2: one of them alone (a 10-minute device call each)
 #   PHASE eval:   perplexity (prose, code), passkey (10 keys, depths 0.05-0.95) and RULER niah_single
 #                 (10 needles, depths 0.05-0.95) at 64k and 128k
 #   PHASE ruler:  the RULER table: 4k and 8k with no scaling, 16k-128k for YaRN, the best seed, the presets
 # New tokens are capped (niah_single 32, the table 64; RULER decodes up to 128): the prompts end with
 # the answer prefix, so the answers (one 7-digit number; at most ten words) start at once and fit.
 # Every command resumes (search --resume, ruler --resume) or is quick to redo. The lengths can be
-# changed for a smoke test on a CPU with the bundled model (L1=1k L2=2k SHORT=128,256 MID=512):
+# changed for a smoke test on a CPU with the bundled model (L1=1k L2=2k SHORT=128,256 MID=512
+# PRESET1= PRESET2=):
 # L1, L2 the two targets (64k, 128k), SHORT the lengths without scaling, MID the lengths below L1.
 set -euo pipefail
 PHASE=$1; MODEL=$2; DATA=$3; OUT=$4
@@ -23,22 +25,27 @@ S64=$OUT/search-$L1; S128=$OUT/search-$L2
 FITNESS=ppl=1,needle=1,short=0.25
 DEPTHS=0.05,0.275,0.5,0.725,0.95
 
-if [[ $PHASE == search ]]; then
-  M=${MINUTES:-5}
-  $LR search --model "$MODEL" --data "$DATA/search.jsonl.gz" --target-length $L1 --samples 2 --validation-samples 2 \
-      --fitness $FITNESS --population 24 --mutations 8 --crossovers 8 --parents 12 --generations 40 \
-      --max-minutes "$M" --seed 0 --out "$S64" --resume > "$S64.log" 2>&1 &
+# each search starts from the shipped preset of its length too (--init), so the search never returns
+# something worse on validation than that preset either
+search() {  # search TARGET FITNESS_DOCS POPULATION CHILDREN PARENTS PRESET
+  $LR search --model "$MODEL" --data "$DATA/search.jsonl.gz" --target-length "$1" --samples "$2" \
+      --validation-samples 2 --fitness $FITNESS --population "$3" --mutations "$4" --crossovers "$4" --parents "$5" \
+      --generations 40 --max-minutes "${MINUTES:-8}" --seed 0 ${6:+--init "$6"} --out "$OUT/search-$1" --resume
+}
+if [[ $PHASE == search ]]; then  # both side by side on one GPU (each gets about half of it)
+  search $L1 2 24 8 12 ${PRESET1-smollm2-135m-64k} > "$S64.log" 2>&1 &
   first=$!
-  $LR search --model "$MODEL" --data "$DATA/search.jsonl.gz" --target-length $L2 --samples 1 --validation-samples 2 \
-      --fitness $FITNESS --population 16 --mutations 6 --crossovers 6 --parents 8 --generations 40 \
-      --max-minutes "$M" --seed 0 --out "$S128" --resume > "$S128.log" 2>&1 &
+  search $L2 1 16 6 8 ${PRESET2-smollm2-135m-128k} > "$S128.log" 2>&1 &
   second=$!
   wait $first || { tail -3 "$S64.log"; exit 1; }
   wait $second || { tail -3 "$S128.log"; exit 1; }
 fi
+if [[ $PHASE == search1 ]]; then search $L1 2 24 8 12 ${PRESET1-smollm2-135m-64k} 2>&1 | tee "$S64.log"; fi
+if [[ $PHASE == search2 ]]; then search $L2 1 16 6 8 ${PRESET2-smollm2-135m-128k} 2>&1 | tee "$S128.log"; fi
 
-M64=yarn,ntk,$S64/best_reference.json,$S64/scaling.json
-M128=yarn,ntk,$S128/best_reference.json,$S128/scaling.json
+# the shipped presets beside the new results (PRESET1= PRESET2= for none, e.g. another model)
+M64=yarn,ntk,$S64/best_reference.json,$S64/scaling.json${PRESET1-,smollm2-135m-64k}
+M128=yarn,ntk,$S128/best_reference.json,$S128/scaling.json${PRESET2-,smollm2-135m-128k}
 if [[ $PHASE == eval ]]; then
   for n in $L1 $L2; do
     [[ $n == $L1 ]] && M=$M64 || M=$M128
