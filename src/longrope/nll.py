@@ -1,6 +1,7 @@
 """The one copy of what turns a decoder's hidden states into a loss: decoder access, the logit
-projection (with the config's output scaling and soft-capping) and the chunked negative
-log-likelihood, used by evaluation, the search and training alike.
+projection (with the config's output scaling and soft-capping), the chunked negative
+log-likelihood, used by evaluation, the search and training alike, and the chunked KL divergence
+to a teacher's next-token distributions (fine-tuning's distillation).
 
 Long inputs never get a (tokens × vocab) logits tensor: positions are projected and scored a
 chunk at a time in float32. With autograd on, each chunk runs under activation checkpointing, so
@@ -45,6 +46,27 @@ def _chunk_nll(head, hidden, targets, scale, cap) -> torch.Tensor:
     return F.cross_entropy(_logits(head, hidden, scale, cap), targets, reduction="sum")
 
 
+def _chunk_kl(head, hidden, teacher_head, teacher_hidden, scale, cap) -> torch.Tensor:
+    student = F.log_softmax(_logits(head, hidden, scale, cap), dim=-1)
+    with torch.no_grad():  # the teacher is frozen (also when the backward recomputes the chunk)
+        teacher = F.log_softmax(_logits(teacher_head, teacher_hidden, scale, cap), dim=-1)
+    # Σ p_teacher (log p_teacher − log p_student): exactly 0 where both give the same logits
+    return F.kl_div(student, teacher, reduction="sum", log_target=True)
+
+
+def _sum_over_chunks(score, tensors: tuple[torch.Tensor, ...], chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """Σ score(*slices) over the rows and `chunk`-position slices of `tensors` (each (batch, m, ...)),
+    summed in `dtype`; under autograd each call is checkpointed (its logits freed at once)."""
+    grad = torch.is_grad_enabled()
+    total = torch.zeros((), dtype=dtype, device=tensors[0].device)
+    for row in range(tensors[0].shape[0]):
+        for start in range(0, tensors[0].shape[1], chunk):
+            parts = [t[row, start:start + chunk] for t in tensors]
+            part = checkpoint(score, *parts, use_reentrant=False) if grad else score(*parts)
+            total = total + part.to(dtype)
+    return total
+
+
 def summed_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Summed cross entropy of `targets` (m,) or (batch, m) predicted from `hidden` (m, h) or
@@ -55,16 +77,20 @@ def summed_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 
         hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
     head = model.get_output_embeddings()
     scale, cap = _output_transform(model)
-    grad = torch.is_grad_enabled()
-    targets = targets.to(hidden.device)
-    total = torch.zeros((), dtype=dtype, device=hidden.device)
-    for row in range(targets.shape[0]):
-        for start in range(0, targets.shape[1], chunk):
-            end = min(start + chunk, targets.shape[1])
-            args = (head, hidden[row, start:end], targets[row, start:end], scale, cap)
-            part = checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args)
-            total = total + part.to(dtype)
-    return total
+    return _sum_over_chunks(lambda h, t: _chunk_nll(head, h, t, scale, cap), (hidden, targets.to(hidden.device)),
+                            chunk, dtype)
+
+
+def summed_kl(model, hidden: torch.Tensor, teacher, teacher_hidden: torch.Tensor, chunk: int = DEFAULT_CHUNK,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Σ over positions of KL(teacher ‖ model) between the next-token distributions that `teacher`
+    (frozen, same vocabulary and output transform) gives from `teacher_hidden` and `model` from
+    `hidden`, both (batch, m, h): `chunk` positions projected at a time in float32 (never the
+    whole (tokens × vocab) logits), checkpointed under autograd; gradients reach `model` only."""
+    head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
+    scale, cap = _output_transform(model)
+    return _sum_over_chunks(lambda h, t: _chunk_kl(head, h, teacher_head, t, scale, cap),
+                            (hidden, teacher_hidden.detach()), chunk, dtype)
 
 
 def sequence_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, first: int = 1,

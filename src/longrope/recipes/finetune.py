@@ -9,6 +9,10 @@ computed a chunk of positions at a time (never the whole (tokens × vocab) logit
 Writes into --out: the fine-tuned Hugging Face checkpoint carrying the scaling (plain transformers
 loads it), train_log.jsonl and finetune.json (configuration, versions, losses; written last).
 checkpoint.pt is replaced every --checkpoint-every steps: continue a killed run with --resume.
+Keeping short-context skills and retrieval (one process): --short-share P trains a seeded share P
+of the micro-batches at the model's original length (the short factors), --distill-weight W adds
+W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document, and
+--needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss").
 Several GPUs: `torchrun --nproc-per-node N -m longrope finetune ...` shards the weights (FSDP2)
 and splits each sequence over the N processes (context parallelism; --seq-len a multiple of 2N).
 """
@@ -19,7 +23,7 @@ import sys
 
 import torch
 
-from .. import data, distributed, models, runs, train
+from .. import data, distributed, models, passkey, runs, train
 from ..cli import (add_command, add_config_options, add_model_args, add_progress_args, add_scaling_args,
                    config_values, device_and_dtype_names, documents, parse_length, training_interrupted)
 from ..errors import UsageError
@@ -38,6 +42,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     add_config_options(p.add_argument_group("optimisation"), train.FinetuneConfig, (
         "lr", "warmup", "min_lr_ratio", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed"))
+    k = p.add_argument_group("keeping short-context skills and retrieval")
+    add_config_options(k, train.FinetuneConfig, ("short_share", "distill_weight", "doc_mask", "needle_every"))
+    k.add_argument("--needle-data", help="documents held apart for --needle-every: passkey needles at depths "
+                   + ",".join(f"{d:g}" for d in NEEDLE_DEPTHS) + " in --seq-len-token windows")
     r = p.add_argument_group("run")
     r.add_argument("--save-dtype", choices=train.SAVE_DTYPES,
                    help="dtype of the saved weights (default: bfloat16 on GPU, float32 on CPU)")
@@ -48,7 +56,12 @@ def register(sub) -> None:
     r.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after a finished run")
 
 
+NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where --needle-every places the passkey in its windows
+
+
 def run(args) -> int:
+    if args.needle_every and not args.needle_data:
+        raise UsageError("--needle-every: needs --needle-data (documents held apart from --data)")
     info = models.rope_info(models.load_config(args.model))
     scaling = models.resolve_scaling(args.scaling, args.method, args.target_length, info)  # before loading weights
     seq_len = args.seq_len or scaling.target_length
@@ -62,6 +75,8 @@ def run(args) -> int:
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
     docs = documents(args.data, tokenizer, quiet=args.quiet or quiet)
     packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    needles = needle_samples(args.needle_data, tokenizer, seq_len, cfg.seed, args.quiet or quiet) \
+        if cfg.needle_every else None
     world = distributed.world_size()
     where = f"{world} processes (context parallel + FSDP2)" if world > 1 else device
     if not quiet:
@@ -72,14 +87,28 @@ def run(args) -> int:
               f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × {cfg.sequences_per_step} "
               f"sequences on {where} ({dtype})", file=sys.stderr)
     identity = {"model": runs.input_identity(args.model), "data": data.source_digest(args.data)}
+    if needles:
+        identity["needle_data"] = data.source_digest(args.needle_data)
     try:
         with Progress(cfg.steps, "finetune", "steps", quiet=args.quiet or quiet) as bar:
             result = train.finetune(model, tokenizer, scaling, packed, cfg, args.out, resume=args.resume,
                                     force=args.force, keep_checkpoint=args.keep_checkpoint,
-                                    callback=step_callback(bar), identity=identity)
+                                    callback=step_callback(bar), identity=identity, needles=needles)
     except KeyboardInterrupt:
         return training_interrupted(cfg.checkpoint_every, args.out)
     if rec := result.record:  # rank 0 (or the one process) exported
         print(f"wrote {result.out}: loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, "
               f"{rec['tokens_seen'] / 1e6:.2f}M tokens in {rec['wall_time_s']:.0f} s")
     return 0
+
+
+def needle_samples(spec, tokenizer, seq_len: int, seed: int, quiet: bool) -> list:
+    """Passkey needles at NEEDLE_DEPTHS in `seq_len`-token windows of the --needle-data documents
+    long enough to hold one."""
+    docs = [d.tokens for d in documents(spec, tokenizer, quiet=quiet) if len(d.tokens) >= seq_len]
+    if not docs:
+        raise UsageError(f"--needle-data {spec}: no document holds --seq-len {seq_len} tokens")
+    try:
+        return passkey.needle_samples(tokenizer, docs, seq_len, seed, depths=NEEDLE_DEPTHS)
+    except ValueError as exc:  # --seq-len too short for the needle, question and answer
+        raise UsageError(f"--needle-data: {exc}") from None

@@ -8,7 +8,7 @@ process or, under torchrun, context parallel with FSDP2 (`parallel`).
     train.finetune(model, tokenizer, scaling, packed, train.FinetuneConfig(seq_len=8192, steps=400), "ft")
 """
 
-from . import loop, parallel
+from . import loop, parallel, retention
 from .finetune import FT_RECORD, FinetuneConfig, FinetuneResult, finetune, finetune_batch, pack_documents
 from .loop import CHECKPOINT, LOG, SAVE_DTYPES, StepInfo, TrainConfig, lr_at
 from .parallel import chunked_lm_loss
@@ -19,5 +19,5 @@ __all__ = [
     "CHECKPOINT", "FT_RECORD", "LOG", "PRETRAIN_RECORD", "SAVE_DTYPES", "FinetuneConfig", "FinetuneResult",
     "PretrainConfig", "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "finetune",
     "finetune_batch", "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents", "parallel",
-    "parameter_count", "pretrain", "token_stream",
+    "parameter_count", "pretrain", "retention", "token_stream",
 ]

@@ -10,6 +10,8 @@ are `loop`'s.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import torch
 
 from .. import models, nll
 from ..errors import UsageError
-from . import loop, parallel
+from . import loop, parallel, retention
 
 FT_RECORD = "finetune.json"  # written last: the run is finished
 
@@ -40,6 +42,15 @@ class FinetuneConfig(loop.TrainConfig):
     batch_size: int = 1
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     weight_decay: float = 0.0
+    # keeping short-context skills and retrieval (`retention`)
+    short_share: float = field(default=0.0, metadata={
+        "help": "share of the micro-batches at the model's original length, run with the short factors"})
+    distill_weight: float = field(default=0.0, metadata={
+        "help": "W: short sequences add W·KL(base model ‖ model) per token (needs --short-share)"})
+    doc_mask: bool = field(default=False, metadata={
+        "help": "positions restart per packed document and attention stays inside it"})
+    needle_every: int = field(default=0, metadata={
+        "help": "steps between needle validations (mean NLL of passkey answers; needs --needle-data); 0: none"})
     # run (may differ between a run and its resumption)
     gradient_checkpointing: bool = field(default=True, metadata={  # the option is --no-gradient-checkpointing
         "help": "keep every activation (faster, more memory)"})
@@ -61,6 +72,12 @@ class FinetuneConfig(loop.TrainConfig):
         loop.need(self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}")
         super().validate()
         self.need_positive(("grad_accum", "loss_chunk"))
+        loop.need(0 <= self.short_share < 1, f"--short-share must be in [0, 1), got {self.short_share}")
+        loop.need(self.distill_weight >= 0 and math.isfinite(self.distill_weight),
+                  f"--distill-weight must be >= 0, got {self.distill_weight}")
+        loop.need(not self.distill_weight or self.short_share > 0,
+                  "--distill-weight applies to the short sequences: give --short-share > 0 too")
+        loop.need(self.needle_every >= 0, f"--needle-every must be >= 0, got {self.needle_every}")
         return self
 
 
@@ -112,7 +129,7 @@ class FinetuneResult:
 def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig, out: str | os.PathLike, *,
              resume: bool = False, force: bool = False, keep_checkpoint: bool = False,
              callback: Callable[[loop.StepInfo], None] | None = None, identity: dict | None = None,
-             command: str | None = None) -> FinetuneResult:
+             command: str | None = None, needles: Sequence | None = None) -> FinetuneResult:
     """Fine-tune `model` (a transformers causal LM, moved to float32 on cfg.device) with `scaling`
     attached on `packed` sequences ([n, seq_len], see `pack_documents`); write `out`: the
     checkpoint exported with the scaling (`models.export`: plain transformers loads it),
@@ -124,6 +141,13 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
     step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
 
+    `retention`'s options (one process only): cfg.short_share of the micro-batches are the same
+    documents cut at the scaling's original length (short factors), where cfg.distill_weight adds
+    KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
+    BOS (attention stays inside each document; the regime is still the sequence's length);
+    cfg.needle_every logs "needle_loss", the mean answer NLL of `needles`
+    (`passkey.needle_samples`), at the first log line after every multiple of it.
+
     Under torchrun (WORLD_SIZE > 1) the run is context parallel (`parallel.ContextParallel`):
     every rank takes the same sequences and runs its slice of their positions (RoPE at global
     positions, the short/long choice on the global length), the weights sharded by FSDP2; rank 0
@@ -132,12 +156,23 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     packed = np.asarray(packed)
     if packed.ndim != 2 or packed.shape[1] != cfg.seq_len or len(packed) == 0:
         raise UsageError(f"finetune: expected packed sequences of shape (n >= 1, {cfg.seq_len}), got {packed.shape}")
+    short_len = getattr(scaling, "original_max_position_embeddings", None)
+    if cfg.short_share and not (short_len and short_len < cfg.seq_len):
+        raise UsageError(f"--short-share: the scaling's original length ({short_len}) must be below --seq-len")
+    if cfg.doc_mask and tokenizer.bos_token_id is None:
+        raise UsageError("--doc-mask: the tokenizer has no BOS token to mark where documents start")
+    if cfg.needle_every and not needles:
+        raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
+    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every):
+        raise UsageError("--short-share, --distill-weight, --doc-mask and --needle-every run in one process only")
     device, out = ranks.device, Path(out)
     identity = {"scaling": scaling.to_dict(), **(identity or {})}
     checkpoint = ranks.open_out(out, resume, force, FT_RECORD)
     loop.check_resumable(cfg, identity, checkpoint, ranks.world)
     loop.allow_tf32(device)
+    teacher = retention.frozen_teacher(model, device) if cfg.distill_weight else None  # before attaching
+    short_packed = retention.short_sequences(packed, short_len) if cfg.short_share else None
     trained = ranks.prepare(_prepare_model(model, scaling, cfg, device))  # the model, or its FSDP2 root
     optimizer = loop.make_optimizer(trained, cfg, device)
     if checkpoint is not None:
@@ -146,22 +181,41 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
                    identity=identity, world=ranks.world, main=ranks.is_main)
     del checkpoint
     autocast = loop.autocast(device, cfg.dtype)
-    targets_per_step = cfg.sequences_per_step * (cfg.seq_len - 1)
+
+    def micro_batch(step: int, micro: int) -> tuple[torch.Tensor, bool]:  # (batch, whether it is short)
+        short = retention.is_short_micro_batch(cfg.seed, cfg.short_share, step, micro)
+        return finetune_batch(short_packed if short else packed, cfg, step, micro).to(device, non_blocking=True), short
+
+    def objective(batch: torch.Tensor, short: bool) -> dict:  # what `ranks.nll` adds to the plain NLL
+        extra = {}
+        if cfg.doc_mask:
+            extra["position_ids"] = retention.document_positions(batch, tokenizer.bos_token_id)
+        if short and teacher is not None:
+            extra.update(teacher=teacher, distill_weight=cfg.distill_weight)
+        return extra
+
+    def validate(step: int, last_logged: int) -> dict:  # when a needle_every boundary passed since the last line
+        if not cfg.needle_every or step // cfg.needle_every <= last_logged // cfg.needle_every:
+            return {}
+        return {"needle_loss": round(retention.needle_loss(model, needles, cfg.loss_chunk), 5)}
 
     with run:
         for step in run.steps():
             lr = loop.set_lr(optimizer, cfg, step)
+            batches = [micro_batch(step, micro) for micro in range(cfg.grad_accum)]
+            targets = sum(b.shape[0] * (b.shape[1] - 1) for b, _ in batches)  # the loss is the mean over these
             step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                batch = finetune_batch(packed, cfg, step, micro).to(device, non_blocking=True)
-                with autocast:
-                    summed = ranks.nll(trained, batch)  # this process's positions
-                (summed * ranks.loss_scale / targets_per_step).backward()  # the mean over the step's targets
-                step_loss += ranks.sum_over_ranks(summed) / targets_per_step
+            for batch, short in batches:
+                # restarted positions must not switch a long sequence to the short factors
+                regime = parallel.global_regime(model, batch.shape[1]) if cfg.doc_mask else contextlib.nullcontext()
+                with autocast, regime:
+                    summed = ranks.nll(trained, batch, **objective(batch, short))  # this process's positions
+                (summed * ranks.loss_scale / targets).backward()
+                step_loss += ranks.sum_over_ranks(summed) / targets
             grad_norm = loop.clip_gradients(trained, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            run.step_done(step, lr, step_loss, grad_norm)
+            run.step_done(step, lr, step_loss, grad_norm, extra=validate, tokens=sum(b.numel() for b, _ in batches))
             if run.checkpoint_due(step):
                 run.save_checkpoint(step, *ranks.full_state(trained, optimizer))
                 ranks.barrier()

@@ -278,7 +278,7 @@ class Run:
     def __enter__(self) -> "Run":
         self._log = open(self.out / LOG, "a", encoding="utf-8") if self.main else None
         self.t_run = self.t_log = time.perf_counter()
-        self.loss_sum, self.since_log = torch.zeros((), device=self.device), 0
+        self.loss_sum, self.since_log, self.tokens_since_log = torch.zeros((), device=self.device), 0, 0
         return self
 
     def __exit__(self, *exc) -> None:
@@ -293,12 +293,15 @@ class Run:
         return self.wall_before + time.perf_counter() - self.t_run
 
     def step_done(self, step: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor | None = None,
-                  extra: Callable[[int, int], dict] | None = None) -> None:
-        """Count optimizer step `step` and its mean loss (a detached tensor: read only when a
-        line is due, to spare a device sync per step). Every log_every steps and at the last, a
-        log line: the mean loss since the last line, lr, tokens, throughput, grad norm, and what
-        `extra(step, the last line's step)` returns (an evaluation; kept out of the throughput)."""
-        self.tokens_seen += self.tokens_per_step
+                  extra: Callable[[int, int], dict] | None = None, tokens: int | None = None) -> None:
+        """Count optimizer step `step`, its mean loss (a detached tensor: read only when a line is
+        due, to spare a device sync per step) and its `tokens` (default tokens_per_step; a step of
+        mixed context windows sees fewer). Every log_every steps and at the last, a log line: the
+        mean loss since the last line, lr, tokens, throughput, grad norm, and what `extra(step,
+        the last line's step)` returns (an evaluation; kept out of the throughput)."""
+        tokens = self.tokens_per_step if tokens is None else tokens
+        self.tokens_seen += tokens
+        self.tokens_since_log += tokens
         self.loss_sum += loss
         self.since_log += 1
         if self.first_loss is None:
@@ -307,7 +310,7 @@ class Run:
             return
         self.last_loss = float(self.loss_sum) / self.since_log
         now = time.perf_counter()
-        self.last_tps = self.since_log * self.tokens_per_step / max(now - self.t_log, 1e-9)
+        self.last_tps = self.tokens_since_log / max(now - self.t_log, 1e-9)
         self.recent = (self.recent + [self.last_loss])[-RECENT_LOSSES:]
         entry = {"step": step, "loss": round(self.last_loss, 5), "lr": lr, "tokens": self.tokens_seen,
                  "tokens_per_s": round(self.last_tps, 1), "elapsed_s": round(self.wall_before + now - self.t_run, 3)}
@@ -321,7 +324,7 @@ class Run:
         if not math.isfinite(self.last_loss):
             raise FloatingPointError(f"loss became {self.last_loss} at step {step}; lower --lr")
         self.loss_sum.zero_()
-        self.since_log = 0
+        self.since_log = self.tokens_since_log = 0
         self.t_log = time.perf_counter() if evaluated else now
 
     def info(self, step: int, lr: float) -> StepInfo:

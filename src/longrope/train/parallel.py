@@ -45,15 +45,29 @@ ATTENTION = "longrope_cp"
 _PREFIX = "model."  # ContextParallelLM holds the model as `.model`
 
 
-def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
+def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHUNK, *,
+                    position_ids: torch.Tensor | None = None, teacher=None,
+                    distill_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """(summed next-token cross entropy, number of targets) of a [batch, seq] batch, without ever
     building (tokens × vocab) logits: the decoder's final hidden states are scored `chunk`
     positions at a time (`nll.summed_nll`; under autograd each chunk is recomputed in the backward
-    pass). `local_lm_loss` is its context-parallel twin."""
-    out = nll.decoder(model)(input_ids=input_ids, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    pass). With a `teacher` (frozen) the sum adds distill_weight · KL(teacher ‖ model) at every
+    scored position (`nll.summed_kl`, just as chunked). `position_ids` (batch, seq): restarting
+    per packed document, transformers masks attention across documents. `local_lm_loss` is its
+    context-parallel twin."""
+    hidden = _final_hidden(model, input_ids, position_ids)[:, :-1]
     batch, length = input_ids.shape
-    return nll.summed_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk, torch.float32), batch * (length - 1)
+    loss = nll.summed_nll(model, hidden, input_ids[:, 1:], chunk, torch.float32)
+    if teacher is not None and distill_weight:
+        with torch.no_grad():
+            taught = _final_hidden(teacher, input_ids, position_ids)[:, :-1]
+        loss = loss + distill_weight * nll.summed_kl(model, hidden, teacher, taught, chunk, torch.float32)
+    return loss, batch * (length - 1)
+
+
+def _final_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    out = nll.decoder(model)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +97,9 @@ class Local:
             print(f"note: attention implementation {attention!r}; load with sdpa for long sequences")
         return model
 
-    def nll(self, model, batch: torch.Tensor) -> torch.Tensor:
-        return chunked_lm_loss(model, batch, self.loss_chunk)[0]
+    def nll(self, model, batch: torch.Tensor, **objective) -> torch.Tensor:
+        """`objective`: chunked_lm_loss's position_ids, teacher and distill_weight (one process only)."""
+        return chunked_lm_loss(model, batch, self.loss_chunk, **objective)[0]
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value.detach()

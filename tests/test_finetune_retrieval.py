@@ -1,0 +1,281 @@
+"""Fine-tuning that keeps short-context skills and retrieval (issue 16): the distillation term,
+mixed context windows, needle-driven validation, document-masked packing, and their bad input."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ORIGINAL, tiny_model
+from longrope import models, nll, passkey, rotary, train
+from longrope import scaling as sc
+from longrope.cli import main
+from longrope.errors import UsageError
+from longrope.tokenization import byte_tokenizer
+from longrope.train import retention
+from test_finetune import SEQ, config, packed_data, text, write_data
+
+HALF = 8  # frequency pairs of the tiny models (head_dim 16)
+
+
+def scaling_with_short_factors():
+    """LongRoPE whose short factors differ from 1 (and from the long ones): the regimes are told apart."""
+    base = sc.make("longrope", ORIGINAL, SEQ, dim=16, base=10000.0)
+    return dataclasses.replace(base, short_factor=tuple(1.0 + i / 8 for i in range(HALF)))
+
+
+def final_hidden(model, ids, **kw):
+    return nll.decoder(model)(input_ids=ids, use_cache=False, **kw).last_hidden_state
+
+
+def full_logits(model, ids, **kw):
+    with torch.no_grad():
+        return nll.project(model, final_hidden(model, ids, **kw))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. distillation toward the base model
+
+
+def test_summed_kl_is_zero_for_the_teacher_itself_and_matches_full_logits_after_a_perturbation():
+    model, ids = tiny_model(), torch.as_tensor(packed_data(ORIGINAL)[:2])
+    teacher = retention.frozen_teacher(model, torch.device("cpu"))
+    with torch.no_grad():
+        same = nll.summed_kl(model, final_hidden(model, ids), teacher, final_hidden(teacher, ids), chunk=23)
+    assert same.item() == 0.0
+    down = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        down.add_(0.05 * torch.randn_like(down))
+    hidden = final_hidden(model, ids)
+    kl = nll.summed_kl(model, hidden, teacher, final_hidden(teacher, ids), chunk=23)
+    kl.backward()
+    student, reference = full_logits(model, ids), full_logits(teacher, ids)
+    expected = F.kl_div(F.log_softmax(student, -1), F.log_softmax(reference, -1), reduction="sum", log_target=True)
+    assert kl.item() > 1e-3 and torch.allclose(kl, expected, rtol=1e-4)
+    assert down.grad.abs().sum() > 0  # the student learns
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
+
+
+def seed_with_both_kinds(share: float, steps: int, grad_accum: int) -> int:
+    """A seed whose plan has short and long micro-batches in its first step."""
+    for seed in range(100):
+        kinds = {retention.is_short_micro_batch(seed, share, 1, m) for m in range(grad_accum)}
+        if kinds == {True, False}:
+            return seed
+    raise AssertionError("no seed mixes short and long micro-batches")
+
+
+def test_a_step_loss_is_nll_plus_weighted_kl_on_the_short_sequences(tmp_path):
+    scaling, packed, tok = scaling_with_short_factors(), packed_data(), byte_tokenizer()
+    seed = seed_with_both_kinds(0.5, 1, 2)
+    weight = 3.0
+    cfg = config(steps=1, grad_accum=2, seed=seed, short_share=0.5, distill_weight=weight, gradient_checkpointing=False)
+    result = train.finetune(tiny_model(), tok, scaling, packed, cfg, tmp_path / "ft")
+
+    teacher, student = tiny_model(), tiny_model()  # the weights before the step; no scaling on the teacher
+    models.attach(student, scaling)
+    short_pool = retention.short_sequences(packed, ORIGINAL)
+    total, kl_total, targets = 0.0, 0.0, 0
+    for micro in range(2):
+        short = retention.is_short_micro_batch(seed, 0.5, 1, micro)
+        batch = train.finetune_batch(short_pool if short else packed, cfg, 1, micro)
+        logits = full_logits(student, batch)[:, :-1]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        if short:
+            taught = full_logits(teacher, batch)[:, :-1]
+            kl_total += F.kl_div(F.log_softmax(logits, -1), F.log_softmax(taught, -1), reduction="sum",
+                                 log_target=True).item()
+        targets += batch.shape[0] * (batch.shape[1] - 1)
+    assert kl_total / targets > 1e-3  # the term is there to be seen
+    assert result.record["first_loss"] == pytest.approx((total + weight * kl_total) / targets, rel=1e-5)
+    assert result.record["tokens_seen"] == 2 * (ORIGINAL + SEQ)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. mixed context windows: what the rotary actually ran
+
+
+def test_short_micro_batches_run_the_short_factors_and_long_ones_the_long(tmp_path, monkeypatch):
+    scaling, packed, tok = scaling_with_short_factors(), packed_data(), byte_tokenizer()
+    ran = []
+    forward = rotary.ScaledRotaryEmbedding.forward
+
+    def spy(self, x, position_ids, layer_type=None):
+        length = position_ids.shape[-1]
+        ran.append((length, self.scaling.regime(self.regime_length or int(position_ids.max()) + 1),
+                    self.inv_freq64(length, position_ids.device).clone()))
+        return forward(self, x, position_ids, layer_type)
+
+    monkeypatch.setattr(rotary.ScaledRotaryEmbedding, "forward", spy)
+    cfg = config(steps=6, grad_accum=2, short_share=0.4, seed=3, gradient_checkpointing=False, checkpoint_every=100)
+    train.finetune(tiny_model(), tok, scaling, packed, cfg, tmp_path / "ft")
+
+    plan = [retention.is_short_micro_batch(3, 0.4, step, m) for step in range(1, 7) for m in range(2)]
+    assert 0 < sum(plan) < len(plan)  # both kinds occur
+    assert [(length, regime) for length, regime, _ in ran] == [
+        (ORIGINAL, "short") if short else (SEQ, "long") for short in plan]
+    short_freq = scaling.inv_freq(16, 10000.0, ORIGINAL).double()
+    long_freq = scaling.inv_freq(16, 10000.0, SEQ).double()
+    assert not torch.allclose(short_freq, long_freq)
+    for (_, regime, inv), short in zip(ran, plan):
+        assert torch.equal(inv, short_freq if short else long_freq)
+
+
+def test_short_sequences_cut_the_same_stream():
+    packed = np.arange(2 * 10).reshape(2, 10)
+    assert retention.short_sequences(packed, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13],
+                                                             [14, 15, 16, 17]]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. needle-driven validation
+
+
+def needles(length: int = SEQ):
+    tok = byte_tokenizer()
+    docs = [tok(text(80, 100 + i))["input_ids"] for i in range(2)]
+    return passkey.needle_samples(tok, docs, length, seed=0, depths=[0.1, 0.5, 0.9])
+
+
+def answer_nll(model, samples) -> float:
+    """Mean NLL of the answer tokens from transformers' full logits (not the lean forward)."""
+    total, count = 0.0, 0
+    for s in samples:
+        with torch.no_grad():
+            logits = model(input_ids=s.input_ids[None], use_cache=False).logits[0].float()
+        scored = F.cross_entropy(logits[s.answer_start - 1:-1], s.input_ids[s.answer_start:], reduction="sum")
+        total, count = total + scored.item(), count + s.answer_length
+    return total / count
+
+
+def test_needle_loss_is_logged_every_n_steps_and_equals_an_independent_computation(tmp_path):
+    model, samples = tiny_model(), needles()
+    seen = {}
+
+    def at_step(info):
+        if info.step % 2 == 0:
+            model.eval()
+            seen[info.step] = answer_nll(model, samples)
+            model.train()
+
+    cfg = config(steps=5, needle_every=2, checkpoint_every=100)
+    train.finetune(model, byte_tokenizer(), scaling_with_short_factors(), packed_data(), cfg, tmp_path / "ft",
+                   callback=at_step, needles=samples)
+    log = [json.loads(line) for line in (tmp_path / "ft" / train.LOG).read_text().splitlines()]
+    logged = {e["step"]: e["needle_loss"] for e in log if "needle_loss" in e}
+    assert sorted(logged) == [2, 4]
+    for step, value in logged.items():
+        assert value == pytest.approx(seen[step], abs=2e-5), step
+    assert logged[2] != logged[4]  # measured on the model of that step
+
+
+# --------------------------------------------------------------------------------------------
+# 4. packed documents with document-masked attention
+
+
+def test_document_positions_restart_at_every_bos():
+    batch = torch.tensor([[7, 1, 5, 6, 1, 9], [1, 4, 4, 4, 4, 1]])
+    assert retention.document_positions(batch, 1).tolist() == [[0, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 0]]
+
+
+BOUNDS = (0, 40, 80, SEQ)  # three documents, each shorter than the original context
+
+
+def packed_documents(first_seed: int) -> torch.Tensor:
+    tok = byte_tokenizer()
+    docs = [tok(text(40, seed))["input_ids"][:end - start]
+            for seed, start, end in zip((first_seed, 7, 8), BOUNDS, BOUNDS[1:])]
+    return torch.tensor([sum(docs, [])])  # each starts with BOS
+
+
+@pytest.mark.parametrize("doc_mask", [True, False])
+def test_a_token_ignores_other_documents_in_its_pack_only_with_the_document_mask(doc_mask):
+    model = tiny_model()
+    models.attach(model, scaling_with_short_factors())
+    a, b = packed_documents(1), packed_documents(2)
+    assert not torch.equal(a[:, :40], b[:, :40]) and torch.equal(a[:, 40:], b[:, 40:])
+
+    def logits(ids):
+        kw = {"position_ids": retention.document_positions(ids, 1)} if doc_mask else {}
+        with train.parallel.global_regime(model, SEQ):
+            return full_logits(model, ids, **kw)[0, 40:]
+
+    assert torch.allclose(logits(a), logits(b), atol=1e-5) == doc_mask
+
+
+def test_doc_mask_training_scores_each_document_by_itself(tmp_path):
+    """The first step's loss of a --doc-mask run equals the documents' losses computed one by one."""
+    packed = np.concatenate([packed_documents(1).numpy(), packed_documents(2).numpy()])
+    scaling = scaling_with_short_factors()
+    cfg = config(steps=1, batch_size=2, doc_mask=True, gradient_checkpointing=False)
+    result = train.finetune(tiny_model(), byte_tokenizer(), scaling, packed, cfg, tmp_path / "ft")
+    model = tiny_model()
+    models.attach(model, scaling)
+    total = 0.0
+    with train.parallel.global_regime(model, SEQ):  # the long factors, as in the packed sequence
+        for row in torch.as_tensor(packed):
+            for start, end in zip(BOUNDS, BOUNDS[1:]):  # each document alone predicts up to the next BOS
+                logits = full_logits(model, row[None, start:end])[0]
+                targets = row[start + 1:end + 1]
+                total += F.cross_entropy(logits[:len(targets)], targets, reduction="sum").item()
+    assert result.record["first_loss"] == pytest.approx(total / (2 * (SEQ - 1)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"short_share": 1.0}, "--short-share must be in [0, 1)"),
+    ({"short_share": -0.1}, "--short-share must be in [0, 1)"),
+    ({"distill_weight": -1.0}, "--distill-weight must be >= 0"),
+    ({"distill_weight": 1.0}, "give --short-share > 0 too"),
+    ({"needle_every": -1}, "--needle-every must be >= 0"),
+])
+def test_bad_retention_settings_are_refused(kw, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        config(**kw).validate()
+
+
+def test_needle_every_without_samples_is_refused_before_writing(tmp_path):
+    with pytest.raises(UsageError, match="--needle-every"):
+        train.finetune(tiny_model(), byte_tokenizer(), scaling_with_short_factors(), packed_data(),
+                       config(needle_every=2), tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--short-share", "1"], "--short-share must be in [0, 1)"),
+    (["--distill-weight", "-0.5", "--short-share", "0.2"], "--distill-weight must be >= 0"),
+    (["--distill-weight", "0.5"], "--distill-weight applies to the short sequences"),
+    (["--needle-every", "2"], "--needle-every: needs --needle-data"),
+])
+def test_cli_bad_retention_options_are_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, capsys, extra,
+                                                                       message):
+    data = write_data(tmp_path / "docs.jsonl")
+    code = main([str(a) for a in ["finetune", "--model", tiny_model_dir, "--method", "longrope", "--target-length",
+                                  SEQ, "--data", data, "--steps", 2, "--out", tmp_path / "o", "--no-progress",
+                                  *extra]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_finetune_with_every_retention_option(tiny_model_dir, tmp_path, capsys):
+    data, held = write_data(tmp_path / "docs.jsonl"), write_data(tmp_path / "held.jsonl", n_docs=2, n_words=100)
+    out = tmp_path / "ft"
+    code = main([str(a) for a in ["finetune", "--model", tiny_model_dir, "--method", "longrope", "--target-length",
+                                  SEQ, "--data", data, "--steps", 4, "--lr", "1e-3", "--out", out, "--device", "cpu",
+                                  "--short-share", "0.5", "--distill-weight", "0.5", "--doc-mask",
+                                  "--needle-every", 2, "--needle-data", held, "--no-progress"]])
+    assert code == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in (out / train.LOG).read_text().splitlines()]
+    assert [e["step"] for e in log if "needle_loss" in e] == [2, 4]
+    record = json.loads((out / train.FT_RECORD).read_text())
+    assert record["config"]["short_share"] == 0.5 and record["identity"]["needle_data"]
