@@ -112,6 +112,8 @@ CASES = {
     "finetune --distill-weight -1": FINETUNE + ["--out", "ft", "--short-share", "0.2", "--distill-weight=-1"],
     "finetune --distill-weight without --short-share": FINETUNE + ["--out", "ft", "--distill-weight", "1"],
     "finetune --needle-every without --needle-data": FINETUNE + ["--out", "ft", "--needle-every", "2"],
+    "finetune --data-weights for other sources": FINETUNE + ["--out", "ft", "--data-weights", "0.5,0.5"],
+    "finetune --data-weights negative": FINETUNE + ["--out", "ft", "--data-weights=-1"],
     "pretrain --out .": PRETRAIN + ["--out", "."],
     "extend --out . --force": EXTEND + ["--out", ".", "--force"],
     "demo --out .": ["demo", "--model", "model", "--data", "docs.txt", "--out", "."],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -279,3 +280,82 @@ def test_cli_finetune_with_every_retention_option(tiny_model_dir, tmp_path, caps
     assert [e["step"] for e in log if "needle_loss" in e] == [2, 4]
     record = json.loads((out / train.FT_RECORD).read_text())
     assert record["config"]["short_share"] == 0.5 and record["identity"]["needle_data"]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. a weighted mix of data sources
+
+
+def test_sources_are_drawn_in_proportion_to_their_weights_and_seeded():
+    draws = [train.pick_source(3, [0.7, 0.3], step, micro) for step in range(1, 1001) for micro in range(2)]
+    assert abs(draws.count(0) / len(draws) - 0.7) < 0.04
+    assert draws == [train.pick_source(3, [7, 3], step, micro) for step in range(1, 1001) for micro in range(2)]
+    assert draws != [train.pick_source(4, [0.7, 0.3], step, micro) for step in range(1, 1001) for micro in range(2)]
+    assert {train.pick_source(0, [0.0, 1.0], s, 0) for s in range(1, 50)} == {1}
+    assert {train.pick_source(0, [1.0], s, 0) for s in range(1, 50)} == {0}
+
+
+def test_a_mixed_run_trains_on_each_source_as_drawn_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    tok = byte_tokenizer()
+    first, second = packed_data(n_docs=4), packed_data(n_docs=3, n_words=90) + 7  # other tokens, told apart
+    cfg = config(steps=6, checkpoint_every=2, grad_accum=2, batch_size=1)
+    seen = []
+    real = train.finetune_batch
+
+    def spy(pack, *args, **kwargs):
+        seen.append(2 if pack.max() > first.max() else 1)
+        return real(pack, *args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["longrope.train.finetune"], "finetune_batch", spy)
+    whole = train.finetune(tiny_model(), tok, scaling_with_short_factors(), [first, second], cfg, tmp_path / "a",
+                           source_weights=[0.5, 0.5])
+    expected = [1 + train.pick_source(cfg.seed, [0.5, 0.5], step, micro) for step in range(1, 7) for micro in range(2)]
+    assert seen == expected and set(seen) == {1, 2}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(info):
+        if info.step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train.finetune(tiny_model(), tok, scaling_with_short_factors(), [first, second], cfg, tmp_path / "b",
+                       source_weights=[0.5, 0.5], callback=stop_at_5)
+    with pytest.raises(UsageError, match="source_weights"):  # the mix is part of what a resume must match
+        train.finetune(tiny_model(), tok, scaling_with_short_factors(), [first, second], cfg, tmp_path / "b",
+                       source_weights=[0.9, 0.1], resume=True)
+    resumed = train.finetune(tiny_model(), tok, scaling_with_short_factors(), [first, second], cfg, tmp_path / "b",
+                             source_weights=[0.5, 0.5], resume=True)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data-weights", "0.7"], "--data-weights: 1 weights for 2 --data sources"),
+    (["--data-weights", "0.7,-0.3"], "weights must be numbers >= 0"),
+    (["--data-weights", "0,0"], "not all 0"),
+    (["--data-weights", "a,b"], "not a list of numbers"),
+])
+def test_cli_bad_data_weights_are_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, capsys, extra, message):
+    a, b = write_data(tmp_path / "a.jsonl"), write_data(tmp_path / "b.jsonl", n_docs=2)
+    try:
+        code = main([str(x) for x in ["finetune", "--model", tiny_model_dir, "--method", "longrope", "--target-length",
+                                      SEQ, "--data", a, b, "--steps", 2, "--out", tmp_path / "o", "--no-progress",
+                                      *extra]])
+    except SystemExit as exc:  # argparse's refusal of a value
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_finetune_on_two_weighted_sources(tiny_model_dir, tmp_path, capsys):
+    a, b = write_data(tmp_path / "a.jsonl"), write_data(tmp_path / "b.jsonl", n_docs=2)
+    out = tmp_path / "ft"
+    code = main([str(x) for x in ["finetune", "--model", tiny_model_dir, "--method", "longrope", "--target-length",
+                                  SEQ, "--data", a, b, "--data-weights", "3,1", "--steps", 2, "--out", out,
+                                  "--device", "cpu", "--no-progress"]])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / train.FT_RECORD).read_text())
+    assert record["identity"]["source_weights"] == [3.0, 1.0] and len(record["identity"]["data"]) == 2

@@ -13,12 +13,15 @@ Keeping short-context skills and retrieval (one process): --short-share P trains
 of the micro-batches at the model's original length (the short factors), --distill-weight W adds
 W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document, and
 --needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss").
+Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
 Several GPUs: `torchrun --nproc-per-node N -m longrope finetune ...` shards the weights (FSDP2)
 and splits each sequence over the N processes (context parallelism; --seq-len a multiple of 2N).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
 import torch
@@ -35,7 +38,11 @@ def register(sub) -> None:
     add_model_args(p)
     add_scaling_args(p)
     add_progress_args(p)
-    p.add_argument("--data", required=True, help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or 'bundled'")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or 'bundled'; several sources are mixed "
+                        "by --data-weights")
+    p.add_argument("--data-weights", type=parse_weights, metavar="W1,W2,...",
+                   help="with several --data: the share of the micro-batches drawn from each (default: equal)")
     p.add_argument("--seq-len", type=parse_length,
                    help="tokens per training sequence, e.g. 64k (default: the scaling's target length)")
     add_config_options(p, train.FinetuneConfig, ("steps",))
@@ -59,9 +66,22 @@ def register(sub) -> None:
 NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where --needle-every places the passkey in its windows
 
 
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r} (e.g. 0.7,0.3)") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must be numbers >= 0, not all 0: {text!r}")
+    return weights
+
+
 def run(args) -> int:
     if args.needle_every and not args.needle_data:
         raise UsageError("--needle-every: needs --needle-data (documents held apart from --data)")
+    if args.data_weights is not None and len(args.data_weights) != len(args.data):
+        raise UsageError(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} --data sources; "
+                         "give one per source")
     info = models.rope_info(models.load_config(args.model))
     scaling = models.resolve_scaling(args.scaling, args.method, args.target_length, info)  # before loading weights
     seq_len = args.seq_len or scaling.target_length
@@ -73,8 +93,14 @@ def run(args) -> int:
         save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32"))).validate()
     quiet = distributed.launched_rank() != 0  # under torchrun only rank 0 reports
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
-    docs = documents(args.data, tokenizer, quiet=args.quiet or quiet)
-    packed = train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    sources = []  # one packed array per --data source, each in its own documents' order
+    for spec in args.data:
+        docs = documents(spec, tokenizer, quiet=args.quiet or quiet)
+        try:
+            sources.append(train.pack_documents([d.tokens for d in docs], seq_len, tokenizer.bos_token_id,
+                                                tokenizer.eos_token_id))
+        except UsageError as exc:
+            raise UsageError(f"--data {spec}: {exc}") from None
     needles = needle_samples(args.needle_data, tokenizer, seq_len, cfg.seed, args.quiet or quiet) \
         if cfg.needle_every else None
     world = distributed.world_size()
@@ -83,17 +109,20 @@ def run(args) -> int:
         if scaling.target_length is not None and seq_len > scaling.target_length:
             print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
                   file=sys.stderr)
-        print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(docs)} documents "
-              f"packed into {len(packed)} sequences of {seq_len} tokens; {cfg.steps} steps × {cfg.sequences_per_step} "
-              f"sequences on {where} ({dtype})", file=sys.stderr)
-    identity = {"model": runs.input_identity(args.model), "data": data.source_digest(args.data)}
+        print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{' + '.join(str(len(s)) for s in sources)} sequences of {seq_len} tokens from {len(sources)} "
+              f"source(s); {cfg.steps} steps × {cfg.sequences_per_step} sequences on {where} ({dtype})",
+              file=sys.stderr)
+    digests = [data.source_digest(spec) for spec in args.data]
+    identity = {"model": runs.input_identity(args.model), "data": digests[0] if len(digests) == 1 else digests}
     if needles:
         identity["needle_data"] = data.source_digest(args.needle_data)
     try:
         with Progress(cfg.steps, "finetune", "steps", quiet=args.quiet or quiet) as bar:
-            result = train.finetune(model, tokenizer, scaling, packed, cfg, args.out, resume=args.resume,
+            result = train.finetune(model, tokenizer, scaling, sources, cfg, args.out, resume=args.resume,
                                     force=args.force, keep_checkpoint=args.keep_checkpoint,
-                                    callback=step_callback(bar), identity=identity, needles=needles)
+                                    callback=step_callback(bar), identity=identity, needles=needles,
+                                    source_weights=args.data_weights)
     except KeyboardInterrupt:
         return training_interrupted(cfg.checkpoint_every, args.out)
     if rec := result.record:  # rank 0 (or the one process) exported

@@ -9,7 +9,7 @@ process or, under torchrun, context parallel with FSDP2 (`parallel`).
 """
 
 from . import loop, parallel, retention
-from .finetune import FT_RECORD, FinetuneConfig, FinetuneResult, finetune, finetune_batch, pack_documents
+from .finetune import FT_RECORD, FinetuneConfig, FinetuneResult, finetune, finetune_batch, pack_documents, pick_source
 from .loop import CHECKPOINT, LOG, SAVE_DTYPES, StepInfo, TrainConfig, lr_at
 from .parallel import chunked_lm_loss
 from .pretrain import (PRETRAIN_RECORD, PretrainConfig, PretrainResult, build_model, llama_config, lm_loss,

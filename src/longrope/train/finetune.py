@@ -119,6 +119,16 @@ def finetune_batch(packed: np.ndarray, cfg: FinetuneConfig, step: int, micro: in
     return torch.from_numpy(np.ascontiguousarray(packed[rows]))
 
 
+def pick_source(seed: int, weights: Sequence[float], step: int, micro: int) -> int:
+    """Which data source micro-batch `micro` of step `step` comes from: drawn with probability
+    proportional to `weights`, a pure function of (seed, step, micro) like `finetune_batch`, so a
+    resumed run draws the sources an uninterrupted one does. One source: always 0."""
+    if len(weights) == 1:
+        return 0
+    p = np.asarray(weights, dtype=np.float64)
+    return int(np.random.default_rng([seed, step, micro, 0x50C]).choice(len(p), p=p / p.sum()))
+
+
 @dataclass
 class FinetuneResult:
     out: Path
@@ -126,12 +136,16 @@ class FinetuneResult:
     record: dict = field(default_factory=dict)
 
 
-def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig, out: str | os.PathLike, *,
+def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray], cfg: FinetuneConfig,
+             out: str | os.PathLike, *,
              resume: bool = False, force: bool = False, keep_checkpoint: bool = False,
              callback: Callable[[loop.StepInfo], None] | None = None, identity: dict | None = None,
-             command: str | None = None, needles: Sequence | None = None) -> FinetuneResult:
+             command: str | None = None, needles: Sequence | None = None,
+             source_weights: Sequence[float] | None = None) -> FinetuneResult:
     """Fine-tune `model` (a transformers causal LM, moved to float32 on cfg.device) with `scaling`
-    attached on `packed` sequences ([n, seq_len], see `pack_documents`); write `out`: the
+    attached on `packed` sequences ([n, seq_len], see `pack_documents`), or on several such
+    sources, each micro-batch drawn from one with probability proportional to `source_weights`
+    (`pick_source`; each source's sequences in their own seeded order); write `out`: the
     checkpoint exported with the scaling (`models.export`: plain transformers loads it),
     train_log.jsonl, and finetune.json last.
 
@@ -153,9 +167,14 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     positions, the short/long choice on the global length), the weights sharded by FSDP2; rank 0
     writes every file. A checkpoint resumes only with the same number of processes."""
     cfg.validate()
-    packed = np.asarray(packed)
-    if packed.ndim != 2 or packed.shape[1] != cfg.seq_len or len(packed) == 0:
-        raise UsageError(f"finetune: expected packed sequences of shape (n >= 1, {cfg.seq_len}), got {packed.shape}")
+    sources = [np.asarray(packed)] if isinstance(packed, np.ndarray) else [np.asarray(p) for p in packed]
+    weights = list(source_weights) if source_weights is not None else [1.0] * len(sources)
+    for pack in sources:
+        if pack.ndim != 2 or pack.shape[1] != cfg.seq_len or len(pack) == 0:
+            raise UsageError(f"finetune: expected packed sequences of shape (n >= 1, {cfg.seq_len}), got {pack.shape}")
+    if not sources or len(weights) != len(sources) or not all(math.isfinite(w) and w >= 0 for w in weights) \
+            or sum(weights) <= 0:
+        raise UsageError(f"finetune: {len(sources)} data sources need as many weights >= 0, not all 0; got {weights}")
     short_len = getattr(scaling, "original_max_position_embeddings", None)
     if cfg.short_share and not (short_len and short_len < cfg.seq_len):
         raise UsageError(f"--short-share: the scaling's original length ({short_len}) must be below --seq-len")
@@ -167,12 +186,13 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
     if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every):
         raise UsageError("--short-share, --distill-weight, --doc-mask and --needle-every run in one process only")
     device, out = ranks.device, Path(out)
-    identity = {"scaling": scaling.to_dict(), **(identity or {})}
+    identity = {"scaling": scaling.to_dict(), **({"source_weights": weights} if len(sources) > 1 else {}),
+                **(identity or {})}
     checkpoint = ranks.open_out(out, resume, force, FT_RECORD)
     loop.check_resumable(cfg, identity, checkpoint, ranks.world)
     loop.allow_tf32(device)
     teacher = retention.frozen_teacher(model, device) if cfg.distill_weight else None  # before attaching
-    short_packed = retention.short_sequences(packed, short_len) if cfg.short_share else None
+    short_sources = [retention.short_sequences(p, short_len) for p in sources] if cfg.short_share else None
     trained = ranks.prepare(_prepare_model(model, scaling, cfg, device))  # the model, or its FSDP2 root
     optimizer = loop.make_optimizer(trained, cfg, device)
     if checkpoint is not None:
@@ -184,7 +204,9 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
 
     def micro_batch(step: int, micro: int) -> tuple[torch.Tensor, bool]:  # (batch, whether it is short)
         short = retention.is_short_micro_batch(cfg.seed, cfg.short_share, step, micro)
-        return finetune_batch(short_packed if short else packed, cfg, step, micro).to(device, non_blocking=True), short
+        source = pick_source(cfg.seed, weights, step, micro)
+        pack = (short_sources if short else sources)[source]
+        return finetune_batch(pack, cfg, step, micro).to(device, non_blocking=True), short
 
     def objective(batch: torch.Tensor, short: bool) -> dict:  # what `ranks.nll` adds to the plain NLL
         extra = {}
@@ -229,7 +251,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray, cfg: FinetuneConfig,
         model.gradient_checkpointing_disable()
     model.eval()
     model.to(dtype=getattr(torch, cfg.save_dtype))
-    record = {**run.record(model, command), "scaling": scaling.to_dict(), "sequences": int(len(packed))}
+    record = {**run.record(model, command), "scaling": scaling.to_dict(),
+              "sequences": int(sum(len(p) for p in sources))}
     if ranks.world > 1:
         record["processes"] = ranks.world
     try:
