@@ -15,7 +15,7 @@ import torch
 
 from conftest import ORIGINAL, tiny_model
 from longrope import runs, data as D
-from longrope import evaluate, models, pipeline
+from longrope import evaluate, models, pipeline, train
 from longrope import scaling as sc
 from longrope import search as S
 from longrope.cli import main
@@ -295,6 +295,18 @@ def test_cli_extend_end_to_end(tiny_model_dir, docs_file, tmp_path, capsys):
     code, stdout, _ = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 128,
                           "--stages", "search:128", "--out", out, "--device", "cpu", "--resume", *SMALL)
     assert code == 0 and "already complete" in stdout
+
+
+def test_cli_extend_finetune_stages_take_the_retention_options(tiny_model_dir, docs_file, tmp_path, capsys):
+    out = tmp_path / "ext"
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 128,
+                       "--stages", "finetune:128:2", "--out", out, "--device", "cpu", "--no-readjust",
+                       "--short-share", "0.5", "--distill-weight", "0.25", "--doc-mask", *SMALL)
+    assert code == 0, err
+    records = list(out.glob(f"**/{train.FT_RECORD}"))
+    assert len(records) == 1
+    config = json.loads(records[0].read_text())["config"]
+    assert (config["short_share"], config["distill_weight"], config["doc_mask"]) == (0.5, 0.25, True)
 
 
 def test_cli_extend_max_stages_pauses_and_resume_finishes(tiny_model_dir, docs_file, tmp_path, capsys):

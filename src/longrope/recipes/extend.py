@@ -55,7 +55,8 @@ def register(sub) -> None:
     f = p.add_argument_group("fine-tuning stages")
     f.add_argument("--finetune-steps", dest="steps", type=int, metavar="N",
                    help=f"steps of a finetune:L stage without its own (default {FINETUNE.steps})")
-    add_config_options(f, FINETUNE, ("lr", "warmup", "batch_size", "grad_accum", "checkpoint_every"))
+    add_config_options(f, FINETUNE, ("lr", "warmup", "batch_size", "grad_accum", "checkpoint_every", "short_share",
+                                     "distill_weight", "doc_mask"))
     r = p.add_argument_group("readjustment and report")
     add_config_options(r, pipeline.PipelineConfig, ("readjust", "readjust_cap", "readjust_attention", "report_docs",
                                                     "passkey_trials"))
