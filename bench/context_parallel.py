@@ -46,7 +46,7 @@ def build(shape: str, target: int, device: torch.device):
     factors = sc.yarn_factors(info.dim, info.base, original, target / original).tolist()
     # the smoke model is treated as trained at 64 on purpose
     models.attach(model, sc.LongRoPEScaling.from_target(factors, original, target), allow_context_mismatch=SMOKE)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models.enable_checkpointing(model)
     return model.train()
 
 

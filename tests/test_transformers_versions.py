@@ -105,6 +105,22 @@ def test_generate_across_the_switch_gives_no_deprecation_notice():
     assert not [m for m in seen if "deprecat" in m.lower()], seen
 
 
+def test_checkpointing_is_enabled_without_deprecation_notice_and_recomputes_layers():
+    """`models.enable_checkpointing` (fine-tuning's): on in every decoder layer, and silent on both
+    ends of the supported range (5.24 deprecates `gradient_checkpointing_enable`)."""
+    model = tiny_model("llama").train()
+    with transformers_messages() as seen:
+        models.enable_checkpointing(model)
+    assert not [m for m in seen if "deprecat" in m.lower()], seen
+    assert model.is_gradient_checkpointing
+    calls = []
+    # a module inside the layer: the recomputation runs it again, however the layer is wrapped
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    ids = torch.randint(3, 259, (1, 32), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # the forward, and its recomputation in the backward
+
+
 @pytest.mark.parametrize("prefill", ["lean", "modules"])
 def test_greedy_generate_gives_no_deprecation_notice(prefill, monkeypatch):
     model = models.attach(tiny_model("llama"), sc.make("longrope", ORIGINAL, 4 * ORIGINAL, dim=16, base=10000.0))

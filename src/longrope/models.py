@@ -322,6 +322,17 @@ def cache_argument(model) -> str:
     return "past_key_values"
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer, non-reentrant (works under autocast and
+    with inputs that need no grad): `activation_checkpointing_enable` from transformers 5.24, where
+    `gradient_checkpointing_enable` is deprecated; the latter before. Chosen by what the class
+    has, as `cache_argument` is."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _install_cache_reset(model, scaling: Scaling) -> None:
     """Generation that grows past the original context switches LongRoPE from short to long
     factors; keys cached under the short factors would then be stale. As transformers does for

@@ -268,7 +268,7 @@ def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device):
     models.attach(model, scaling)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     model.train()
     return model
 

@@ -1,0 +1,115 @@
+"""Issue 16's speed target: one fine-tuning step of ours beside a stock transformers training step,
+side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (one GPU).
+
+- stock: the model in bf16, SDPA, transformers' activation checkpointing, `model(ids, labels=ids).loss`,
+  backward, AdamW (fused);
+- ours: what `longrope finetune` runs per step (float32 master weights, bf16 autocast, gradient
+  checkpointing, the chunked loss of `train.chunked_lm_loss` that never builds (tokens × vocab)
+  logits, `loop.make_optimizer`), with a LongRoPE scaling attached for the length.
+
+Per length: the median seconds of --steps steps after one warm-up step, and the peak memory
+allocated during them; the ratios ours/stock. The target: ≤ 0.7× the time, ≤ 0.5× the memory at 64k.
+
+    python bench/finetune_step.py --lengths 16k,32k,64k --out finetune_step.json
+    LONGROPE_BENCH_SMOKE=1 python bench/finetune_step.py --lengths 256 --steps 1   # a CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import DEVICE, SMOKE, environment, fmt_len, measured, random_llama, ratio, require_cuda, sync, write_json
+from longrope import models, train
+from longrope import scaling as sc
+from longrope.cli import parse_lengths
+
+
+def stock_step(model, optimizer, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def our_step(model, optimizer, ids, cfg) -> None:
+    with train.loop.autocast(ids.device, cfg.dtype):
+        summed, targets = train.chunked_lm_loss(model, ids, cfg.loss_chunk)
+    (summed / targets).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed_steps(step, steps: int) -> dict:
+    """One warm-up step, then `steps` timed ones inside `measured` (peak memory of them all)."""
+    step()
+    result, seconds = {}, []
+    with measured(result):
+        for _ in range(steps):
+            sync()
+            t = time.perf_counter()
+            step()
+            sync()
+            seconds.append(time.perf_counter() - t)
+    if not result.get("oom"):
+        result["seconds_per_step"] = statistics.median(seconds)
+    return result
+
+
+def stock(length: int, steps: int) -> dict:
+    model = random_llama("smollm2", torch.bfloat16).train()
+    model.config.use_cache = False
+    models.enable_checkpointing(model)  # transformers' own, under its current name
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=not SMOKE)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE())
+    try:
+        return timed_steps(lambda: stock_step(model, optimizer, ids), steps)
+    finally:
+        del model, optimizer
+
+
+def ours(length: int, steps: int) -> dict:
+    model = random_llama("smollm2", torch.float32)
+    info = models.rope_info(model.config)
+    cfg = train.FinetuneConfig(seq_len=length, steps=steps, device=str(DEVICE()),
+                               dtype="float32" if SMOKE else "bfloat16").validate()
+    if length > info.original_length:
+        models.attach(model, sc.make("longrope", info.original_length, length, dim=info.dim, base=info.base))
+    model.config.use_cache = False
+    models.enable_checkpointing(model)
+    model.train()
+    train.loop.allow_tf32(DEVICE())
+    optimizer = train.loop.make_optimizer(model, cfg, DEVICE())
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE())
+    try:
+        return {**timed_steps(lambda: our_step(model, optimizer, ids, cfg), steps), "loss_chunk": cfg.loss_chunk}
+    finally:
+        del model, optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("16k,32k,64k"))
+    p.add_argument("--steps", type=int, default=3, help="timed steps per length and implementation (default 3)")
+    p.add_argument("--out", default="finetune_step.json")
+    args = p.parse_args()
+    require_cuda("finetune_step")
+    rows = []
+    for n in args.lengths:
+        row = {"length": n, "stock": stock(n, args.steps), "ours": ours(n, args.steps)}
+        s, o = row["stock"], row["ours"]
+        if not (s.get("oom") or o.get("oom")):
+            row["time_ratio"] = ratio(o["seconds_per_step"], s["seconds_per_step"])
+            row["memory_ratio"] = ratio(o["peak_gib"], s["peak_gib"])
+        rows.append(row)
+        print(f"{fmt_len(n)}: stock {s.get('seconds_per_step', float('nan')):.3f} s {s['peak_gib']:.1f} GiB"
+              f"{' (oom)' if s.get('oom') else ''}; ours {o.get('seconds_per_step', float('nan')):.3f} s "
+              f"{o['peak_gib']:.1f} GiB{' (oom)' if o.get('oom') else ''}; ratios time "
+              f"{row.get('time_ratio', float('nan')):.2f}, memory {row.get('memory_ratio', float('nan')):.2f}")
+    write_json(args.out, {"environment": environment(), "steps": args.steps, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
