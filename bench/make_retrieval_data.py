@@ -4,7 +4,9 @@ disjoint files cut from ../shared/corpus/:
 - search.jsonl.gz: what the search sees (fitness and validation documents are drawn from it, seeded
   and disjoint): The Treasury of David in 8 segments and CPython's top-level modules in 6 segments;
 - report_prose.jsonl.gz: the six Austen novels and Moby-Dick, never searched on;
-- report_code.jsonl.gz: the CPython packages encodings, pydoc_data, distutils and asyncio, never searched on.
+- report_code.jsonl.gz: the CPython packages encodings, pydoc_data, distutils and asyncio, never searched on;
+- train_short.jsonl.gz: the other CPython packages (shorter documents), a second fine-tuning source;
+- needle_valid.jsonl.gz: the Metamath databases iset.mm and nf.mm, the fine-tune's needle validation.
 
 usage: python3 bench/make_retrieval_data.py ../shared/corpus OUT_FOLDER"""
 
@@ -44,5 +46,8 @@ books = {d["id"]: d for d in read(corpus / "books.jsonl.gz")}
 code = {d["id"]: d for d in read(corpus / "python_stdlib.jsonl.gz")}
 write(out / "search.jsonl.gz", segments(books["tdavid/full"], 8) + segments(code["cpython-3.11/_toplevel"], 6))
 write(out / "report_prose.jsonl.gz", [d for k, d in books.items() if k != "tdavid/full"])
-write(out / "report_code.jsonl.gz", [code[f"cpython-3.11/{name}"] for name in ("encodings", "pydoc_data", "distutils",
-                                                                                "asyncio")])
+REPORT_CODE = [f"cpython-3.11/{name}" for name in ("encodings", "pydoc_data", "distutils", "asyncio")]
+write(out / "report_code.jsonl.gz", [code[k] for k in REPORT_CODE])
+write(out / "train_short.jsonl.gz", [d for k, d in code.items() if k not in REPORT_CODE + ["cpython-3.11/_toplevel"]])
+formal = {d["id"]: d for d in read(corpus / "formal.jsonl.gz")}
+write(out / "needle_valid.jsonl.gz", [formal["metamath/iset.mm"], formal["metamath/nf.mm"]])

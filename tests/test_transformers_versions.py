@@ -119,6 +119,10 @@ def test_checkpointing_is_enabled_without_deprecation_notice_and_recomputes_laye
     ids = torch.randint(3, 259, (1, 32), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
     assert len(calls) == 2  # the forward, and its recomputation in the backward
+    with transformers_messages() as seen:
+        models.disable_checkpointing(model)
+    assert not [m for m in seen if "deprecat" in m.lower()], seen
+    assert not model.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("prefill", ["lean", "modules"])

@@ -333,6 +333,14 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def disable_checkpointing(model) -> None:
+    """`enable_checkpointing` undone (the fine-tuned model is handed back for inference)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+
+
 def _install_cache_reset(model, scaling: Scaling) -> None:
     """Generation that grows past the original context switches LongRoPE from short to long
     factors; keys cached under the short factors would then be stale. As transformers does for

@@ -247,8 +247,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     model = ranks.final_model(model, trained, optimizer, scaling)
     if model is None:  # a rank > 0: rank 0 exports
         return FinetuneResult(out=out, model=None, record={})
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    if cfg.gradient_checkpointing:
+        models.disable_checkpointing(model)
     model.eval()
     model.to(dtype=getattr(torch, cfg.save_dtype))
     record = {**run.record(model, command), "scaling": scaling.to_dict(),
