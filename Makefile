@@ -21,7 +21,7 @@ define make-venv
 	touch $(1)/.installed
 endef
 
-.PHONY: demo test test-lowest env clean
+.PHONY: demo test test-lowest check-llamacpp env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(call make-venv,$(VENV))
@@ -39,6 +39,13 @@ test: env
 
 test-lowest: $(VENV_LOWEST)/.installed
 	$(VENV_LOWEST)/bin/python -m pytest -q
+
+# llama.cpp itself on our GGUF export (tests marked llamacpp; skipped by `make test`): builds
+# llama-cpp-python from source for the CPU, minutes on two cores, so it is not part of CI
+check-llamacpp: env
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(PY) -m pip install $(PIP_FLAGS) --no-deps llama-cpp-python
+	LONGROPE_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -m llamacpp tests/test_gguf_export.py
 
 demo: env
 	$(VENV)/bin/longrope demo --out demo-out --force

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -143,8 +144,19 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, tiny_model_dir, 
 # llama.cpp itself (make check-llamacpp installs it; skipped where it is not installed)
 
 
+def need_llama_cpp():
+    """llama_cpp, or a skip (a failure under `make check-llamacpp`, which must run it)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("LONGROPE_REQUIRE_LLAMACPP"):
+            pytest.fail("llama_cpp is not importable: `make check-llamacpp` installs llama-cpp-python")
+        pytest.skip("llama-cpp-python is not installed (make check-llamacpp)")
+    return llama_cpp
+
+
 def llama_cpp_logprobs(path, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need_llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), logits_all=True, verbose=False, n_threads=2,
                           n_batch=len(ids), n_ubatch=len(ids))
     llm.eval(ids)
@@ -155,7 +167,7 @@ def llama_cpp_logprobs(path, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.llamacpp
 def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_path):
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     model = tiny_model("llama")
     scaling = scaling_for(model)
     path = G.export_gguf(model, byte_tokenizer(), scaling, tmp_path / "g", "f32")
