@@ -109,6 +109,11 @@ def _tokenizer_keys(gguf, writer, tokenizer, tokenizer_folder: Path, vocab_size:
     if spec.get("model", {}).get("type") != "BPE":
         raise UsageError("--format gguf: only byte-level BPE tokenizers are written (this one is "
                          f"{spec.get('model', {}).get('type')}); convert with llama.cpp's convert_hf_to_gguf.py")
+    if not spec["model"].get("merges"):
+        # llama.cpp's gpt2 vocabulary must have merges; a BPE without any (a byte-level vocabulary,
+        # like the bundled models') goes out as "none": llama.cpp then takes token ids, not text
+        writer.add_tokenizer_model("none")
+        return
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
