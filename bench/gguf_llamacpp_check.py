@@ -32,8 +32,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def llama_cpp_logprobs(path, ids: list[int], rows: np.ndarray, threads: int) -> np.ndarray:
     import llama_cpp
 
+    # the KV cache in float32 (llama.cpp's default is float16), so the comparison is at f32 tolerance
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), logits_all=True, verbose=False, n_threads=threads,
-                          n_batch=512)
+                          n_batch=512, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
     return log_softmax(np.asarray(llm.scores[rows], dtype=np.float32))
 
@@ -59,7 +60,7 @@ def main() -> None:
     models.attach(model, scaling)
     hf_dir = models.export(model, tokenizer, scaling, f"{work}/hf")
     factors = gguf_export.export_gguf(model, tokenizer, scaling, f"{work}/gguf", "f32")
-    plain = dataclasses.replace(scaling, long_factor=(1.0,) * len(scaling.long_factor), attention_factor=1.0, n_hat=0)
+    plain = dataclasses.replace(scaling, long_factor=(1.0,) * len(scaling.long_factor), attention_setting=1.0, n_hat=0)
     without = gguf_export.export_gguf(model, tokenizer, plain, f"{work}/gguf-plain", "f32", drop_n_hat=True)
     del model
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()  # plain transformers

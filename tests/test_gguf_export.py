@@ -157,8 +157,10 @@ def need_llama_cpp():
 
 def llama_cpp_logprobs(path, ids: list[int]) -> np.ndarray:
     llama_cpp = need_llama_cpp()
+    # the KV cache in float32 (llama.cpp's default is float16): the comparison is at f32 tolerance
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), logits_all=True, verbose=False, n_threads=2,
-                          n_batch=len(ids), n_ubatch=len(ids))
+                          n_batch=len(ids), n_ubatch=len(ids), type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
     logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
     return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
@@ -177,9 +179,9 @@ def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_pa
         ref = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1).numpy()
     ours = llama_cpp_logprobs(path, ids.tolist())
     beyond = slice(ORIGINAL, TARGET)
-    np.testing.assert_allclose(ours[beyond], ref[beyond], atol=2e-3)
+    np.testing.assert_allclose(ours[beyond], ref[beyond], atol=5e-4)  # measured: 4.9e-5
     # the same file without the factors and the temperature differs there: the check can fail
     plain = G.export_gguf(tiny_model("llama"), byte_tokenizer(),
                           dataclasses.replace(scaling, long_factor=(1.0,) * len(scaling.long_factor),
-                                              attention_factor=1.0), tmp_path / "plain", "f32")
+                                              attention_setting=1.0), tmp_path / "plain", "f32")
     assert np.abs(llama_cpp_logprobs(plain, ids.tolist())[beyond] - ref[beyond]).max() > 0.05
