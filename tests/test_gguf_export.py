@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import ORIGINAL, tiny_model
 from longrope import gguf_export as G
@@ -173,10 +174,13 @@ def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_pa
     model = tiny_model("llama")
     scaling = scaling_for(model)
     path = G.export_gguf(model, byte_tokenizer(), scaling, tmp_path / "g", "f32")
-    models.attach(model, scaling)
+    # the reference: plain transformers (its own `longrope` rotary) on our Hugging Face export
+    hf = models.export(models.attach(model, scaling), byte_tokenizer(), scaling, tmp_path / "hf")
+    reference = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert type(reference.model.rotary_emb).__module__.startswith("transformers")
     ids = torch.randint(3, 259, (TARGET,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1).numpy()
+        ref = torch.log_softmax(reference(input_ids=ids[None]).logits[0].double(), -1).numpy()
     ours = llama_cpp_logprobs(path, ids.tolist())
     beyond = slice(ORIGINAL, TARGET)
     np.testing.assert_allclose(ours[beyond], ref[beyond], atol=5e-4)  # measured: 4.9e-5
