@@ -183,7 +183,7 @@ def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_pa
         ref = torch.log_softmax(reference(input_ids=ids[None]).logits[0].double(), -1).numpy()
     ours = llama_cpp_logprobs(path, ids.tolist())
     beyond = slice(ORIGINAL, TARGET)
-    np.testing.assert_allclose(ours[beyond], ref[beyond], atol=5e-4)  # measured: 4.9e-5
+    np.testing.assert_allclose(ours[beyond], ref[beyond], atol=5e-4)  # measured: 5.3e-5
     # the same file without the factors and the temperature differs there: the check can fail
     plain = G.export_gguf(tiny_model("llama"), byte_tokenizer(),
                           dataclasses.replace(scaling, long_factor=(1.0,) * len(scaling.long_factor),
