@@ -28,9 +28,11 @@ TARGET = 4 * ORIGINAL
 
 
 def scaling_for(model, n_hat: int = 0) -> sc.LongRoPEScaling:
+    """Long factors 1..5 and short factors 1..1.3, told apart from each other and from none."""
     info = models.rope_info(model.config)
     half = info.dim // 2
     return sc.LongRoPEScaling(long_factor=tuple(float(x) for x in np.linspace(1.0, 5.0, half)), factor=4.0,
+                              short_factor=tuple(float(x) for x in np.linspace(1.0, 1.3, half)),
                               original_max_position_embeddings=ORIGINAL, n_hat=n_hat)
 
 
@@ -91,14 +93,28 @@ def test_weights_are_llama_cpp_s_layout(tmp_path):
     assert set(t) == expected
 
 
+def test_phi3_goes_out_with_its_long_and_short_factor_tensors(tmp_path):
+    model = tiny_model("phi3")
+    scaling = scaling_for(model)
+    path = G.export_gguf(model, byte_tokenizer(), scaling, tmp_path / "g", "f32")
+    got = G.read_rope(path)
+    f32 = lambda xs: tuple(float(np.float32(x)) for x in xs)  # noqa: E731
+    assert (got.freq_factors, got.short_factors) == (f32(scaling.long_factor), f32(scaling.short_factor))
+    assert got.rope_dimension == models.rope_info(model.config).dim == 8  # partial rotary
+    t = tensors(path)
+    assert "rope_freqs.weight" not in t and "blk.0.attn_qkv.weight" in t
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(t["blk.0.attn_qkv.weight"].reshape(qkv.shape), qkv)  # not permuted
+
+
 def test_n_hat_is_refused_or_dropped_and_other_architectures_are_refused(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(UsageError, match="--drop-n-hat"):
         G.export_gguf(model, byte_tokenizer(), scaling_for(model, n_hat=8), tmp_path / "a", "f32")
     assert not (tmp_path / "a").exists()
     G.export_gguf(model, byte_tokenizer(), scaling_for(model, n_hat=8), tmp_path / "b", "f32", drop_n_hat=True)
-    with pytest.raises(UsageError, match="Phi3ForCausalLM is not supported"):
-        G.export_gguf(tiny_model("phi3"), byte_tokenizer(), scaling_for(tiny_model("phi3")), tmp_path / "c", "f32")
+    with pytest.raises(UsageError, match="Qwen3ForCausalLM is not supported"):
+        G.export_gguf(tiny_model("qwen3"), byte_tokenizer(), scaling_for(tiny_model("qwen3")), tmp_path / "c", "f32")
     assert not (tmp_path / "c").exists()
 
 
@@ -122,14 +138,14 @@ def test_cli_writes_the_gguf(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def phi3_dir(tmp_path_factory):
-    return save_tiny_model(tiny_model("phi3"), tmp_path_factory.mktemp("models") / "tiny-phi3")
+def qwen3_dir(tmp_path_factory):
+    return save_tiny_model(tiny_model("qwen3"), tmp_path_factory.mktemp("models") / "tiny-qwen3")
 
 
-@pytest.mark.parametrize("case", ["phi3", "n_hat", "type"])
-def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, tiny_model_dir, phi3_dir, tmp_path, capsys):
+@pytest.mark.parametrize("case", ["qwen3", "n_hat", "type"])
+def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, tiny_model_dir, qwen3_dir, tmp_path, capsys):
     model, extra, message = {
-        "phi3": (phi3_dir, ["--method", "longrope", "--target-length", TARGET], "Phi3ForCausalLM is not supported"),
+        "qwen3": (qwen3_dir, ["--method", "longrope", "--target-length", TARGET], "Qwen3ForCausalLM is not supported"),
         "n_hat": (tiny_model_dir, ["--scaling", tmp_path / "s.json"], "--drop-n-hat"),
         "type": (tiny_model_dir, ["--method", "longrope", "--target-length", TARGET, "--gguf-type", "q4_k"],
                  "--gguf-type"),
@@ -169,9 +185,13 @@ def llama_cpp_logprobs(path, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
+def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_path, arch):
+    """Beyond the window, where both apply the long factors: llama.cpp allocating more than the
+    original context (it picks phi3's factor set by the context allocated, padded to 256 tokens,
+    so its short regime cannot be checked on a 64-token model)."""
     need_llama_cpp()
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     scaling = scaling_for(model)
     path = G.export_gguf(model, byte_tokenizer(), scaling, tmp_path / "g", "f32")
     # the reference: plain transformers (its own `longrope` rotary) on our Hugging Face export
@@ -185,7 +205,7 @@ def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_pa
     beyond = slice(ORIGINAL, TARGET)
     np.testing.assert_allclose(ours[beyond], ref[beyond], atol=5e-4)  # measured: 5.3e-5
     # the same file without the factors and the temperature differs there: the check can fail
-    plain = G.export_gguf(tiny_model("llama"), byte_tokenizer(),
+    plain = G.export_gguf(tiny_model(arch), byte_tokenizer(),
                           dataclasses.replace(scaling, long_factor=(1.0,) * len(scaling.long_factor),
                                               attention_setting=1.0), tmp_path / "plain", "f32")
     assert np.abs(llama_cpp_logprobs(plain, ids.tolist())[beyond] - ref[beyond]).max() > 0.05

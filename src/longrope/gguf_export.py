@@ -15,6 +15,10 @@ short regime - llama.cpp applies the long factors to every prompt, as vLLM does.
 Llama, Mistral and Qwen2 (its q/k/v biases are optional tensors of llama.cpp's LLaMA architecture)
 go out as `llama`; q and k are permuted from Hugging Face's half-split rotary layout to llama.cpp's
 interleaved pairs (`_interleave_heads`), as llama.cpp's own converter does for these models.
+
+Phi-3 goes out as llama.cpp's `phi3`, with its native `rope_factors_long` / `rope_factors_short`
+tensors (no permutation: its rotary is the half-split one). llama.cpp chooses between them by the
+context allocated (n_ctx above the original length: long), not by the prompt's length.
 """
 
 from __future__ import annotations
@@ -33,19 +37,22 @@ from .errors import UsageError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 GGUF_FILE = "model.gguf"
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")  # written as llama.cpp's `llama`
+# Hugging Face class -> llama.cpp architecture
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
+                 "Phi3ForCausalLM": "phi3"}
 
 
 @dataclass(frozen=True)
 class RopeInGGUF:
     """What the GGUF file says of positions (also what `read_rope` reads back)."""
 
-    freq_factors: tuple[float, ...]  # rope_freqs: pair i's frequency is divided by it
+    freq_factors: tuple[float, ...]  # rope_freqs (llama) / rope_factors_long (phi3): pair i's frequency / it
     attn_factor: float
     context_length: int
     original_context_length: int
     freq_base: float
     rope_dimension: int
+    short_factors: tuple[float, ...] | None = None  # phi3's rope_factors_short (llama: none)
 
 
 def rope_in_gguf(scaling: sc.Scaling, info: models.RopeInfo, drop_n_hat: bool = False) -> RopeInGGUF:
@@ -59,10 +66,12 @@ def rope_in_gguf(scaling: sc.Scaling, info: models.RopeInfo, drop_n_hat: bool = 
         raise UsageError(f"--format gguf: n_hat = {scaling.n_hat} (positions left unscaled) has no GGUF key; "
                          "pass --drop-n-hat to export without it (positions below it then use the factors too)")
     beyond = target + 1  # the long regime, as llama.cpp applies it to every position
-    factors = (scaling.long_factor if isinstance(scaling, sc.LongRoPEScaling)  # λ exactly, not a float32 quotient
+    longrope = isinstance(scaling, sc.LongRoPEScaling)
+    factors = (scaling.long_factor if longrope  # λ exactly, not a float32 quotient
                else sc.equivalent_factors(scaling, info.dim, info.base, beyond).tolist())
+    short = (scaling.short_factor or (1.0,) * len(factors)) if longrope else (1.0,) * len(factors)
     return RopeInGGUF(tuple(float(f) for f in factors), float(scaling.attention_factor(beyond)), int(target),
-                      int(info.original_length), float(info.base), int(info.dim))
+                      int(info.original_length), float(info.base), int(info.dim), tuple(float(f) for f in short))
 
 
 def _gguf():
@@ -92,7 +101,7 @@ def _interleave_heads(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def _tensor_type(gguf, name: str, data: np.ndarray, gguf_type: str):
     """(data, raw type) in the file: matrices in the asked type, vectors (norms, biases, rope_freqs) in f32."""
-    if data.ndim < 2 or gguf_type == "f32" or name == "rope_freqs.weight":
+    if data.ndim < 2 or gguf_type == "f32" or name.startswith(("rope_freqs", "rope_factors")):
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
     if gguf_type == "f16":
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -141,6 +150,8 @@ def export_gguf(model, tokenizer, scaling: sc.Scaling, out: str | os.PathLike, g
     gguf = _gguf()
     config = model.config
     check_exportable(type(model).__name__, gguf_type)
+    arch_name = ARCHITECTURES[type(model).__name__]
+    arch = gguf.MODEL_ARCH.PHI3 if arch_name == "phi3" else gguf.MODEL_ARCH.LLAMA
     info = models.rope_info(config)
     rope = rope_in_gguf(scaling, info, drop_n_hat)
     runs.check_out(out, force=force, inputs=[getattr(model, "_longrope_source", None)])
@@ -149,12 +160,12 @@ def export_gguf(model, tokenizer, scaling: sc.Scaling, out: str | os.PathLike, g
     state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reads token_embd as the output then
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     with runs.staged(out, force, command="export") as tmp:
         tokenizer.save_pretrained(tmp / "tokenizer")  # what SpecialVocab reads (merges, special ids, template)
-        writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(str(getattr(config, "_name_or_path", "") or "longrope export"))
         writer.add_context_length(rope.context_length)
         writer.add_embedding_length(config.hidden_size)
@@ -173,14 +184,18 @@ def export_gguf(model, tokenizer, scaling: sc.Scaling, out: str | os.PathLike, g
         writer.add_rope_scaling_orig_ctx_len(rope.original_context_length)
         writer.add_file_type(file_type)
         _tokenizer_keys(gguf, writer, tokenizer, tmp / "tokenizer", config.vocab_size)
-        writer.add_tensor("rope_freqs.weight", np.asarray(rope.freq_factors, dtype=np.float32))
+        if arch_name == "phi3":  # its native pair, chosen by llama.cpp from the context allocated
+            writer.add_tensor("rope_factors_long.weight", np.asarray(rope.freq_factors, dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.asarray(rope.short_factors, dtype=np.float32))
+        else:
+            writer.add_tensor("rope_freqs.weight", np.asarray(rope.freq_factors, dtype=np.float32))
         for hf_name, data in state.items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise UsageError(f"--format gguf: no GGUF name for the tensor {hf_name}")
-            if ".q_proj." in hf_name:
+            if arch_name == "llama" and ".q_proj." in hf_name:
                 data = _interleave_heads(data, heads)
-            elif ".k_proj." in hf_name:
+            elif arch_name == "llama" and ".k_proj." in hf_name:
                 data = _interleave_heads(data, kv_heads)
             data, raw_type = _tensor_type(gguf, name, data, gguf_type)
             writer.add_tensor(name, data, raw_dtype=raw_type)
@@ -196,14 +211,16 @@ def read_rope(path: str | os.PathLike) -> RopeInGGUF:
     """What a GGUF file says of positions, read back with gguf's reader."""
     gguf = _gguf()
     reader = gguf.GGUFReader(str(path))
-    arch = "llama"
 
     def value(key: str):
         field = reader.fields[key]
         return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]][0]
 
-    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-    return RopeInGGUF(tuple(float(x) for x in np.asarray(freqs.data, dtype=np.float64).tolist()),
+    arch = str(value("general.architecture"))
+    tensors = {t.name: tuple(float(x) for x in np.asarray(t.data, dtype=np.float64).tolist())
+               for t in reader.tensors if t.name.startswith(("rope_freqs", "rope_factors"))}
+    return RopeInGGUF(tensors.get("rope_freqs.weight") or tensors["rope_factors_long.weight"],
                       float(value(f"{arch}.rope.scaling.attn_factor")), int(value(f"{arch}.context_length")),
                       int(value(f"{arch}.rope.scaling.original_context_length")),
-                      float(value(f"{arch}.rope.freq_base")), int(value(f"{arch}.rope.dimension_count")))
+                      float(value(f"{arch}.rope.freq_base")), int(value(f"{arch}.rope.dimension_count")),
+                      tensors.get("rope_factors_short.weight"))

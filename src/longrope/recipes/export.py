@@ -1,9 +1,10 @@
 """`longrope export`: write a Hugging Face checkpoint carrying a scaling, or a GGUF file for llama.cpp.
 
---format gguf writes OUT/model.gguf for llama.cpp's LLaMA architecture (Llama, Mistral, Qwen2):
-the long factors as the `rope_freqs` tensor, the temperature as `llama.rope.scaling.attn_factor`,
-the context length set to the target. llama.cpp applies the long factors to every prompt; n̂ > 0
-cannot be expressed (refused unless --drop-n-hat).
+--format gguf writes OUT/model.gguf for llama.cpp: Llama, Mistral and Qwen2 as its `llama`
+architecture (the long factors as the `rope_freqs` tensor, applied to every prompt), Phi-3 as
+`phi3` (its long and short factor tensors, chosen by the context llama.cpp allocates); the
+temperature as `rope.scaling.attn_factor`, the context length set to the target. n̂ > 0 cannot be
+expressed (refused unless --drop-n-hat).
 """
 
 from __future__ import annotations
