@@ -187,9 +187,9 @@ def llama_cpp_logprobs(path, ids: list[int]) -> np.ndarray:
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
 def test_llama_cpp_gives_transformers_log_probabilities_beyond_the_window(tmp_path, arch):
-    """Beyond the window, where both apply the long factors: llama.cpp allocating more than the
-    original context (it picks phi3's factor set by the context allocated, padded to 256 tokens,
-    so its short regime cannot be checked on a 64-token model)."""
+    """Beyond the window, where both apply the long factors (llama.cpp allocating more than the
+    original context). phi3's short set is not checked: llama.cpp picks the set by the context it
+    allocates, and with a 64-token context it still applied the long one here."""
     need_llama_cpp()
     model = tiny_model(arch)
     scaling = scaling_for(model)
