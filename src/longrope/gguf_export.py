@@ -99,9 +99,9 @@ def _interleave_heads(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _tensor_type(gguf, name: str, data: np.ndarray, gguf_type: str):
+def _tensor_type(gguf, data: np.ndarray, gguf_type: str):
     """(data, raw type) in the file: matrices in the asked type, vectors (norms, biases, rope_freqs) in f32."""
-    if data.ndim < 2 or gguf_type == "f32" or name.startswith(("rope_freqs", "rope_factors")):
+    if data.ndim < 2 or gguf_type == "f32":
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
     if gguf_type == "f16":
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -197,7 +197,7 @@ def export_gguf(model, tokenizer, scaling: sc.Scaling, out: str | os.PathLike, g
                 data = _interleave_heads(data, heads)
             elif arch_name == "llama" and ".k_proj." in hf_name:
                 data = _interleave_heads(data, kv_heads)
-            data, raw_type = _tensor_type(gguf, name, data, gguf_type)
+            data, raw_type = _tensor_type(gguf, data, gguf_type)
             writer.add_tensor(name, data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -212,9 +212,10 @@ def read_rope(path: str | os.PathLike) -> RopeInGGUF:
     gguf = _gguf()
     reader = gguf.GGUFReader(str(path))
 
-    def value(key: str):
+    def value(key: str):  # a scalar or a string key; `parts` is how every gguf >= 0.10 stores a value
         field = reader.fields[key]
-        return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]][0]
+        part = field.parts[field.data[0]]
+        return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part[0]
 
     arch = str(value("general.architecture"))
     tensors = {t.name: tuple(float(x) for x in np.asarray(t.data, dtype=np.float64).tolist())
