@@ -3,12 +3,14 @@ side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (one
 
 - stock: the model in bf16, SDPA, transformers' activation checkpointing, `model(ids, labels=ids).loss`,
   backward, AdamW (fused);
-- ours: what `longrope finetune` runs per step (float32 master weights, bf16 autocast, gradient
-  checkpointing, the chunked loss of `train.chunked_lm_loss` that never builds (tokens × vocab)
-  logits, `loop.make_optimizer`), with a LongRoPE scaling attached for the length.
+- ours: what `longrope finetune` runs per step (float32 master weights, bf16 autocast, selective
+  checkpointing that keeps the attention output, the chunked loss of `train.chunked_lm_loss` that
+  never builds (tokens × vocab) logits, `loop.make_optimizer`), with a LongRoPE scaling attached;
+- ours, whole layers: the same with every layer recomputed whole (attention too), as before;
+- ours, cuDNN first: the same as ours with SDPA preferring cuDNN's attention kernel (--sdpa-backends).
 
 Per length: the median seconds of --steps steps after one warm-up step, and the peak memory
-allocated during them; the ratios ours/stock. The target: ≤ 0.7× the time, ≤ 0.5× the memory at 64k.
+allocated during them; the ratios of each of ours to stock. The target: ≤ 0.7× the time, ≤ 0.5× the memory at 64k.
 
     python bench/finetune_step.py --lengths 16k,32k,64k --out finetune_step.json
     LONGROPE_BENCH_SMOKE=1 python bench/finetune_step.py --lengths 256 --steps 1   # a CPU check of the script
@@ -17,13 +19,15 @@ allocated during them; the ratios ours/stock. The target: ≤ 0.7× the time, �
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _common import DEVICE, SMOKE, environment, fmt_len, measured, random_llama, ratio, require_cuda, sync, write_json
-from longrope import models, train
+from longrope import lean, models, train
 from longrope import scaling as sc
 from longrope.cli import parse_lengths
 
@@ -70,7 +74,7 @@ def stock(length: int, steps: int) -> dict:
         del model, optimizer
 
 
-def ours(length: int, steps: int) -> dict:
+def ours(length: int, steps: int, keep_attention: bool = True, backends: str | None = None) -> dict:
     model = random_llama("smollm2", torch.float32)
     info = models.rope_info(model.config)
     cfg = train.FinetuneConfig(seq_len=length, steps=steps, device=str(DEVICE()),
@@ -78,13 +82,16 @@ def ours(length: int, steps: int) -> dict:
     if length > info.original_length:
         models.attach(model, sc.make("longrope", info.original_length, length, dim=info.dim, base=info.base))
     model.config.use_cache = False
-    models.enable_checkpointing(model)
+    models.enable_checkpointing(model, keep_attention=keep_attention)
     model.train()
     train.loop.allow_tf32(DEVICE())
     optimizer = train.loop.make_optimizer(model, cfg, DEVICE())
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE())
+    preference = (sdpa_kernel([getattr(SDPBackend, lean.SDPA_BACKENDS[n]) for n in backends.split(",")],
+                              set_priority=True) if backends and not SMOKE else contextlib.nullcontext())
     try:
-        return {**timed_steps(lambda: our_step(model, optimizer, ids, cfg), steps), "loss_chunk": cfg.loss_chunk}
+        with preference:
+            return {**timed_steps(lambda: our_step(model, optimizer, ids, cfg), steps), "loss_chunk": cfg.loss_chunk}
     finally:
         del model, optimizer
 
@@ -94,20 +101,29 @@ def main() -> None:
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("16k,32k,64k"))
     p.add_argument("--steps", type=int, default=3, help="timed steps per length and implementation (default 3)")
     p.add_argument("--out", default="finetune_step.json")
+    p.add_argument("--sdpa-backends", default="cudnn,flash,efficient",
+                   help="the SDPA preference of the 'ours, cuDNN first' row ('' to skip it)")
     args = p.parse_args()
     require_cuda("finetune_step")
+    variants = {"ours": {}, "ours, whole layers": {"keep_attention": False}}
+    if args.sdpa_backends:
+        variants["ours, cuDNN first"] = {"backends": args.sdpa_backends}
     rows = []
     for n in args.lengths:
-        row = {"length": n, "stock": stock(n, args.steps), "ours": ours(n, args.steps)}
-        s, o = row["stock"], row["ours"]
-        if not (s.get("oom") or o.get("oom")):
-            row["time_ratio"] = ratio(o["seconds_per_step"], s["seconds_per_step"])
-            row["memory_ratio"] = ratio(o["peak_gib"], s["peak_gib"])
+        row = {"length": n, "stock": stock(n, args.steps)}
+        s = row["stock"]
+        line = [f"{fmt_len(n)}: stock {s.get('seconds_per_step', float('nan')):.3f} s {s['peak_gib']:.1f} GiB"
+                f"{' (oom)' if s.get('oom') else ''}"]
+        for name, kwargs in variants.items():
+            o = row[name] = ours(n, args.steps, **kwargs)
+            if not (s.get("oom") or o.get("oom")):
+                o["time_ratio"] = ratio(o["seconds_per_step"], s["seconds_per_step"])
+                o["memory_ratio"] = ratio(o["peak_gib"], s["peak_gib"])
+            line.append(f"{name} {o.get('seconds_per_step', float('nan')):.3f} s {o['peak_gib']:.1f} GiB"
+                        f"{' (oom)' if o.get('oom') else ''} (time {o.get('time_ratio', float('nan')):.2f}x, "
+                        f"memory {o.get('memory_ratio', float('nan')):.2f}x)")
         rows.append(row)
-        print(f"{fmt_len(n)}: stock {s.get('seconds_per_step', float('nan')):.3f} s {s['peak_gib']:.1f} GiB"
-              f"{' (oom)' if s.get('oom') else ''}; ours {o.get('seconds_per_step', float('nan')):.3f} s "
-              f"{o['peak_gib']:.1f} GiB{' (oom)' if o.get('oom') else ''}; ratios time "
-              f"{row.get('time_ratio', float('nan')):.2f}, memory {row.get('memory_ratio', float('nan')):.2f}")
+        print("; ".join(line), flush=True)
     write_json(args.out, {"environment": environment(), "steps": args.steps, "rows": rows})
 
 

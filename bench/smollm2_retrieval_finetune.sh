@@ -4,7 +4,9 @@
 # and short documents, needle validation every 20 steps), then evaluated in the same run on
 # documents it never saw:
 #   perplexity at 8k and 64k; passkey (10 keys, depths 0.05-0.95) at 8k, 32k, 64k and 128k;
-#   RULER niah_single at 8k and 64k; the base model and the un-fine-tuned scaling beside it.
+#   RULER niah_single at 8k and 64k; the base model and the un-fine-tuned scaling beside it;
+#   and (issue 17) the fine-tuned export loaded by plain transformers at 4k, 8k and L
+#   (bench/short_context_exports.py --exported).
 # usage: bench/smollm2_retrieval_finetune.sh MODEL DATA OUT     (DATA: bench/make_retrieval_data.py's folder)
 # STEPS (default 240), SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k),
 # MID (32k), LONG (128k) can be changed, e.g. for a CPU smoke with the bundled model
@@ -21,7 +23,7 @@ mkdir -p "$OUT"
 $LR finetune --model "$MODEL" --scaling "$SCALING" --seq-len $L \
     --data "$DATA/search.jsonl.gz" "$DATA/train_short.jsonl.gz" --data-weights 0.7,0.3 \
     --short-share 0.25 --distill-weight 0.5 --doc-mask --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" \
-    --steps "$STEPS" --checkpoint-every 40 --out "$FT" --resume --no-progress 2>&1 | tee "$OUT/finetune.log"
+    --steps "$STEPS" --checkpoint-every 20 --out "$FT" --resume --no-progress 2>&1 | tee "$OUT/finetune.log"
 
 for docs in prose code; do
   $LR eval ppl --model "$MODEL" --data "$DATA/report_$docs.jsonl.gz" --docs 4 --lengths $SHORT --method none \
@@ -39,3 +41,6 @@ $LR eval passkey --model "$FT" --lengths $LONG --depths $DEPTHS --trials 2 --all
     --out "$OUT/passkey-ft-long" --force --no-progress
 $LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples 2 --max-new-tokens 32 \
     --out "$OUT/niah-ft" --resume --no-progress
+PYTHONPATH=${PYTHONPATH:-src} python3 bench/short_context_exports.py --model "$MODEL" \
+    --data "$DATA/report_prose.jsonl.gz" "$DATA/report_code.jsonl.gz" --docs 4 --exported "$FT" \
+    --short ${SHORT4:-4k},$SHORT --out "$OUT/plain-ft.json"

@@ -167,3 +167,34 @@ def test_other_unrecognized_rope_keys_still_warn():
         tiny_config("llama", params)  # ours alone: quiet
         tiny_config("llama", {**params, "typo_factor": 3.0})  # ours and another: warns
     assert len([m for m in seen if "Unrecognized keys" in m]) == 1 and "typo_factor" in str(seen), seen
+
+
+def test_checkpointing_that_keeps_attention_runs_it_once_and_gives_the_same_gradients():
+    """`enable_checkpointing(keep_attention=True)` (selective checkpointing): the fused attention
+    kernel runs once per layer in a forward + backward (its output is kept), the rest of the layer
+    twice (recomputed), and the gradients equal those of whole-layer checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AttentionCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in models._attention_ops()
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(3, 259, (1, 32), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for keep in (False, True):
+        model = tiny_model("llama").train()
+        models.enable_checkpointing(model, keep_attention=keep)
+        mlp_calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: mlp_calls.append(1))
+        with AttentionCalls() as attention:
+            model(input_ids=ids, labels=ids).loss.backward()
+        layers = len(model.model.layers)
+        assert attention.count == (1 if keep else 2) * layers, (keep, attention.count)
+        assert len(mlp_calls) == 2  # the rest of the layer is recomputed either way
+        grads[keep] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)

@@ -19,7 +19,7 @@ from .progress import Counter
 # each recipe module owns its subcommand: register(subparsers) adds it (`add_command`)
 RECIPES = ("export", "eval", "search", "pretrain", "demo", "finetune", "extend")
 # options whose values may name the command's input files or folders (comma lists for some)
-INPUT_OPTIONS = ("model", "data", "eval_data", "exclude_data", "scaling", "init", "compare")
+INPUT_OPTIONS = ("model", "data", "eval_data", "exclude_data", "scaling", "init", "readjust", "compare")
 
 
 class Parser(argparse.ArgumentParser):

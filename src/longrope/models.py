@@ -322,15 +322,41 @@ def cache_argument(model) -> str:
     return "past_key_values"
 
 
-def enable_checkpointing(model) -> None:
+# The attention kernels whose outputs `enable_checkpointing(keep_attention=True)` keeps: SDPA's
+# fused kernels on CUDA (flash, memory-efficient, cuDNN) and the CPU's flash kernel.
+_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+@functools.cache
+def _attention_ops() -> frozenset:
+    return frozenset(getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS
+                     if hasattr(torch.ops.aten, name))
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_checkpointing(model, keep_attention: bool = False) -> None:
     """Activation checkpointing of every decoder layer, non-reentrant (works under autocast and
     with inputs that need no grad): `activation_checkpointing_enable` from transformers 5.24, where
     `gradient_checkpointing_enable` is deprecated; the latter before. Chosen by what the class
-    has, as `cache_argument` is."""
+    has, as `cache_argument` is.
+
+    keep_attention: selective checkpointing (torch's `create_selective_checkpoint_contexts`): the
+    attention kernel's output is kept and everything else in the layer is recomputed. At long
+    lengths attention is most of a layer's time, and its output is one (tokens × hidden) tensor
+    per layer, so the backward skips the costliest recomputation for little memory."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if keep_attention:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_attention_policy)
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def disable_checkpointing(model) -> None:

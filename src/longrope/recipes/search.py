@@ -18,6 +18,9 @@ A killed search continues with --resume and ends exactly as an uninterrupted one
 
 LongRoPE2's options (--fitness needle, --algorithm critical-dim, --search-attention) are below;
 --init starts from earlier searched factors, as the paper extends 128k -> 256k without fine-tuning.
+--readjust S searches only the short factors of the LongRoPE scaling S (file or preset) at the
+model's own context (LongRoPE §3.3), its long factors, n̂ and attention factor kept: scaling.json is
+S with them, never worse on validation than all-ones or S's own short factors (the references).
 On several GPUs: torchrun --nproc-per-node N -m longrope search ... (same result as one process).
 """
 # a thin recipe over longrope.search: options, the model and documents, progress, the plot and the
@@ -29,10 +32,12 @@ import os
 from dataclasses import asdict
 
 from .. import data, report, runs
+from .. import scaling as sc
 from .. import search as S
 from ..cli import (add_command, add_config_options, add_model_args, add_progress_args, config_values,
                    device_and_dtype_names, documents, interrupted, load_model, parse_length)
 from ..errors import UsageError
+from ..pipeline import READJUST_ATTENTION
 from ..progress import Progress
 
 
@@ -42,7 +47,8 @@ def register(sub) -> None:
     add_progress_args(p)
     p.add_argument("--data", default="bundled", help="documents: .txt/.md, folder, .jsonl(.gz), .parquet or "
                                                      "'bundled' (default)")
-    p.add_argument("--target-length", type=parse_length, required=True, help="context to extend to, e.g. 64k")
+    p.add_argument("--target-length", type=parse_length, default=None,
+                   help="context to extend to, e.g. 64k (required, but with --readjust)")
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     p.add_argument("--samples", type=int, default=5, help="documents evaluated per candidate (default 5)")
     p.add_argument("--validation-samples", type=int, default=None, metavar="V",
@@ -69,6 +75,17 @@ def register(sub) -> None:
                    help="searched LongRoPE scalings (files or presets) to start from: their factors, as they are and "
                         "carried to --target-length, join PI, NTK and YaRN in the initial population (--resume keeps "
                         "the search's)")
+    r = p.add_argument_group("short-context readjustment (LongRoPE §3.3; --resume keeps the search's choices)")
+    r.add_argument("--readjust", default=None, metavar="S",
+                   help="a LongRoPE scaling (file or preset): search only its short factors, at the model's own "
+                        "context (so no --target-length), its long factors, n̂ and attention factor kept; "
+                        "scaling.json is S with the searched short factors")
+    r.add_argument("--readjust-attention", choices=READJUST_ATTENTION, default=None,
+                   help="attention factor of short inputs: keep (default): S's, the one factor that plain "
+                        "transformers, vLLM and llama.cpp apply to short inputs too; one: the model's own "
+                        "temperature 1 (short_attention_factor), which only longrope's own runtime applies")
+    r.add_argument("--readjust-cap", type=float, default=None, metavar="CAP",
+                   help=f"largest searched short factor (default {S.SHORT_CAP})")
     p.add_argument("--resume", action="store_true", help="continue the search in --out (start it if none)")
     p.add_argument("--force", action="store_true", help="replace a search in --out")
 
@@ -95,17 +112,27 @@ def _setup(args, rank: S.Rank | None) -> dict:
     if args.batch_candidates > 1 and rank is not None:
         raise UsageError("--batch-candidates: not supported under torchrun yet (use one process, or 1)")
     saved = S.check_out(args.out, args.resume, args.force)  # before the slow part; the state to resume
-    model, tokenizer, info = load_model(args)
     # the options given, else the resumed search's, else the defaults
     ident = (saved or {}).get("identity", {})
+    readjusting = args.readjust is not None or ident.get("algorithm") == S.ShortFactorSpace.algorithm
+    _check_options(args, readjusting, weights)
+    model, tokenizer, info = load_model(args)
+    length, readjusted = args.target_length, None  # the fitness windows' length; --readjust's scaling
+    if readjusting:
+        if args.target_length not in (None, info.original_length):
+            raise UsageError(f"--target-length {args.target_length}: a readjustment searches the short factors at "
+                             f"the model's own context, {info.original_length} tokens; drop --target-length")
+        length = info.original_length
+        attention = args.readjust_attention or ident.get("readjust_attention", "keep")  # keep: what every runtime does
+        readjusted = _readjusted(args.readjust, attention, info) if args.readjust else None
     weights = weights or S.parse_fitness(ident.get("fitness", "ppl"))
     kind = S.fitness_name(weights)
     # None: as many as --samples where the documents allow (`_split`); a resumed search keeps its own
     n_valid = args.validation_samples if args.validation_samples is not None else ident.get(
         "validation_samples", 0 if saved else None)
-    seeds = S.init_seeds(args.init, info.dim, info.original_length, args.target_length) if args.init else None
-    space = S.resumed_space(info.dim, info.base, info.original_length, args.target_length, ident, args.algorithm,
-                            args.search_attention, seeds)
+    seeds = S.init_seeds(args.init, info.dim, info.original_length, length) if args.init else None
+    space = S.resumed_space(info.dim, info.base, info.original_length, length, ident, args.algorithm,
+                            args.search_attention, seeds, readjusted, args.readjust_cap)
     config = S.SearchConfig.resumed(saved, **config_values(args, S.SearchConfig))
     # where the fitness comes from: a resumed search must measure the same thing
     identity = {"model": runs.input_identity(args.model), "data": runs.input_identity(args.data),
@@ -114,41 +141,79 @@ def _setup(args, rank: S.Rank | None) -> dict:
         identity["fitness"] = kind
     if n_valid:
         identity["validation_samples"] = n_valid
+    if readjusting:
+        identity["readjust_attention"] = attention
     S.check_out(args.out, args.resume, args.force, space, config, identity)  # before tokenising
     docs = documents(args.data, tokenizer, quiet=args.quiet)
-    chosen, held = _split(args, docs, n_valid, config.seed)
+    chosen, held = _split(args, docs, length, n_valid, config.seed)
     if held:
         identity["validation_samples"] = len(held)  # what "as many as there are" came to
 
     def windows_of(docs_):
         try:
-            return {term: S.fitness_windows(term, [d.tokens for d in docs_], tokenizer, args.target_length,
+            return {term: S.fitness_windows(term, [d.tokens for d in docs_], tokenizer, length,
                                             config.seed, info.original_length) for term in weights}
         except ValueError as exc:  # a target length too short for the needle
             raise UsageError(f"--fitness needle: {exc}") from None
 
     return dict(model=model, info=info, space=space, config=config, identity=identity, kind=kind, weights=weights,
-                chosen=chosen, held=held, windows=windows_of(chosen), validation=windows_of(held) if held else None,
-                world=rank.world if rank else 1)
+                length=length, chosen=chosen, held=held, windows=windows_of(chosen),
+                validation=windows_of(held) if held else None, world=rank.world if rank else 1)
 
 
-def _split(args, docs, n_valid: int | None, seed: int) -> tuple[list, list]:
+def _check_options(args, readjusting: bool, weights: dict | None) -> None:
+    """What a short-context readjustment excludes, and what only it takes (one line each)."""
+    if not readjusting:
+        if args.target_length is None:
+            raise UsageError("--target-length: required (the context to extend to, e.g. 64k), unless --readjust")
+        for option in ("readjust_attention", "readjust_cap"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option.replace('_', '-')}: only with --readjust S")
+        return
+    given = {"init": args.init is not None, "algorithm": args.algorithm is not None,
+             "search-attention": bool(args.search_attention),
+             "fitness": weights is not None and set(weights) != {"ppl"}}
+    option = next((o for o, there in given.items() if there), None)
+    if option:
+        raise UsageError(f"--{option}: not with --readjust, which searches only the short factors, by perplexity "
+                         "at the model's own context; drop it")
+
+
+def _readjusted(spec: str, attention: str, info) -> sc.LongRoPEScaling:
+    """--readjust S: the LongRoPE scaling whose short factors are searched, for this model, with
+    short inputs at the attention factor `attention` says (--readjust-attention)."""
+    try:
+        scaling = sc.load(sc.preset_path(spec), info.dim)
+    except UsageError as exc:
+        raise UsageError(f"--readjust {spec}: {str(exc).removeprefix(f'--scaling {spec}: ')}") from None
+    if not isinstance(scaling, sc.LongRoPEScaling):
+        raise UsageError(f"--readjust {spec}: a {scaling.rope_type} scaling; --readjust takes a LongRoPE one "
+                         "(long and short factors)")
+    if scaling.original_max_position_embeddings != info.original_length:
+        raise UsageError(f"--readjust {spec}: made for a context of {scaling.original_max_position_embeddings}, "
+                         f"the model's is {info.original_length}")
+    # one: inside the original window the model's own temperature, as `longrope extend` readjusts
+    return scaling.replace(short_attention_factor=1.0) if attention == "one" else scaling
+
+
+def _split(args, docs, length: int, n_valid: int | None, seed: int) -> tuple[list, list]:
     """The fitness documents and, disjoint from them, the validation documents: `n_valid` of them
-    (refused if there are not that many), or with None as many as --samples where there are."""
+    (refused if there are not that many), or with None as many as --samples where there are, each
+    of at least `length` tokens."""
     want = args.samples if n_valid is None else n_valid
     try:
-        picked = data.select(docs, args.target_length, args.samples + want, seed=seed)
+        picked = data.select(docs, length, args.samples + want, seed=seed)
     except UsageError as exc:  # no document long enough
         raise UsageError(f"--data {args.data}: {exc}") from None
     if n_valid and len(picked) < args.samples + n_valid:
-        raise UsageError(f"--data {args.data}: {len(picked)} documents have {args.target_length} tokens, not the "
+        raise UsageError(f"--data {args.data}: {len(picked)} documents have {length} tokens, not the "
                          f"{args.samples} + {n_valid} that --samples and --validation-samples take (disjoint); "
                          "lower them, or --validation-samples 0")
     chosen, held = picked[:args.samples], picked[args.samples:]
     if len(chosen) < args.samples:
-        print(f"note: only {len(chosen)} of the documents have {args.target_length} tokens; searching on those")
+        print(f"note: only {len(chosen)} of the documents have {length} tokens; searching on those")
     if n_valid is None and len(held) < args.samples:
-        print(f"note: {len(held) or 'no'} other documents of {args.target_length} tokens for validation"
+        print(f"note: {len(held) or 'no'} other documents of {length} tokens for validation"
               + ("; the fittest is returned" if not held else ""))
     return chosen, held
 
@@ -158,13 +223,16 @@ def _search(args, setup: dict) -> int:
     if isinstance(space, S.CriticalDimSpace):
         print(f"critical dimension: theoretical d_tcd = {space.critical_dim} of {space.dim} "
               f"({space.critical_dim // 2} frequency pairs follow NTK in its seed)")
+    if isinstance(space, S.ShortFactorSpace):
+        print(f"readjusting the short factors (in [1, {space.cap:g}]) at {space.original_length} tokens; long "
+              f"factors, n_hat and attention factor kept (short inputs' {space.long.attention_factor(1):.4g})")
     if world > 1:
         print(f"evaluating on {world} ranks")
     weights = setup["weights"]
     extra = {"model": {"spec": args.model, **asdict(setup["info"])},
              "data": {"source": args.data, "documents": [d.id for d in setup["chosen"]],
                       "validation_documents": [d.id for d in setup["held"]],
-                      "tokens": args.target_length, "fitness": kind, "weights": weights},
+                      "tokens": setup["length"], "fitness": kind, "weights": weights},
              "environment": {**runs.environment(device_and_dtype_names(args)[0]), "ranks": world}}
     if args.batch_candidates > 1:
         extra["environment"]["batch_candidates"] = args.batch_candidates

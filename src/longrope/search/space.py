@@ -445,10 +445,16 @@ def init_seeds(spec: str, dim: int, original_length: int, target_length: int) ->
 
 def resumed_space(dim: int, base: float, original_length: int, target_length: int,
                   saved_identity: Mapping[str, Any], algorithm: str | None = None,
-                  search_attention: bool | None = None, seeds: Sequence | None = None) -> SearchSpace:
+                  search_attention: bool | None = None, seeds: Sequence | None = None,
+                  readjusted: LongRoPEScaling | None = None, cap: float | None = None) -> SearchSpace:
     """The space of a search: each choice given (None: not given), else the saved search's (its
     identity, as `SearchSpace.identity` wrote it, names only the non-default ones; {}: no saved
-    search), else the default."""
+    search), else the default. A short-context readjustment (`ShortFactorSpace`, at the scaling's
+    own lengths: `target_length` does not apply) is of `readjusted`, else of the saved search's
+    scaling, its factors at most `cap`, else the saved search's, else SHORT_CAP."""
+    if readjusted is not None or (algorithm is None and saved_identity.get("algorithm") == ShortFactorSpace.algorithm):
+        scaling = readjusted or sc.from_dict(saved_identity["scaling"], dim)
+        return ShortFactorSpace.for_scaling(scaling, dim, base, cap or saved_identity.get("cap", SHORT_CAP))
     kept = saved_identity.get("seeds") or ()
     return SPACES[algorithm or saved_identity.get("algorithm", "evolution")](
         dim, base, original_length, target_length,
@@ -467,8 +473,9 @@ class ShortFactorSpace(SearchSpace):
     is a fine-tune's drift and, where the short regime keeps the long attention factor, some of
     that temperature), so the cap is far below 1.25·s. The all-ones vector is the first seed (and
     the scaling's own short factors, if any, the second), so it is always evaluated and the
-    search's best is never worse than all-ones on the fitness documents. Build it with
-    `for_scaling`."""
+    search's best is never worse than all-ones on the fitness documents; both, exact, are its
+    references (`reference_scalings`), so what a search with validation returns is never worse
+    than either there. Build it with `for_scaling`."""
 
     long: LongRoPEScaling | None = None
     cap: float = SHORT_CAP
@@ -500,11 +507,17 @@ class ShortFactorSpace(SearchSpace):
     def snap(self, lambdas: Iterable[float], n_hat: int | None = None) -> Genome:
         return super().snap(lambdas, self.long.n_hat if n_hat is None else n_hat)
 
-    def baselines(self) -> dict[str, Genome]:
-        seeds = {"ones": Genome((0,) * self.size, 0)}
+    def references(self) -> dict[str, list[float]]:
+        """All-ones short factors and the scaling's current ones, if any: what a readjustment must
+        beat (PI, NTK and YaRN would change the long factors it keeps). Snapped into the space they
+        are the seeds (`baselines`); exact, the references (`reference_scalings`)."""
+        out = {"ones": [1.0] * self.size}
         if self.long.short_factor is not None:
-            seeds["current"] = self.snap(self.long.short_factor)
-        return seeds
+            out["current"] = list(self.long.short_factor)
+        return out
+
+    def reference_scalings(self) -> dict[str, LongRoPEScaling]:
+        return {name: self.long.replace(short_factor=tuple(factors)) for name, factors in self.references().items()}
 
     def describe(self, g: Genome) -> dict[str, Any]:
         return {"short_factor": list(self.lambdas(g)), "n_hat": self.long.n_hat}
@@ -513,7 +526,6 @@ class ShortFactorSpace(SearchSpace):
         return {**super().summary(), "cap": self.cap}
 
     def identity(self) -> dict[str, Any]:
-        long = self.long.to_dict()
-        return {**super().identity(), "algorithm": self.algorithm, "cap": self.cap,
-                "long_factor": long["long_factor"], "n_hat": self.long.n_hat,
-                "scaling_attention_factor": long["attention_factor"]}
+        # the whole scaling (current short factors and short attention factor included): the
+        # seeds and references depend on it, and `resumed_space` rebuilds the space from it
+        return {**super().identity(), "algorithm": self.algorithm, "cap": self.cap, "scaling": self.long.to_dict()}

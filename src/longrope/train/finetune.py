@@ -219,7 +219,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     def validate(step: int, last_logged: int) -> dict:  # when a needle_every boundary passed since the last line
         if not cfg.needle_every or step // cfg.needle_every <= last_logged // cfg.needle_every:
             return {}
-        return {"needle_loss": round(retention.needle_loss(model, needles, cfg.loss_chunk), 5)}
+        with autocast:  # the training dtype: float32 master weights alone would take SDPA's O(n²) math kernel
+            return {"needle_loss": round(retention.needle_loss(model, needles, cfg.loss_chunk), 5)}
 
     with run:
         for step in run.steps():
@@ -267,8 +268,8 @@ def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device):
     model.to(device=device, dtype=torch.float32)
     models.attach(model, scaling)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        models.enable_checkpointing(model)
+    if cfg.gradient_checkpointing:  # attention kept: most of a long step's time, little of its memory
+        models.enable_checkpointing(model, keep_attention=True)
     model.train()
     return model
 
