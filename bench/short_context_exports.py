@@ -12,7 +12,7 @@ to the original length and the long ones beyond, with one attention factor for b
     python bench/short_context_exports.py --model BASE --data report_prose.jsonl.gz report_code.jsonl.gz \\
         --docs 5,4 --scalings smollm2-135m-64k,smollm2-135m-128k --temperatures 1,1.05,1.1094,1.1435,1.2 \\
         --out short_context_exports.json
-    LONGROPE_BENCH_SMOKE=1 python bench/short_context_exports.py --model bundled --data bundled --docs 2 \\
+    LONGROPE_BENCH_SMOKE=1 python bench/short_context_exports.py --model src/longrope/bundled/tiny-llama-256 --data bundled --docs 2 \\
         --scalings S.json --short 128,256 --out /tmp/x.json       # a CPU check of the script
 """
 
@@ -67,7 +67,7 @@ def export(model: str, scaling: str, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the base model (HF folder, .gguf or bundled)")
+    p.add_argument("--model", required=True, help="the base model (HF folder or .gguf)")
     p.add_argument("--data", nargs="+", required=True, help="held-apart document sets, one table column each")
     p.add_argument("--docs", default="4", help="documents per set, comma-separated per --data (default 4)")
     p.add_argument("--scalings", default="", help="comma-separated LongRoPE scaling files or presets")
@@ -89,6 +89,9 @@ def main() -> None:
     counts += counts[-1:] * (len(args.data) - len(counts))
     sets = {Path(source).name.split(".")[0]: data.select(data.load_tokenized(source, tokenizer), longest, n, seed=0)
             for source, n in zip(args.data, counts)}
+    for (name, docs), wanted in zip(sets.items(), counts):
+        if len(docs) < wanted:  # data.select keeps those long enough
+            print(f"note: {name}: {len(docs)} of the {wanted} documents asked for have {longest} tokens")
     result = {"environment": environment(), "documents": {k: [d.id for d in v] for k, v in sets.items()},
               "base": {}, "scalings": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -193,7 +193,10 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     loop.allow_tf32(device)
     teacher = retention.frozen_teacher(model, device) if cfg.distill_weight else None  # before attaching
     short_sources = [retention.short_sequences(p, short_len) for p in sources] if cfg.short_share else None
-    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device))  # the model, or its FSDP2 root
+    # the model, or its FSDP2 root. Context parallelism's attention builds a CausalBias tensor
+    # subclass, which selective checkpointing's dispatch mode cannot create: there whole layers are
+    # recomputed
+    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device, keep_attention=ranks.world == 1))
     optimizer = loop.make_optimizer(trained, cfg, device)
     if checkpoint is not None:
         ranks.load_state(trained, optimizer, checkpoint)
@@ -263,13 +266,13 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     return FinetuneResult(out=out, model=model, record=record)
 
 
-def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device):
+def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device, keep_attention: bool = True):
     """float32 master weights on `device`, the scaling attached, gradient checkpointing on, train mode."""
     model.to(device=device, dtype=torch.float32)
     models.attach(model, scaling)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:  # attention kept: most of a long step's time, little of its memory
-        models.enable_checkpointing(model, keep_attention=True)
+        models.enable_checkpointing(model, keep_attention=keep_attention)
     model.train()
     return model
 
