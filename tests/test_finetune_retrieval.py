@@ -210,11 +210,12 @@ def test_a_token_ignores_other_documents_in_its_pack_only_with_the_document_mask
     assert torch.allclose(logits(a), logits(b), atol=1e-5) == doc_mask
 
 
-def test_doc_mask_training_scores_each_document_by_itself(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])  # True: the selective checkpointing of a real run
+def test_doc_mask_training_scores_each_document_by_itself(tmp_path, checkpointing):
     """The first step's loss of a --doc-mask run equals the documents' losses computed one by one."""
     packed = np.concatenate([packed_documents(1).numpy(), packed_documents(2).numpy()])
     scaling = scaling_with_short_factors()
-    cfg = config(steps=1, batch_size=2, doc_mask=True, gradient_checkpointing=False)
+    cfg = config(steps=1, batch_size=2, doc_mask=True, gradient_checkpointing=checkpointing)
     result = train.finetune(tiny_model(), byte_tokenizer(), scaling, packed, cfg, tmp_path / "ft")
     model = tiny_model()
     models.attach(model, scaling)
