@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 on one GPU: SmolLM2-135M (trained at 8192) searched at 64k and 128k with the
 # retrieval-aware fitness and validation documents, then measured on documents neither search saw,
-# beside YaRN, NTK and the best seed (the best reference of each search on its validation documents).
+# beside YaRN, NTK, YaRN-shaped LongRoPE under sqrt(1 + ln s / ln L) and the best seed (the best
+# reference of each search on its validation documents).
 #
 # usage: bench/smollm2_retrieval.sh PHASE MODEL DATA OUT
 #   DATA: the folder bench/make_retrieval_data.py writes (search.jsonl.gz, report_prose.jsonl.gz,
@@ -43,9 +44,10 @@ fi
 if [[ $PHASE == search1 ]]; then search $L1 2 24 8 12 ${PRESET1-smollm2-135m-64k} 2>&1 | tee "$S64.log"; fi
 if [[ $PHASE == search2 ]]; then search $L2 1 16 6 8 ${PRESET2-smollm2-135m-128k} 2>&1 | tee "$S128.log"; fi
 
-# the shipped presets beside the new results (PRESET1= PRESET2= for none, e.g. another model)
-M64=yarn,ntk,$S64/best_reference.json,$S64/scaling.json${PRESET1-,smollm2-135m-64k}
-M128=yarn,ntk,$S128/best_reference.json,$S128/scaling.json${PRESET2-,smollm2-135m-128k}
+# the shipped presets beside the new results (PRESET1= PRESET2= for none, e.g. another model); `longrope`
+# is the search's strongest seed whatever validation chose: YaRN's factors under sqrt(1 + ln s / ln L)
+M64=yarn,ntk,longrope,$S64/best_reference.json,$S64/scaling.json${PRESET1-,smollm2-135m-64k}
+M128=yarn,ntk,longrope,$S128/best_reference.json,$S128/scaling.json${PRESET2-,smollm2-135m-128k}
 if [[ $PHASE == eval ]]; then
   for n in $L1 $L2; do
     [[ $n == $L1 ]] && M=$M64 || M=$M128
@@ -64,8 +66,8 @@ if [[ $PHASE == ruler ]]; then
   $LR eval ruler --model "$MODEL" --lengths $SHORT --method none --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
       --out "$OUT/ruler-8k" --resume --no-progress
   $LR eval ruler --model "$MODEL" --lengths $MID,$L1 --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
-      --compare yarn,$S128/best_reference.json,$S64/scaling.json,$S128/scaling.json --out "$OUT/ruler-64k" --resume \
+      --compare yarn,longrope,$S128/best_reference.json,$S64/scaling.json,$S128/scaling.json --out "$OUT/ruler-64k" --resume \
       --no-progress
   $LR eval ruler --model "$MODEL" --lengths $L2 --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
-      --compare yarn,$S128/best_reference.json,$S128/scaling.json --out "$OUT/ruler-128k" --resume --no-progress
+      --compare yarn,longrope,$S128/best_reference.json,$S128/scaling.json --out "$OUT/ruler-128k" --resume --no-progress
 fi
