@@ -176,6 +176,44 @@ def test_needle_loss_is_logged_every_n_steps_and_equals_an_independent_computati
     assert logged[2] != logged[4]  # measured on the model of that step
 
 
+PASSKEY_SEQ = 512  # the passkey prompt needs ~250 byte tokens; 8x the tiny model's context
+
+
+def test_passkey_checks_are_logged_every_n_steps_match_transformers_generate_and_leave_training_alone(tmp_path):
+    """--passkey-every: "passkey" at every second step equals the share of keys that transformers'
+    own greedy `generate` finds on that step's model; the run trains exactly as without it."""
+    tok = byte_tokenizer()
+    prompts = retention.passkey_prompts(tok, PASSKEY_SEQ, seed=0)
+    assert len(prompts) == 10 and {p.depth for p in prompts} == set(retention.PASSKEY_DEPTHS)
+    assert all(p.actual_length <= PASSKEY_SEQ for p in prompts)
+    model, seen = tiny_model(), {}
+
+    def at_step(info):
+        if info.step % 2 == 0:
+            model.eval()
+            found = 0
+            for p in prompts:
+                with torch.no_grad():
+                    out = model.generate(torch.tensor([p.input_ids]), max_new_tokens=10, do_sample=False,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+                found += passkey.passkey_correct(tok.decode(out[0, len(p.input_ids):], skip_special_tokens=True),
+                                                 p.key)
+            seen[info.step] = found / len(prompts)
+            model.train()
+
+    data = packed_data(PASSKEY_SEQ, n_docs=6, n_words=200)
+    scaling = sc.make("longrope", ORIGINAL, PASSKEY_SEQ, dim=16, base=10000.0)
+    cfg = config(steps=3, seq_len=PASSKEY_SEQ, batch_size=1, passkey_every=2, checkpoint_every=100)
+    checked = train.finetune(model, tok, scaling, data, cfg, tmp_path / "checked", callback=at_step)
+    log = [json.loads(line) for line in (tmp_path / "checked" / train.LOG).read_text().splitlines()]
+    logged = {e["step"]: e["passkey"] for e in log if "passkey" in e}
+    assert logged == pytest.approx(seen) and sorted(logged) == [2]
+    plain = train.finetune(tiny_model(), tok, scaling, data, dataclasses.replace(cfg, passkey_every=0),
+                           tmp_path / "plain")
+    for a, b in zip(checked.model.parameters(), plain.model.parameters()):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. packed documents with document-masked attention
 
@@ -239,6 +277,7 @@ def test_doc_mask_training_scores_each_document_by_itself(tmp_path, checkpointin
     ({"distill_weight": -1.0}, "--distill-weight must be >= 0"),
     ({"distill_weight": 1.0}, "give --short-share > 0 too"),
     ({"needle_every": -1}, "--needle-every must be >= 0"),
+    ({"passkey_every": -1}, "--passkey-every must be >= 0"),
 ])
 def test_bad_retention_settings_are_refused(kw, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):

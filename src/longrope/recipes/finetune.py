@@ -12,7 +12,8 @@ checkpoint.pt is replaced every --checkpoint-every steps: continue a killed run 
 Keeping short-context skills and retrieval (one process): --short-share P trains a seeded share P
 of the micro-batches at the model's original length (the short factors), --distill-weight W adds
 W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document, and
---needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss").
+--needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss");
+--passkey-every N the greedy passkey accuracy at --seq-len ("passkey": 2 keys at 5 depths).
 Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
 Several GPUs: `torchrun --nproc-per-node N -m longrope finetune ...` shards the weights (FSDP2)
 and splits each sequence over the N processes (context parallelism; --seq-len a multiple of 2N).
@@ -50,7 +51,8 @@ def register(sub) -> None:
     add_config_options(p.add_argument_group("optimisation"), train.FinetuneConfig, (
         "lr", "warmup", "min_lr_ratio", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed"))
     k = p.add_argument_group("keeping short-context skills and retrieval")
-    add_config_options(k, train.FinetuneConfig, ("short_share", "distill_weight", "doc_mask", "needle_every"))
+    add_config_options(k, train.FinetuneConfig, ("short_share", "distill_weight", "doc_mask", "needle_every",
+                                                 "passkey_every"))
     k.add_argument("--needle-data", help="documents held apart for --needle-every: passkey needles at depths "
                    + ",".join(f"{d:g}" for d in NEEDLE_DEPTHS) + " in --seq-len-token windows")
     r = p.add_argument_group("run")

@@ -51,6 +51,9 @@ class FinetuneConfig(loop.TrainConfig):
         "help": "positions restart per packed document and attention stays inside it"})
     needle_every: int = field(default=0, metadata={
         "help": "steps between needle validations (mean NLL of passkey answers; needs --needle-data); 0: none"})
+    passkey_every: int = field(default=0, metadata={
+        "help": "steps between passkey checks at --seq-len (greedy; the standard filler prompt, 2 keys at each "
+                "depth 0.05-0.95; logged as 'passkey', the share found); 0: none"})
     # run (may differ between a run and its resumption)
     gradient_checkpointing: bool = field(default=True, metadata={  # the option is --no-gradient-checkpointing
         "help": "keep every activation (faster, more memory)"})
@@ -78,6 +81,7 @@ class FinetuneConfig(loop.TrainConfig):
         loop.need(not self.distill_weight or self.short_share > 0,
                   "--distill-weight applies to the short sequences: give --short-share > 0 too")
         loop.need(self.needle_every >= 0, f"--needle-every must be >= 0, got {self.needle_every}")
+        loop.need(self.passkey_every >= 0, f"--passkey-every must be >= 0, got {self.passkey_every}")
         return self
 
 
@@ -160,7 +164,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
     BOS (attention stays inside each document; the regime is still the sequence's length);
     cfg.needle_every logs "needle_loss", the mean answer NLL of `needles`
-    (`passkey.needle_samples`), at the first log line after every multiple of it.
+    (`passkey.needle_samples`), at the first log line after every multiple of it; cfg.passkey_every
+    logs "passkey", the greedy passkey accuracy at cfg.seq_len (`retention.passkey_prompts`), likewise.
 
     Under torchrun (WORLD_SIZE > 1) the run is context parallel (`parallel.ContextParallel`):
     every rank takes the same sequences and runs its slice of their positions (RoPE at global
@@ -183,8 +188,10 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every):
-        raise UsageError("--short-share, --distill-weight, --doc-mask and --needle-every run in one process only")
+    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every or cfg.passkey_every):
+        raise UsageError("--short-share, --distill-weight, --doc-mask, --needle-every and --passkey-every run in one "
+                         "process only")
+    prompts = retention.passkey_prompts(tokenizer, cfg.seq_len, cfg.seed) if cfg.passkey_every else None
     device, out = ranks.device, Path(out)
     identity = {"scaling": scaling.to_dict(), **({"source_weights": weights} if len(sources) > 1 else {}),
                 **(identity or {})}
@@ -219,11 +226,17 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
             extra.update(teacher=teacher, distill_weight=cfg.distill_weight)
         return extra
 
-    def validate(step: int, last_logged: int) -> dict:  # when a needle_every boundary passed since the last line
-        if not cfg.needle_every or step // cfg.needle_every <= last_logged // cfg.needle_every:
-            return {}
+    def validate(step: int, last_logged: int) -> dict:  # each check whose boundary passed since the last line
+        def due(every: int) -> bool:
+            return bool(every) and step // every > last_logged // every
+
+        checks = {}
         with autocast:  # the training dtype: float32 master weights alone would take SDPA's O(n²) math kernel
-            return {"needle_loss": round(retention.needle_loss(model, needles, cfg.loss_chunk), 5)}
+            if due(cfg.needle_every):
+                checks["needle_loss"] = round(retention.needle_loss(model, needles, cfg.loss_chunk), 5)
+            if due(cfg.passkey_every):
+                checks["passkey"] = round(retention.passkey_accuracy(model, tokenizer, prompts), 4)
+        return checks
 
     with run:
         for step in run.steps():

@@ -6,7 +6,9 @@ retrieval (issue 16), as pieces of the one fine-tuning loop:
 - distillation toward the base model on those short sequences (the frozen model as loaded);
 - document-masked packing: positions restart at every document, so transformers' packed-sequence
   mask keeps attention inside each document;
-- needle-driven validation: the mean NLL of passkey answers in held-apart documents.
+- needle-driven validation: the mean NLL of passkey answers in held-apart documents;
+- passkey checks: greedy passkey accuracy at the training length, the curve of retrieval against
+  steps (the standard filler prompt, nothing from the training data).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import numpy as np
 import torch
 
 from .. import evaluate
+
+PASSKEY_DEPTHS = (0.05, 0.275, 0.5, 0.725, 0.95)  # interior depths, as the passkey tables report
+PASSKEY_KEYS = 2  # keys per depth
 
 
 def frozen_teacher(model, device: torch.device):
@@ -62,3 +67,21 @@ def needle_loss(model, samples: Sequence, chunk: int) -> float:
     finally:
         model.train(was_training)
     return total / count
+
+
+def passkey_prompts(tokenizer, length: int, seed: int) -> list:
+    """The passkey prompts of `--passkey-every`: PASSKEY_KEYS random keys at each PASSKEY_DEPTHS,
+    `length` tokens each, the same as `longrope eval passkey --depths ... --trials 2` draws."""
+    prompts = evaluate.passkey_prompts(tokenizer, [length], PASSKEY_DEPTHS, PASSKEY_KEYS, seed)
+    return [prompts[key] for key in sorted(prompts)]
+
+
+def passkey_accuracy(model, tokenizer, prompts: Sequence) -> float:
+    """Share of `prompts` whose key the model decodes greedily, in eval mode; the model's mode is
+    restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate.passkey_accuracy([evaluate.passkey_trial(model, tokenizer, p) for p in prompts])
+    finally:
+        model.train(was_training)
