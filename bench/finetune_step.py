@@ -19,12 +19,10 @@ allocated during them; the ratios of each of ours to stock. The target: â‰¤ 0.7Ã
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _common import DEVICE, SMOKE, environment, fmt_len, measured, random_llama, ratio, require_cuda, sync, write_json
 from longrope import lean, models, train
@@ -87,10 +85,8 @@ def ours(length: int, steps: int, keep_attention: bool = True, backends: str | N
     train.loop.allow_tf32(DEVICE())
     optimizer = train.loop.make_optimizer(model, cfg, DEVICE())
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE())
-    preference = (sdpa_kernel([getattr(SDPBackend, lean.SDPA_BACKENDS[n]) for n in backends.split(",")],
-                              set_priority=True) if backends and not SMOKE else contextlib.nullcontext())
     try:
-        with preference:
+        with lean.sdpa_preference(backends, DEVICE()):
             return {**timed_steps(lambda: our_step(model, optimizer, ids, cfg), steps), "loss_chunk": cfg.loss_chunk}
     finally:
         del model, optimizer

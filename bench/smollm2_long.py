@@ -114,7 +114,7 @@ def main():
             r = {"n": n, "forward": name, "sdpa_backends": None if backend == "default" else backend}
             lean.set_sdpa_backends(r["sdpa_backends"])
             try:
-                with measured(r), lean._sdpa_preference(device):
+                with measured(r), lean.sdpa_preference(r["sdpa_backends"], device):
                     r["seconds_per_layer"] = attention_seconds(model.config, n, device)
             except RuntimeError as e:  # a kernel that refuses these shapes (e.g. GQA) is recorded, not fatal
                 r.update(error=str(e).splitlines()[0][:300])

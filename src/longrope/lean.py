@@ -65,10 +65,12 @@ def set_sdpa_backends(names: str | None) -> None:
 set_sdpa_backends(os.environ.get("LONGROPE_SDPA_BACKENDS"))
 
 
-def _sdpa_preference(device: torch.device):
-    if not _backends_setting or device.type != "cuda":
+def sdpa_preference(names: str | None, device: torch.device):
+    """The context in which SDPA prefers the kernels `names` (comma-separated SDPA_BACKENDS keys,
+    in order) on CUDA; elsewhere, or with no names, torch's own choice."""
+    if not names or device.type != "cuda":
         return contextlib.nullcontext()
-    backends = [getattr(SDPBackend, SDPA_BACKENDS[n.strip()]) for n in _backends_setting.split(",")]
+    backends = [getattr(SDPBackend, SDPA_BACKENDS[n.strip()]) for n in names.split(",")]
     return sdpa_kernel(backends, set_priority=True)
 
 
@@ -168,7 +170,7 @@ def causal_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     rep = n_q // n_kv
     per_call = max(1, min(n_kv, ATTENTION_BUDGET // max(1, b * n * rep * d)))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, n, d) views
-    with _sdpa_preference(q.device):
+    with sdpa_preference(_backends_setting, q.device):
         _attend_groups(qt, kt, vt, n_kv, rep, per_call, scale)
 
 

@@ -182,16 +182,8 @@ def _check_options(args, readjusting: bool, weights: dict | None) -> None:
 def _readjusted(spec: str, attention: str, info) -> sc.LongRoPEScaling:
     """--readjust S: the LongRoPE scaling whose short factors are searched, for this model, with
     short inputs at the attention factor `attention` says (--readjust-attention)."""
-    try:
-        scaling = sc.load(sc.preset_path(spec), info.dim)
-    except UsageError as exc:
-        raise UsageError(f"--readjust {spec}: {str(exc).removeprefix(f'--scaling {spec}: ')}") from None
-    if not isinstance(scaling, sc.LongRoPEScaling):
-        raise UsageError(f"--readjust {spec}: a {scaling.rope_type} scaling; --readjust takes a LongRoPE one "
-                         "(long and short factors)")
-    if scaling.original_max_position_embeddings != info.original_length:
-        raise UsageError(f"--readjust {spec}: made for a context of {scaling.original_max_position_embeddings}, "
-                         f"the model's is {info.original_length}")
+    scaling = S.load_longrope("--readjust", spec, info.dim, info.original_length,
+                              "a LongRoPE one (long and short factors)")
     # one: inside the original window the model's own temperature, as `longrope extend` readjusts
     return scaling.replace(short_attention_factor=1.0) if attention == "one" else scaling
 

@@ -22,7 +22,7 @@ from .evaluators import (DIST_TIMEOUT_MINUTES, FITNESSES, NEEDLE_DEPTHS, Batched
                          parse_fitness, rank_device, run_distributed, search_on_ranks, served_long, serve,
                          term_evaluator, term_fitness)
 from .space import (ALGORITHMS, ATTENTION_TOP, GRID_STEP, N_HAT_CHOICES, SHORT_CAP, SPACES, CriticalDimSpace,
-                    Genome, SearchSpace, ShortFactorSpace, crossover, init_seeds, mutate, n_hat_choices,
+                    Genome, SearchSpace, ShortFactorSpace, crossover, init_seeds, load_longrope, mutate, n_hat_choices,
                     rescale_factors, resumed_space, seeds_from, theoretical_critical_dim)
 
 __all__ = [
@@ -32,7 +32,8 @@ __all__ = [
     "Batched", "CriticalDimSpace", "DistributedEvaluator", "Evaluator", "Fitness", "Genome", "Rank", "SearchConfig",
     "SearchResult", "SearchSpace", "Serial", "ShortFactorSpace",
     "breed", "candidate_nlls", "check_out", "crossover", "fitness_windows", "init_distributed", "init_seeds",
-    "initial_population", "model_fitness", "mutate", "n_hat_choices", "planned_evals", "progress_hooks",
+    "initial_population", "load_longrope", "model_fitness", "mutate", "n_hat_choices", "planned_evals",
+    "progress_hooks",
     "rank_device", "read_history", "read_state", "rescale_factors", "resumed_space", "run", "run_distributed",
     "search_on_ranks", "seeds_from", "select", "serve", "theoretical_critical_dim",
 ]

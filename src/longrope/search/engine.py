@@ -333,7 +333,8 @@ class _Judge:
         valid = list(self.validator(scalings)) if self.validator else [None] * len(todo)
         self.state.fitness_seconds += time.perf_counter() - start  # model time, not the search's overhead
         for name, f, v in zip(todo, fitness, valid):
-            self.state.references[name] = {"fitness": _num(float(f)), "validation": None if v is None else _num(float(v))}
+            self.state.references[name] = {"fitness": _num(float(f)),
+                                           "validation": None if v is None else _num(float(v))}
 
     def validate(self, genomes: Sequence[Genome], space: SearchSpace) -> None:
         todo = [g for g in dict.fromkeys(genomes) if g not in self.state.validation]

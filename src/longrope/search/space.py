@@ -415,15 +415,9 @@ def seeds_from(scaling: LongRoPEScaling, target_length: int,
     """A searched scaling as seeds of a search at `target_length`: its factors as they are and
     carried to the new scale (`rescale_factors`), each with its n̂: the paper's progressive
     extension, where the factors searched for a shorter length start the search for a longer one.
-    With `original_length` (the model's context), what cannot seed that model's search is refused
-    (UsageError): another kind of scaling, another context, an n̂ the search does not try."""
+    With `original_length` (the model's context), an n̂ the search does not try is refused
+    (UsageError)."""
     if original_length is not None:
-        if not isinstance(scaling, LongRoPEScaling):
-            raise UsageError(f"a {scaling.rope_type} scaling; --init takes searched LongRoPE scalings (PI, NTK "
-                             "and YaRN are always in the initial population)")
-        if scaling.original_max_position_embeddings != original_length:
-            raise UsageError(f"made for a context of {scaling.original_max_position_embeddings}, the model's is "
-                             f"{original_length}")
         choices = n_hat_choices(original_length)
         if scaling.n_hat not in choices:
             raise UsageError(f"n_hat {scaling.n_hat} is not one the search uses ({', '.join(map(str, choices))})")
@@ -432,14 +426,32 @@ def seeds_from(scaling: LongRoPEScaling, target_length: int,
     return ((tuple(scaling.long_factor), scaling.n_hat), (carried, scaling.n_hat))
 
 
+def load_longrope(option: str, spec: str, dim: int, original_length: int, takes: str) -> LongRoPEScaling:
+    """The LongRoPE scaling (file or preset) `spec` given to `option`, made for a model whose
+    context is `original_length`; otherwise a UsageError naming both (`takes`: what the option
+    takes instead)."""
+    try:
+        scaling = sc.load(sc.preset_path(spec), dim)
+    except UsageError as exc:
+        raise UsageError(f"{option} {spec}: {str(exc).removeprefix(f'--scaling {spec}: ')}") from None
+    if not isinstance(scaling, LongRoPEScaling):
+        raise UsageError(f"{option} {spec}: a {scaling.rope_type} scaling; {option} takes {takes}")
+    if scaling.original_max_position_embeddings != original_length:
+        raise UsageError(f"{option} {spec}: made for a context of {scaling.original_max_position_embeddings}, the "
+                         f"model's is {original_length}")
+    return scaling
+
+
 def init_seeds(spec: str, dim: int, original_length: int, target_length: int) -> tuple:
     """`--init A.json,B,...`: the seeds (`seeds_from`) of each searched scaling, a file or preset."""
     seeds = []
     for entry in [e.strip() for e in spec.split(",") if e.strip()]:
+        scaling = load_longrope("--init", entry, dim, original_length,
+                                "searched LongRoPE scalings (PI, NTK and YaRN are always in the initial population)")
         try:
-            seeds.extend(seeds_from(sc.load(sc.preset_path(entry), dim), target_length, original_length))
+            seeds.extend(seeds_from(scaling, target_length, original_length))
         except UsageError as exc:
-            raise UsageError(f"--init {entry}: {str(exc).removeprefix(f'--scaling {entry}: ')}") from None
+            raise UsageError(f"--init {entry}: {exc}") from None
     return tuple(seeds)
 
 

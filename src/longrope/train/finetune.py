@@ -200,10 +200,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     loop.allow_tf32(device)
     teacher = retention.frozen_teacher(model, device) if cfg.distill_weight else None  # before attaching
     short_sources = [retention.short_sequences(p, short_len) for p in sources] if cfg.short_share else None
-    # the model, or its FSDP2 root. Context parallelism's attention builds a CausalBias tensor
-    # subclass, which selective checkpointing's dispatch mode cannot create: there whole layers are
-    # recomputed
-    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device, keep_attention=ranks.world == 1))
+    # the model, or its FSDP2 root
+    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device, keep_attention=ranks.keeps_attention))
     optimizer = loop.make_optimizer(trained, cfg, device)
     if checkpoint is not None:
         ranks.load_state(trained, optimizer, checkpoint)

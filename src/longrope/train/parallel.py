@@ -78,12 +78,14 @@ class Local:
     """One process on one device: the model trains as it is.
 
     The strategy (`ContextParallel` has the same members): `open_out` checks the output folder and
-    returns the checkpoint to resume from; `prepare` gives the module to train; `nll` this
+    returns the checkpoint to resume from; `prepare` gives the module to train; `keeps_attention`
+    whether its checkpointing may keep attention outputs; `nll` this
     process's summed NLL of a batch, `loss_scale` its factor before the backward, `sum_over_ranks`
     the whole batch's; `load_state`/`full_state` the checkpoint's state dicts; `final_model` the
     model to export (None where another process exports)."""
 
     world, is_main, loss_scale = 1, True, 1.0  # loss_scale: what the backward multiplies the loss by
+    keeps_attention = True  # checkpointing may keep attention outputs (`models.enable_checkpointing`)
 
     def __init__(self, device: torch.device, loss_chunk: int):
         self.device, self.loss_chunk = device, loss_chunk
@@ -122,6 +124,10 @@ class ContextParallel:
     """This rank's part of a torchrun run: every rank takes the same sequences and runs its slice
     of their positions, the weights sharded by FSDP2; rank 0 alone writes files. Checkpoints hold
     full state dicts, so a run resumes only with the same number of processes."""
+
+    # its attention builds a CausalBias tensor subclass, which selective checkpointing's dispatch
+    # mode cannot create: whole layers are recomputed
+    keeps_attention = False
 
     def __init__(self, group: distributed.Group, seq_len: int, loss_chunk: int):
         shard_chunks(seq_len, group.world, group.rank)  # --seq-len must split into 2 × ranks chunks

@@ -13,6 +13,7 @@ retrieval (issue 16), as pieces of the one fine-tuning loop:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -57,15 +58,21 @@ def document_positions(batch: torch.Tensor, bos_id: int) -> torch.Tensor:
     return index - torch.cummax(starts, dim=1).values
 
 
-def needle_loss(model, samples: Sequence, chunk: int) -> float:
-    """Mean NLL of the answer tokens of `samples` (`passkey.needle_samples`), in eval mode; the
-    model's mode is restored afterwards."""
+@contextlib.contextmanager
+def evaluating(model):
+    """`model` in eval mode inside, its mode restored after (a check in the middle of training)."""
     was_training = model.training
     model.eval()
     try:
-        total, count = evaluate.needle_nll(model, samples, chunk)
+        yield model
     finally:
         model.train(was_training)
+
+
+def needle_loss(model, samples: Sequence, chunk: int) -> float:
+    """Mean NLL of the answer tokens of `samples` (`passkey.needle_samples`), in eval mode."""
+    with evaluating(model):
+        total, count = evaluate.needle_nll(model, samples, chunk)
     return total / count
 
 
@@ -77,11 +84,6 @@ def passkey_prompts(tokenizer, length: int, seed: int) -> list:
 
 
 def passkey_accuracy(model, tokenizer, prompts: Sequence) -> float:
-    """Share of `prompts` whose key the model decodes greedily, in eval mode; the model's mode is
-    restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
+    """Share of `prompts` whose key the model decodes greedily, in eval mode."""
+    with evaluating(model):
         return evaluate.passkey_accuracy([evaluate.passkey_trial(model, tokenizer, p) for p in prompts])
-    finally:
-        model.train(was_training)
