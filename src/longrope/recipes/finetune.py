@@ -54,7 +54,7 @@ def register(sub) -> None:
     add_config_options(k, train.FinetuneConfig, ("short_share", "distill_weight", "doc_mask", "needle_every",
                                                  "passkey_every"))
     k.add_argument("--needle-data", help="documents held apart for --needle-every: passkey needles at depths "
-                   + ",".join(f"{d:g}" for d in NEEDLE_DEPTHS) + " in --seq-len-token windows")
+                   + ",".join(f"{d:g}" for d in train.retention.NEEDLE_DEPTHS) + " in --seq-len-token windows")
     r = p.add_argument_group("run")
     r.add_argument("--save-dtype", choices=train.SAVE_DTYPES,
                    help="dtype of the saved weights (default: bfloat16 on GPU, float32 on CPU)")
@@ -63,9 +63,6 @@ def register(sub) -> None:
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--force", action="store_true", help="delete an existing --out and start over")
     r.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after a finished run")
-
-
-NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where --needle-every places the passkey in its windows
 
 
 def parse_weights(text: str) -> list[float]:
@@ -134,12 +131,12 @@ def run(args) -> int:
 
 
 def needle_samples(spec, tokenizer, seq_len: int, seed: int, quiet: bool) -> list:
-    """Passkey needles at NEEDLE_DEPTHS in `seq_len`-token windows of the --needle-data documents
-    long enough to hold one."""
+    """Passkey needles at `retention.NEEDLE_DEPTHS` in `seq_len`-token windows of the --needle-data
+    documents long enough to hold one."""
     docs = [d.tokens for d in documents(spec, tokenizer, quiet=quiet) if len(d.tokens) >= seq_len]
     if not docs:
         raise UsageError(f"--needle-data {spec}: no document holds --seq-len {seq_len} tokens")
     try:
-        return passkey.needle_samples(tokenizer, docs, seq_len, seed, depths=NEEDLE_DEPTHS)
+        return passkey.needle_samples(tokenizer, docs, seq_len, seed, depths=train.retention.NEEDLE_DEPTHS)
     except ValueError as exc:  # --seq-len too short for the needle, question and answer
         raise UsageError(f"--needle-data: {exc}") from None

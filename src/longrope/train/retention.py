@@ -22,6 +22,7 @@ import torch
 
 from .. import evaluate
 
+NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where needle validation places the passkey in its windows
 PASSKEY_DEPTHS = (0.05, 0.275, 0.5, 0.725, 0.95)  # interior depths, as the passkey tables report
 PASSKEY_KEYS = 2  # keys per depth
 
