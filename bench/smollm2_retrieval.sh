@@ -25,6 +25,8 @@ LR="python3 -m longrope"
 S64=$OUT/search-$L1; S128=$OUT/search-$L2
 FITNESS=ppl=1,needle=1,short=0.25
 DEPTHS=0.05,0.275,0.5,0.725,0.95
+mkdir -p "$OUT"
+source "$(dirname "$0")/jobs.sh"  # bg, wait_all: a phase's commands side by side on the one GPU
 
 # each search starts from the shipped preset of its length too (--init), so the search never returns
 # something worse on validation than that preset either
@@ -34,12 +36,9 @@ search() {  # search TARGET FITNESS_DOCS POPULATION CHILDREN PARENTS PRESET
       --generations 40 --max-minutes "${MINUTES:-8}" --seed 0 ${6:+--init "$6"} --out "$OUT/search-$1" --resume
 }
 if [[ $PHASE == search ]]; then  # both side by side on one GPU (each gets about half of it)
-  search $L1 2 24 8 12 ${PRESET1-smollm2-135m-64k} > "$S64.log" 2>&1 &
-  first=$!
-  search $L2 1 16 6 8 ${PRESET2-smollm2-135m-128k} > "$S128.log" 2>&1 &
-  second=$!
-  wait $first || { tail -3 "$S64.log"; exit 1; }
-  wait $second || { tail -3 "$S128.log"; exit 1; }
+  bg search-$L1 search $L1 2 24 8 12 ${PRESET1-smollm2-135m-64k}
+  bg search-$L2 search $L2 1 16 6 8 ${PRESET2-smollm2-135m-128k}
+  wait_all
 fi
 if [[ $PHASE == search1 ]]; then search $L1 2 24 8 12 ${PRESET1-smollm2-135m-64k} 2>&1 | tee "$S64.log"; fi
 if [[ $PHASE == search2 ]]; then search $L2 1 16 6 8 ${PRESET2-smollm2-135m-128k} 2>&1 | tee "$S128.log"; fi
@@ -51,23 +50,27 @@ M128=yarn,ntk,longrope,$S128/best_reference.json,$S128/scaling.json${PRESET2-,sm
 if [[ $PHASE == eval ]]; then
   for n in $L1 $L2; do
     [[ $n == $L1 ]] && M=$M64 || M=$M128
-    $LR eval ppl --model "$MODEL" --data "$DATA/report_prose.jsonl.gz" --docs 5 --lengths $n --target-length $n \
-        --compare "$M" --out "$OUT/ppl-prose-$n" --force --no-progress
-    $LR eval ppl --model "$MODEL" --data "$DATA/report_code.jsonl.gz" --docs 4 --lengths $n --target-length $n \
-        --compare "$M" --out "$OUT/ppl-code-$n" --force --no-progress
-    $LR eval passkey --model "$MODEL" --lengths $n --target-length $n --depths $DEPTHS --trials 2 --compare "$M" \
-        --out "$OUT/passkey-$n" --force --no-progress
-    $LR eval ruler --model "$MODEL" --tasks niah_single --lengths $n --target-length $n --depths $DEPTHS --samples 2 --max-new-tokens 32 \
-        --compare "$M" --out "$OUT/niah-$n" --resume --no-progress
+    bg ppl-$n bash -c "$LR eval ppl --model '$MODEL' --data '$DATA/report_prose.jsonl.gz' --docs 5 --lengths $n \
+        --target-length $n --compare '$M' --out '$OUT/ppl-prose-$n' --force --no-progress && \
+      $LR eval ppl --model '$MODEL' --data '$DATA/report_code.jsonl.gz' --docs 4 --lengths $n --target-length $n \
+        --compare '$M' --out '$OUT/ppl-code-$n' --force --no-progress"
+    bg passkey-$n $LR eval passkey --model "$MODEL" --lengths $n --target-length $n --depths $DEPTHS --trials 2 \
+        --compare "$M" --out "$OUT/passkey-$n" --force --no-progress
+    bg niah-$n $LR eval ruler --model "$MODEL" --tasks niah_single --lengths $n --target-length $n --depths $DEPTHS \
+        --samples 2 --max-new-tokens 32 --compare "$M" --out "$OUT/niah-$n" --resume --no-progress
   done
+  wait_all
 fi
 
+# RULER: the model's own ceiling inside its window, then one command per length beyond it
+RULER="eval ruler --model $MODEL --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens ${RULER_TOKENS:-64} --resume --no-progress"
 if [[ $PHASE == ruler ]]; then
-  $LR eval ruler --model "$MODEL" --lengths $SHORT --method none --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
-      --out "$OUT/ruler-8k" --resume --no-progress
-  $LR eval ruler --model "$MODEL" --lengths $MID,$L1 --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
-      --compare yarn,longrope,$S128/best_reference.json,$S64/scaling.json,$S128/scaling.json --out "$OUT/ruler-64k" --resume \
-      --no-progress
-  $LR eval ruler --model "$MODEL" --lengths $L2 --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens "${RULER_TOKENS:-64}" \
-      --compare yarn,longrope,$S128/best_reference.json,$S128/scaling.json --out "$OUT/ruler-128k" --resume --no-progress
+  bg ruler-short $LR $RULER --lengths $SHORT --method none --out "$OUT/ruler-short"
+  for n in ${MID//,/ } $L1; do
+    bg ruler-$n $LR $RULER --lengths $n --compare yarn,longrope,$S64/best_reference.json,$S128/best_reference.json,$S64/scaling.json,$S128/scaling.json \
+        --out "$OUT/ruler-$n"
+  done
+  bg ruler-$L2 $LR $RULER --lengths $L2 --compare yarn,longrope,$S128/best_reference.json,$S128/scaling.json \
+      --out "$OUT/ruler-$L2"
+  wait_all
 fi

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Issue 16 on one GPU: SmolLM2-135M fine-tuned at 64k so that it retrieves (mixed context windows,
 # distillation toward the base model on the short ones, document masks, a weighted mix of long
-# and short documents, needle validation every 20 steps, passkey accuracy every 40), then
+# and short documents, retrieval exercises in a share of the micro-batches (our own "access code"
+# wording, not the passkey's or RULER's), needle validation every 20 steps, passkey accuracy every 40), then
 # evaluated in the same run on documents it never saw:
 #   perplexity at 8k and 64k; passkey (10 keys, depths 0.05-0.95) at 8k, 32k, 64k and 128k;
 #   RULER niah_single at 8k and 64k; the base model and the un-fine-tuned scaling beside it;
 #   and (issue 17) the fine-tuned export loaded by plain transformers at 4k, 8k and L
 #   (bench/short_context_exports.py --exported).
 # usage: bench/smollm2_retrieval_finetune.sh MODEL DATA OUT     (DATA: bench/make_retrieval_data.py's folder)
-# STEPS (default 240), SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k),
-# MID (32k), LONG (128k) can be changed, e.g. for a CPU smoke with the bundled model
-# (SCALING=... L=1k SHORT=256 MID=512 LONG=2k STEPS=2).
+# STEPS (default 240), LR_PEAK (5e-5, cosine decay to a tenth), RETRIEVAL (the retrieval share, 0.3),
+# SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
+# can be changed, e.g. for a CPU smoke with the bundled model (SCALING=... L=1k SHORT=256 MID=512
+# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both).
 set -euo pipefail
 MODEL=$1; DATA=$2; OUT=$3
 LR="python3 -m longrope"
@@ -19,28 +21,35 @@ LONG=${LONG:-128k}
 FT=$OUT/ft-$L
 DEPTHS=0.05,0.275,0.5,0.725,0.95
 mkdir -p "$OUT"
+source "$(dirname "$0")/jobs.sh"  # bg, wait_all: the evaluations side by side on the one GPU
 
-$LR finetune --model "$MODEL" --scaling "$SCALING" --seq-len $L \
-    --data "$DATA/search.jsonl.gz" "$DATA/train_short.jsonl.gz" --data-weights 0.7,0.3 \
-    --short-share 0.25 --distill-weight 0.5 --doc-mask --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" --passkey-every 40 \
-    --steps "$STEPS" --checkpoint-every 20 --out "$FT" --resume --no-progress 2>&1 | tee "$OUT/finetune.log"
+if [[ ${PHASE:-all} != eval ]]; then
+  $LR finetune --model "$MODEL" --scaling "$SCALING" --seq-len $L \
+      --data "$DATA/search.jsonl.gz" "$DATA/train_short.jsonl.gz" --data-weights 0.7,0.3 \
+      --lr ${LR_PEAK:-5e-5} --schedule cosine --min-lr-ratio 0.1 \
+      --short-share 0.25 --distill-weight 0.5 --doc-mask --retrieval-share ${RETRIEVAL:-0.3} \
+      --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" --passkey-every 40 \
+      --steps "$STEPS" --checkpoint-every 20 --out "$FT" --resume --no-progress 2>&1 | tee -a "$OUT/finetune.log"
+fi
+[[ ${PHASE:-all} == train ]] && exit 0
 
 for docs in prose code; do
-  $LR eval ppl --model "$MODEL" --data "$DATA/report_$docs.jsonl.gz" --docs 4 --lengths $SHORT --method none \
-      --out "$OUT/ppl-$docs-base" --force --no-progress
-  $LR eval ppl --model "$MODEL" --data "$DATA/report_$docs.jsonl.gz" --docs 4 --lengths $SHORT,$L --scaling "$SCALING" \
-      --out "$OUT/ppl-$docs-scaling" --force --no-progress
-  $LR eval ppl --model "$FT" --data "$DATA/report_$docs.jsonl.gz" --docs 4 --lengths $SHORT,$L \
-      --out "$OUT/ppl-$docs-ft" --force --no-progress
+  bg ppl-$docs bash -c "$LR eval ppl --model '$MODEL' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT \
+      --method none --out '$OUT/ppl-$docs-base' --force --no-progress && \
+    $LR eval ppl --model '$MODEL' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT,$L --scaling '$SCALING' \
+      --out '$OUT/ppl-$docs-scaling' --force --no-progress && \
+    $LR eval ppl --model '$FT' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT,$L \
+      --out '$OUT/ppl-$docs-ft' --force --no-progress"
 done
-$LR eval passkey --model "$MODEL" --lengths $SHORT --method none --depths $DEPTHS --trials 2 \
+bg passkey-base $LR eval passkey --model "$MODEL" --lengths $SHORT --method none --depths $DEPTHS --trials 2 \
     --out "$OUT/passkey-base" --force --no-progress
-$LR eval passkey --model "$FT" --lengths $SHORT,$MID,$L --depths $DEPTHS --trials 2 --out "$OUT/passkey-ft" --force \
-    --no-progress
-$LR eval passkey --model "$FT" --lengths $LONG --depths $DEPTHS --trials 2 --allow-context-mismatch \
+bg passkey-ft $LR eval passkey --model "$FT" --lengths $SHORT,$MID,$L --depths $DEPTHS --trials 2 --out "$OUT/passkey-ft" \
+    --force --no-progress
+bg passkey-ft-long $LR eval passkey --model "$FT" --lengths $LONG --depths $DEPTHS --trials 2 --allow-context-mismatch \
     --out "$OUT/passkey-ft-long" --force --no-progress
-$LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples 2 --max-new-tokens 32 \
-    --out "$OUT/niah-ft" --resume --no-progress
-PYTHONPATH=${PYTHONPATH:-src} python3 bench/short_context_exports.py --model "$MODEL" \
+bg niah-ft $LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples 2 \
+    --max-new-tokens 32 --out "$OUT/niah-ft" --resume --no-progress
+bg plain-ft env PYTHONPATH=${PYTHONPATH:-src} python3 bench/short_context_exports.py --model "$MODEL" \
     --data "$DATA/report_prose.jsonl.gz" "$DATA/report_code.jsonl.gz" --docs 4 --exported "$FT" \
     --short ${SHORT4:-4k},$SHORT --out "$OUT/plain-ft.json"
+wait_all

@@ -254,6 +254,13 @@ def test_selection_is_seeded_and_filters_by_length():
     assert len(data.select(docs, 50, 100)) == 7
 
 
+def test_interleave_sources_by_hand():
+    docs = [data.TokenizedDocument(i, np.arange(3)) for i in ("a/1", "a/2", "a/3", "b/1", "c/x/1", "b/2")]
+    assert [d.id for d in data.interleave_sources(docs)] == ["a/1", "b/1", "c/x/1", "a/2", "b/2", "a/3"]
+    assert data.interleave_sources([]) == []
+    assert data.source_of("cpython-3.11/_toplevel/segment-3") == "cpython-3.11" and data.source_of("doc0") == "doc0"
+
+
 def test_selection_error_states_longest():
     with pytest.raises(UsageError, match=r"longest \(d6\) has 100"):
         data.select(_docs([10, 20, 30, 40, 50, 60, 100]), 101, 2)

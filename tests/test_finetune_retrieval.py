@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import sys
 
 import numpy as np
@@ -399,3 +400,113 @@ def test_cli_finetune_on_two_weighted_sources(tiny_model_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / train.FT_RECORD).read_text())
     assert record["identity"]["source_weights"] == [3.0, 1.0] and len(record["identity"]["data"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# 6. retrieval sequences: facts in the documents, questions at the end, answers weighted
+
+RSEQ = 1024  # byte tokens: 4 facts and their questions (about 470) and more than one packed document
+
+
+def decode(ids) -> str:
+    return bytes(int(t) - 3 for t in ids if int(t) >= 3).decode()  # byte tokens start at 3 (BOS, EOS, PAD before)
+
+
+def test_retrieval_sequences_hold_each_fact_once_and_score_exactly_its_answers():
+    tok = byte_tokenizer()
+    assert decode(tok("Az é")["input_ids"]) == "Az é"  # the decoding above is the tokenizer's
+    row = np.asarray(packed_data(RSEQ, n_docs=8)[0])
+    seq = retention.retrieval_sequence(row, tok, [5, 1, 0, 0])
+    assert seq.ids.shape == row.shape == seq.answers.shape and seq.ids[0] == row[0] == tok.bos_token_id
+    text = decode(seq.ids)
+    assert "pass key" not in text and "magic number" not in text  # not the wording of what it is measured on
+    facts = re.findall(r"\nThe access code for (\w+) is (\d+)\.\n", text)
+    assert sorted(facts) == sorted(zip(seq.names, seq.codes)) and len(set(seq.names)) == 4
+    assert all(len(c) == retention.RETRIEVAL_DIGITS for c in seq.codes)
+    for start, name, code in zip(seq.fact_starts, seq.names, seq.codes):  # where the sequence says
+        assert decode(seq.ids[start:]).startswith(f"\nThe access code for {name} is {code}.")
+    # the documents, facts taken out, are the row's first tokens in order
+    kept = np.ones(len(seq.ids), dtype=bool)
+    for start, name, code in zip(seq.fact_starts, seq.names, seq.codes):
+        kept[start:start + len(f"\nThe access code for {name} is {code}.\n")] = False
+    tail_start = text.index("\nQ: ")
+    body = seq.ids[kept][:int(kept[:tail_start].sum())]
+    assert np.array_equal(body, row[:len(body)])
+    # each question is answered with its own fact's code, and the answer mask covers exactly those codes
+    qa = re.findall(r"\nQ: What is the access code for (\w+)\? A: The access code for \1 is (\d+)", text[tail_start:])
+    assert sorted(qa) == sorted(facts) and text.endswith(f" {qa[-1][1]}")
+    runs = re.findall(r"\d+", decode(np.where(seq.answers, seq.ids, tok.encode(" ")[0] + 0 * seq.ids)))
+    assert runs == [code for _, code in qa]
+    # seeded
+    again = retention.retrieval_sequence(row, tok, [5, 1, 0, 0])
+    assert np.array_equal(again.ids, seq.ids) and again.codes == seq.codes
+    assert retention.retrieval_sequence(row, tok, [5, 1, 0, 1]).codes != seq.codes
+    with pytest.raises(ValueError, match="too short"):
+        retention.retrieval_sequence(row[:300], tok, [5])
+
+
+def test_the_answer_term_counts_answer_weight_times_the_answers_mean_nll():
+    model, tok = tiny_model(), byte_tokenizer()
+    rows = packed_data(RSEQ, n_docs=8)[:2]
+    seqs = [retention.retrieval_sequence(r, tok, [0, i]) for i, r in enumerate(rows)]
+    ids, answers = torch.as_tensor(np.stack([s.ids for s in seqs])), torch.as_tensor(np.stack([s.answers for s in seqs]))
+    weight = 2.5
+    summed, targets = train.parallel.chunked_lm_loss(model, ids, 100, answers=answers, answer_weight=weight)
+    logits = full_logits(model, ids)[:, :-1]
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    scored = answers[:, 1:].reshape(-1)
+    assert targets == 2 * (RSEQ - 1) and int(scored.sum()) == 2 * 4 * (1 + retention.RETRIEVAL_DIGITS)  # " CODE", a byte each
+    expected = per_token.sum() + weight * targets * per_token[scored].mean()
+    assert summed.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain, _ = train.parallel.chunked_lm_loss(model, ids, 100)
+    assert plain.item() == pytest.approx(per_token.sum().item(), rel=1e-5) and summed.item() > plain.item() * 1.5
+
+
+def test_retrieval_micro_batches_are_trained_as_built_and_read_whole_under_doc_masks(tmp_path):
+    tok = byte_tokenizer()
+    packed = packed_data(RSEQ, n_docs=12)
+    seed = next(s for s in range(100) if [retention.is_retrieval_micro_batch(s, 0.5, 1, m) for m in range(2)]
+                == [True, False])
+    scaling = sc.make("longrope", ORIGINAL, RSEQ, dim=16, base=10000.0)
+    cfg = config(seq_len=RSEQ, steps=1, grad_accum=2, batch_size=1, seed=seed, retrieval_share=0.5, answer_weight=2.0,
+                 doc_mask=True, gradient_checkpointing=False)
+    result = train.finetune(tiny_model(), tok, scaling, packed, cfg, tmp_path / "ft")
+
+    model = tiny_model()  # the weights before the step
+    models.attach(model, scaling)
+    total = 0.0
+    for micro in range(2):
+        batch = train.finetune_batch(packed, cfg, 1, micro)
+        if micro == 0:  # the retrieval one: built from the same row, read without restarting positions
+            seq = retention.retrieval_sequence(batch[0].numpy(), tok, [seed, 1, 0, 0])
+            assert (seq.ids[1:] == tok.bos_token_id).any()  # a document mask would cut it
+            ids = torch.as_tensor(seq.ids)[None]
+            logits = full_logits(model, ids)[0, :-1]
+            per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+            total += per_token.sum().item() + 2.0 * (RSEQ - 1) * per_token[torch.as_tensor(seq.answers[1:])].mean().item()
+        else:  # an ordinary one, document-masked
+            positions = retention.document_positions(batch, tok.bos_token_id)
+            with parallel_regime(model, RSEQ):
+                logits = full_logits(model, batch, position_ids=positions)[0, :-1]
+            total += F.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+    assert result.record["first_loss"] == pytest.approx(total / (2 * (RSEQ - 1)), rel=1e-5)
+
+
+def parallel_regime(model, length):
+    return train.parallel.global_regime(model, length)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"retrieval_share": 1.5}, "--retrieval-share must be in [0, 1]"),
+    ({"answer_weight": -1.0}, "--answer-weight must be >= 0"),
+])
+def test_bad_retrieval_settings_are_refused(kw, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        config(**kw).validate()
+
+
+def test_retrieval_in_sequences_too_short_for_the_facts_is_refused_before_writing(tmp_path):
+    with pytest.raises(UsageError, match="--retrieval-share: a sequence of 128 tokens is too short"):
+        train.finetune(tiny_model(), byte_tokenizer(), scaling_with_short_factors(), packed_data(),
+                       config(retrieval_share=0.5), tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()

@@ -8,6 +8,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,17 @@ def test_bad_fitness_and_validation_options(tiny_model_dir, corpus, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fitness_and_validation_documents_each_mix_the_sources(seed):
+    from types import SimpleNamespace
+
+    from longrope.data import TokenizedDocument
+    from longrope.recipes.search import _split
+    docs = [TokenizedDocument(f"{kind}/{i}", np.arange(300)) for kind in ("prose", "code") for i in range(4)]
+    docs.append(TokenizedDocument("code/short", np.arange(10)))  # too short: never chosen
+    chosen, held = _split(SimpleNamespace(samples=2, data="d.jsonl"), docs, 256, 2, seed)
+    assert not {d.id for d in chosen} & {d.id for d in held}
+    for group in (chosen, held):
+        assert sorted(d.id.split("/")[0] for d in group) == ["code", "prose"], [d.id for d in group]

@@ -400,6 +400,23 @@ def select(docs: Sequence[TokenizedDocument], min_tokens: int, n: int, seed: int
     return [d for _, d in eligible[:n]]
 
 
+def source_of(doc_id: str) -> str:
+    """The source a document comes from: its id up to the first "/" (the corpus and the bundled
+    sample name documents "tdavid/...", "cpython-3.11/...", "austen/...")."""
+    return doc_id.split("/", 1)[0]
+
+
+def interleave_sources(docs: Sequence[TokenizedDocument]) -> list[TokenizedDocument]:
+    """`docs` taken in turn from each source (sources in order of first appearance, each source's
+    documents in their given order), so that any leading slice mixes the sources: a search's
+    fitness and validation documents are not all prose when the data holds code too."""
+    by_source: dict[str, list[TokenizedDocument]] = {}
+    for d in docs:
+        by_source.setdefault(source_of(d.id), []).append(d)
+    queues = list(by_source.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def truncate_window(n_tokens: int, length: int) -> list[Window]:
     """The first `length` tokens as one window (LongRoPE's search protocol, YaRN's --truncate)."""
     return [Window(0, min(length, n_tokens), 1)]

@@ -11,7 +11,9 @@ loads it), train_log.jsonl and finetune.json (configuration, versions, losses; w
 checkpoint.pt is replaced every --checkpoint-every steps: continue a killed run with --resume.
 Keeping short-context skills and retrieval (one process): --short-share P trains a seeded share P
 of the micro-batches at the model's original length (the short factors), --distill-weight W adds
-W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document, and
+W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document,
+--retrieval-share P makes a share P of them retrieval exercises (4 "access code" facts at random
+depths, questions on them at the end, the answers weighted by --answer-weight), and
 --needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss");
 --passkey-every N the greedy passkey accuracy at --seq-len ("passkey": 2 keys at 5 depths).
 Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
@@ -49,10 +51,10 @@ def register(sub) -> None:
     add_config_options(p, train.FinetuneConfig, ("steps",))
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     add_config_options(p.add_argument_group("optimisation"), train.FinetuneConfig, (
-        "lr", "warmup", "min_lr_ratio", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed"))
+        "lr", "schedule", "warmup", "min_lr_ratio", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed"))
     k = p.add_argument_group("keeping short-context skills and retrieval")
-    add_config_options(k, train.FinetuneConfig, ("short_share", "distill_weight", "doc_mask", "needle_every",
-                                                 "passkey_every"))
+    add_config_options(k, train.FinetuneConfig, ("short_share", "distill_weight", "doc_mask", "retrieval_share",
+                                                 "answer_weight", "needle_every", "passkey_every"))
     k.add_argument("--needle-data", help="documents held apart for --needle-every: passkey needles at depths "
                    + ",".join(f"{d:g}" for d in train.retention.NEEDLE_DEPTHS) + " in --seq-len-token windows")
     r = p.add_argument_group("run")

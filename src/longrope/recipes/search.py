@@ -191,10 +191,11 @@ def _readjusted(spec: str, attention: str, info) -> sc.LongRoPEScaling:
 def _split(args, docs, length: int, n_valid: int | None, seed: int) -> tuple[list, list]:
     """The fitness documents and, disjoint from them, the validation documents: `n_valid` of them
     (refused if there are not that many), or with None as many as --samples where there are, each
-    of at least `length` tokens."""
+    of at least `length` tokens. Seeded, and taken in turn from the data's sources (the id up to
+    its first "/"), so that neither set is all of one kind when the data holds several."""
     want = args.samples if n_valid is None else n_valid
-    try:
-        picked = data.select(docs, length, args.samples + want, seed=seed)
+    try:  # each set mixes the data's sources (prose and code) where it holds several
+        picked = data.interleave_sources(data.select(docs, length, len(docs), seed=seed))[:args.samples + want]
     except UsageError as exc:  # no document long enough
         raise UsageError(f"--data {args.data}: {exc}") from None
     if n_valid and len(picked) < args.samples + n_valid:

@@ -51,6 +51,12 @@ class FinetuneConfig(loop.TrainConfig):
         "help": "positions restart per packed document and attention stays inside it"})
     needle_every: int = field(default=0, metadata={
         "help": "steps between needle validations (mean NLL of passkey answers; needs --needle-data); 0: none"})
+    retrieval_share: float = field(default=0.0, metadata={
+        "help": "share of the micro-batches that carry 4 key-value facts at random depths and questions on them at "
+                "the end (our own wording, not the passkey's or RULER's); their answers weigh --answer-weight"})
+    answer_weight: float = field(default=1.0, metadata={
+        "help": "W: in a retrieval micro-batch's loss the answers' mean NLL counts W times beside the mean NLL of all "
+                "its tokens"})
     passkey_every: int = field(default=0, metadata={
         "help": "steps between passkey checks at --seq-len (greedy; the standard filler prompt, 2 keys at each "
                 "depth 0.05-0.95; logged as 'passkey', the share found); 0: none"})
@@ -80,6 +86,9 @@ class FinetuneConfig(loop.TrainConfig):
                   f"--distill-weight must be >= 0, got {self.distill_weight}")
         loop.need(not self.distill_weight or self.short_share > 0,
                   "--distill-weight applies to the short sequences: give --short-share > 0 too")
+        loop.need(0 <= self.retrieval_share <= 1, f"--retrieval-share must be in [0, 1], got {self.retrieval_share}")
+        loop.need(self.answer_weight >= 0 and math.isfinite(self.answer_weight),
+                  f"--answer-weight must be >= 0, got {self.answer_weight}")
         loop.need(self.needle_every >= 0, f"--needle-every must be >= 0, got {self.needle_every}")
         loop.need(self.passkey_every >= 0, f"--passkey-every must be >= 0, got {self.passkey_every}")
         return self
@@ -163,7 +172,9 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     documents cut at the scaling's original length (short factors), where cfg.distill_weight adds
     KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
     BOS (attention stays inside each document; the regime is still the sequence's length);
-    cfg.needle_every logs "needle_loss", the mean answer NLL of `needles`
+    cfg.retrieval_share of the micro-batches are `retention.retrieval_sequence`s (facts in the
+    documents, questions at the end; read whole, without document masks) whose answers count
+    cfg.answer_weight times in the loss (`parallel.chunked_lm_loss`); cfg.needle_every logs "needle_loss", the mean answer NLL of `needles`
     (`passkey.needle_samples`), at the first log line after every multiple of it; cfg.passkey_every
     logs "passkey", the greedy passkey accuracy at cfg.seq_len (`retention.passkey_prompts`), likewise.
 
@@ -188,9 +199,16 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every or cfg.passkey_every):
-        raise UsageError("--short-share, --distill-weight, --doc-mask, --needle-every and --passkey-every run in one "
-                         "process only")
+    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every or cfg.passkey_every
+                            or cfg.retrieval_share):
+        raise UsageError("--short-share, --distill-weight, --doc-mask, --retrieval-share, --needle-every and "
+                         "--passkey-every run in one process only")
+    if cfg.retrieval_share:  # the shortest sequences trained must hold the facts and questions
+        try:
+            retention.retrieval_sequence(np.zeros(short_len if cfg.short_share else cfg.seq_len, np.int64), tokenizer,
+                                         [cfg.seed])
+        except ValueError as exc:
+            raise UsageError(f"--retrieval-share: {exc}") from None
     prompts = retention.passkey_prompts(tokenizer, cfg.seq_len, cfg.seed) if cfg.passkey_every else None
     device, out = ranks.device, Path(out)
     identity = {"scaling": scaling.to_dict(), **({"source_weights": weights} if len(sources) > 1 else {}),
@@ -210,18 +228,29 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     del checkpoint
     autocast = loop.autocast(device, cfg.dtype)
 
-    def micro_batch(step: int, micro: int) -> tuple[torch.Tensor, bool]:  # (batch, whether it is short)
+    def micro_batch(step: int, micro: int) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """(batch, whether it is short, its answer tokens if it is a retrieval micro-batch)"""
         short = retention.is_short_micro_batch(cfg.seed, cfg.short_share, step, micro)
         source = pick_source(cfg.seed, weights, step, micro)
-        pack = (short_sources if short else sources)[source]
-        return finetune_batch(pack, cfg, step, micro).to(device, non_blocking=True), short
+        batch = finetune_batch((short_sources if short else sources)[source], cfg, step, micro)
+        answers = None
+        if retention.is_retrieval_micro_batch(cfg.seed, cfg.retrieval_share, step, micro):
+            rows = [retention.retrieval_sequence(row, tokenizer, [cfg.seed, step, micro, i])
+                    for i, row in enumerate(batch.numpy())]
+            batch = torch.from_numpy(np.stack([r.ids for r in rows]))
+            answers = torch.from_numpy(np.stack([r.answers for r in rows])).to(device)
+        return batch.to(device, non_blocking=True), short, answers
 
-    def objective(batch: torch.Tensor, short: bool) -> dict:  # what `ranks.nll` adds to the plain NLL
+    def objective(batch: torch.Tensor, short: bool, answers: torch.Tensor | None) -> dict:
+        """What `ranks.nll` adds to the plain NLL."""
         extra = {}
-        if cfg.doc_mask:
+        # a retrieval sequence is read whole: its questions look back across the packed documents
+        if cfg.doc_mask and answers is None:
             extra["position_ids"] = retention.document_positions(batch, tokenizer.bos_token_id)
         if short and teacher is not None:
             extra.update(teacher=teacher, distill_weight=cfg.distill_weight)
+        if answers is not None:
+            extra.update(answers=answers, answer_weight=cfg.answer_weight)
         return extra
 
     def validate(step: int, last_logged: int) -> dict:  # each check whose boundary passed since the last line
@@ -240,19 +269,19 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
         for step in run.steps():
             lr = loop.set_lr(optimizer, cfg, step)
             batches = [micro_batch(step, micro) for micro in range(cfg.grad_accum)]
-            targets = sum(b.shape[0] * (b.shape[1] - 1) for b, _ in batches)  # the loss is the mean over these
+            targets = sum(b.shape[0] * (b.shape[1] - 1) for b, _, _ in batches)  # the loss is the mean over these
             step_loss = torch.zeros((), device=device)
-            for batch, short in batches:
+            for batch, short, answers in batches:
                 # restarted positions must not switch a long sequence to the short factors
                 regime = parallel.global_regime(model, batch.shape[1]) if cfg.doc_mask else contextlib.nullcontext()
                 with autocast, regime:
-                    summed = ranks.nll(trained, batch, **objective(batch, short))  # this process's positions
+                    summed = ranks.nll(trained, batch, **objective(batch, short, answers))  # this process's positions
                 (summed * ranks.loss_scale / targets).backward()
                 step_loss += ranks.sum_over_ranks(summed) / targets
             grad_norm = loop.clip_gradients(trained, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            run.step_done(step, lr, step_loss, grad_norm, extra=validate, tokens=sum(b.numel() for b, _ in batches))
+            run.step_done(step, lr, step_loss, grad_norm, extra=validate, tokens=sum(b.numel() for b, _, _ in batches))
             if run.checkpoint_due(step):
                 run.save_checkpoint(step, *ranks.full_state(trained, optimizer))
                 ranks.barrier()

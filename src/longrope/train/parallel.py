@@ -46,23 +46,29 @@ _PREFIX = "model."  # ContextParallelLM holds the model as `.model`
 
 
 def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHUNK, *,
-                    position_ids: torch.Tensor | None = None, teacher=None,
-                    distill_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+                    position_ids: torch.Tensor | None = None, teacher=None, distill_weight: float = 0.0,
+                    answers: torch.Tensor | None = None, answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """(summed next-token cross entropy, number of targets) of a [batch, seq] batch, without ever
     building (tokens × vocab) logits: the decoder's final hidden states are scored `chunk`
     positions at a time (`nll.summed_nll`; under autograd each chunk is recomputed in the backward
     pass). With a `teacher` (frozen) the sum adds distill_weight · KL(teacher ‖ model) at every
     scored position (`nll.summed_kl`, just as chunked). `position_ids` (batch, seq): restarting
-    per packed document, transformers masks attention across documents. `local_lm_loss` is its
-    context-parallel twin."""
+    per packed document, transformers masks attention across documents. `answers` (batch, seq)
+    bool marks answer tokens (retrieval sequences): the sum adds their NLL scaled so that, in the
+    mean over all targets, it counts answer_weight × the answers' mean NLL (a few answer tokens
+    would otherwise vanish among 64k others). `local_lm_loss` is its context-parallel twin."""
     hidden = _final_hidden(model, input_ids, position_ids)[:, :-1]
     batch, length = input_ids.shape
+    targets = batch * (length - 1)
     loss = nll.summed_nll(model, hidden, input_ids[:, 1:], chunk, torch.float32)
     if teacher is not None and distill_weight:
         with torch.no_grad():
             taught = _final_hidden(teacher, input_ids, position_ids)[:, :-1]
         loss = loss + distill_weight * nll.summed_kl(model, hidden, teacher, taught, chunk, torch.float32)
-    return loss, batch * (length - 1)
+    if answers is not None and answer_weight and (scored := answers[:, 1:]).any():
+        answer_nll = nll.summed_nll(model, hidden[scored], input_ids[:, 1:][scored], chunk, torch.float32)
+        loss = loss + answer_weight * targets / int(scored.sum()) * answer_nll
+    return loss, targets
 
 
 def _final_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +106,8 @@ class Local:
         return model
 
     def nll(self, model, batch: torch.Tensor, **objective) -> torch.Tensor:
-        """`objective`: chunked_lm_loss's position_ids, teacher and distill_weight (one process only)."""
+        """`objective`: chunked_lm_loss's position_ids, teacher, distill_weight, answers and answer_weight
+        (one process only)."""
         return chunked_lm_loss(model, batch, self.loss_chunk, **objective)[0]
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,11 @@ retrieval (issue 16), as pieces of the one fine-tuning loop:
   mask keeps attention inside each document;
 - needle-driven validation: the mean NLL of passkey answers in held-apart documents;
 - passkey checks: greedy passkey accuracy at the training length, the curve of retrieval against
-  steps (the standard filler prompt, nothing from the training data).
+  steps (the standard filler prompt, nothing from the training data);
+- retrieval sequences: a seeded share of the micro-batches carry key-value facts at random depths
+  of their documents and, at the end, questions whose answers are scored with extra weight. Their
+  wording is our own, neither the passkey prompt's nor RULER's, so what they teach is measured on
+  prompts the model never trained on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +30,15 @@ from .. import evaluate
 NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where needle validation places the passkey in its windows
 PASSKEY_DEPTHS = (0.05, 0.275, 0.5, 0.725, 0.95)  # interior depths, as the passkey tables report
 PASSKEY_KEYS = 2  # keys per depth
+
+# retrieval sequences: the facts' and questions' wording (neither the passkey prompt's "pass key"
+# nor RULER's "special magic number"), how many facts a sequence carries, the codes' digits
+RETRIEVAL_FACT = "\nThe access code for {name} is {code}.\n"
+RETRIEVAL_QUESTION = "\nQ: What is the access code for {name}? A: The access code for {name} is"
+RETRIEVAL_ANSWER = " {code}"
+RETRIEVAL_FACTS = 4
+RETRIEVAL_DIGITS = 6
+_SYLLABLES = ("ka", "lo", "mi", "re", "su", "ta", "vo", "ne", "di", "ra", "po", "ze", "bu", "fi", "go", "he")
 
 
 def frozen_teacher(model, device: torch.device):
@@ -47,6 +61,66 @@ def is_short_micro_batch(seed: int, share: float, step: int, micro: int) -> bool
     """Whether micro-batch `micro` of step `step` is a short one: a pure function of (seed, step,
     micro) drawn with probability `share` (a micro-batch's sequences share one length)."""
     return share > 0 and np.random.default_rng([seed, step, micro, 0x5407]).random() < share
+
+
+def is_retrieval_micro_batch(seed: int, share: float, step: int, micro: int) -> bool:
+    """Whether micro-batch `micro` of step `step` carries retrieval facts (`retrieval_sequence`),
+    drawn with probability `share` independently of its length, as a pure function like
+    `is_short_micro_batch`."""
+    return share > 0 and np.random.default_rng([seed, step, micro, 0x2E7]).random() < share
+
+
+@dataclass(frozen=True)
+class RetrievalSequence:
+    ids: np.ndarray  # (n,) int64: the documents with the facts inserted, then the questions and answers
+    answers: np.ndarray  # (n,) bool: the answer tokens (each scored from the position before it)
+    fact_starts: tuple[int, ...]  # where each fact's tokens start in `ids`, in the order of `codes`
+    names: tuple[str, ...]
+    codes: tuple[str, ...]
+
+
+def retrieval_sequence(row: np.ndarray, tokenizer, seed: Sequence[int], facts: int = RETRIEVAL_FACTS) -> RetrievalSequence:
+    """The packed sequence `row` as a retrieval exercise of the same length: `facts` facts ("The
+    access code for NAME is CODE.", distinct names, random codes) inserted at uniformly random
+    token offsets of its first part (after its first token), and at its end, one question per fact
+    in a random order, each followed by its answer " CODE". Pieces are tokenised apart, so the
+    answer tokens are exactly those of " CODE". A pure function of `seed` (e.g. [seed, step, micro,
+    row]): a resumed run builds the same sequences. Raises ValueError if `row` is too short."""
+    rng = np.random.default_rng(list(seed))
+    names: list[str] = []
+    while len(names) < facts:  # two or three syllables, capitalised, distinct within the sequence
+        name = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
+        if name not in names:
+            names.append(name)
+    codes = [str(int(rng.integers(10 ** (RETRIEVAL_DIGITS - 1), 10 ** RETRIEVAL_DIGITS))) for _ in names]
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    fact_ids = [encode(RETRIEVAL_FACT.format(name=n, code=c)) for n, c in zip(names, codes)]
+    tail, answer = [], []
+    for i in rng.permutation(facts):
+        question, code = encode(RETRIEVAL_QUESTION.format(name=names[i])), encode(RETRIEVAL_ANSWER.format(code=codes[i]))
+        tail += question + code
+        answer += [False] * len(question) + [True] * len(code)
+    body_len = len(row) - len(tail) - sum(map(len, fact_ids))
+    if body_len < 1:
+        raise ValueError(f"a sequence of {len(row)} tokens is too short for {facts} retrieval facts and their questions "
+                         f"({len(row) - body_len} tokens)")
+    body = [int(t) for t in row[:body_len]]
+    offsets = np.sort(rng.integers(1, body_len + 1, size=facts))  # token 0 (BOS) stays first
+    order = rng.permutation(facts)  # which fact goes at which offset
+    ids, starts, previous = [], [0] * facts, 0
+    for offset, i in zip(offsets.tolist(), order.tolist()):
+        ids += body[previous:offset]
+        starts[i] = len(ids)
+        ids += fact_ids[i]
+        previous = offset
+    ids += body[previous:]
+    answers = np.zeros(len(row), dtype=bool)
+    answers[len(ids):] = answer
+    ids += tail
+    return RetrievalSequence(np.asarray(ids, dtype=np.int64), answers, tuple(starts), tuple(names), tuple(codes))
 
 
 def document_positions(batch: torch.Tensor, bos_id: int) -> torch.Tensor:
