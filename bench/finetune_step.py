@@ -7,7 +7,10 @@ side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (one
   checkpointing that keeps the attention output, the chunked loss of `train.chunked_lm_loss` that
   never builds (tokens × vocab) logits, `loop.make_optimizer`), with a LongRoPE scaling attached;
 - ours, whole layers: the same with every layer recomputed whole (attention too), as before;
-- ours, cuDNN first: the same as ours with SDPA preferring cuDNN's attention kernel (--sdpa-backends).
+- ours, cuDNN first: the same as ours with SDPA preferring cuDNN's attention kernel (--sdpa-backends);
+- attention alone: only the model's 30 causal SDPA calls (bf16, GQA) forward and backward, once
+  each, nothing else: the floor of any step that runs these kernels at this length, whatever
+  else it saves. Its ratio to stock says what time ratio is reachable at all.
 
 Per length: the median seconds of --steps steps after one warm-up step, and the peak memory
 allocated during them; the ratios of each of ours to stock. The target: ≤ 0.7× the time, ≤ 0.5× the memory at 64k.
@@ -24,7 +27,9 @@ import time
 
 import torch
 
-from _common import DEVICE, SMOKE, environment, fmt_len, measured, random_llama, ratio, require_cuda, sync, write_json
+import torch.nn.functional as F
+
+from _common import DEVICE, SHAPES, SMOKE, TINY, environment, fmt_len, measured, random_llama, ratio, require_cuda, sync, write_json
 from longrope import lean, models, train
 from longrope import scaling as sc
 from longrope.cli import parse_lengths
@@ -92,6 +97,26 @@ def ours(length: int, steps: int, keep_attention: bool = True, backends: str | N
         del model, optimizer
 
 
+def attention_alone(length: int, steps: int) -> dict:
+    """The attention kernels of one step of the SmolLM2 shape: per layer one causal SDPA forward
+    (query heads sharing key/value heads, as the model's) and its backward."""
+    shape = {**SHAPES["smollm2"], **(TINY if SMOKE else {})}
+    heads, kv_heads, dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    q, k, v = (torch.randn(1, h, length, dim, device=DEVICE(), dtype=dtype, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+
+    def step():
+        for _ in range(shape["num_hidden_layers"]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out.backward(torch.ones_like(out))
+
+    try:
+        return timed_steps(step, steps)
+    finally:
+        del q, k, v
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("16k,32k,64k"))
@@ -118,6 +143,11 @@ def main() -> None:
             line.append(f"{name} {o.get('seconds_per_step', float('nan')):.3f} s {o['peak_gib']:.1f} GiB"
                         f"{' (oom)' if o.get('oom') else ''} (time {o.get('time_ratio', float('nan')):.2f}x, "
                         f"memory {o.get('memory_ratio', float('nan')):.2f}x)")
+        a = row["attention alone"] = attention_alone(n, args.steps)
+        if not (s.get("oom") or a.get("oom")):
+            a["time_ratio"] = ratio(a["seconds_per_step"], s["seconds_per_step"])
+        line.append(f"attention alone {a.get('seconds_per_step', float('nan')):.3f} s "
+                    f"({a.get('time_ratio', float('nan')):.2f}x stock)")
         rows.append(row)
         print("; ".join(line), flush=True)
     write_json(args.out, {"environment": environment(), "steps": args.steps, "rows": rows})
