@@ -309,6 +309,29 @@ def test_cli_extend_finetune_stages_take_the_retention_options(tiny_model_dir, d
     assert (config["short_share"], config["distill_weight"], config["doc_mask"]) == (0.5, 0.25, True)
 
 
+def test_cli_extend_finetune_stages_take_retrieval_exercises_and_the_schedule(tiny_model_dir, docs_file, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "ext"  # 640 tokens: a byte-level sequence holds the 4 facts and their questions
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 640,
+                       "--stages", "finetune:640:1", "--out", out, "--device", "cpu", "--no-readjust",
+                       "--retrieval-share", "1", "--answer-weight", "2", "--schedule", "cosine", "--min-lr-ratio", "0.1",
+                       *SMALL)
+    assert code == 0, err
+    config = json.loads(next(out.glob(f"**/{train.FT_RECORD}")).read_text())["config"]
+    assert (config["retrieval_share"], config["answer_weight"], config["schedule"], config["min_lr_ratio"]) == \
+        (1.0, 2.0, "cosine", 0.1)
+
+
+def test_cli_extend_refuses_retrieval_exercises_in_too_short_stages_before_writing(tiny_model_dir, docs_file, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "ext"
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 640,
+                       "--stages", "search:128,finetune:128:1,search:640", "--out", out, "--device", "cpu",
+                       "--retrieval-share", "0.5", *SMALL)
+    assert code == 2 and "--retrieval-share: a sequence of 128 tokens is too short" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_cli_extend_max_stages_pauses_and_resume_finishes(tiny_model_dir, docs_file, tmp_path, capsys):
     """--max-stages N: N stages now (skipped ones do not count), a clean stop, --resume the rest."""
     out = tmp_path / "ext"

@@ -209,7 +209,8 @@ class ExtendResult:
     paused: bool = False  # `max_stages` reached with stages left: continue with resume=True
 
 
-def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Sequence[data.TokenizedDocument]) -> None:
+def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Sequence[data.TokenizedDocument],
+                    tokenizer) -> None:
     """Everything that can be checked before any stage runs (UsageError naming the problem)."""
     config.validate()
     check_plan(config.stages, info.original_length, config.target_length)
@@ -231,6 +232,9 @@ def validate_inputs(config: PipelineConfig, info: models.RopeInfo, documents: Se
                                  f"than one sequence of {stage.length}")
             dataclasses.replace(config.finetune, seq_len=stage.length, steps=stage.steps or config.finetune.steps,
                                 device=config.device).validate()
+            if config.finetune.retrieval_share:  # its shortest sequences must hold the facts and questions
+                train.retention.check_retrieval_fits(
+                    tokenizer, info.original_length if config.finetune.short_share else stage.length)
     if config.readjust and not 1 < config.readjust_cap <= 1.25 * config.target_length / info.original_length:
         raise UsageError(f"--readjust-cap must be above 1 and at most 1.25 × the scale, got {config.readjust_cap}")
 
@@ -273,7 +277,7 @@ def extend(model_spec: str, tokenizer, documents: Sequence[data.TokenizedDocumen
     runners = {**RUNNERS, **(runners or {})}
     out = Path(out)
     info = models.rope_info(models.load_config(model_spec))
-    validate_inputs(config, info, documents)
+    validate_inputs(config, info, documents, tokenizer)
     # under torchrun: searches split each generation over the ranks, fine-tunes split each sequence;
     # rank 0 alone writes files, exports and measures the report
     ranks = distributed.init(torch.device(config.device).type) if distributed.world_size() > 1 else None

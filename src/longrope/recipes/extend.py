@@ -55,8 +55,9 @@ def register(sub) -> None:
     f = p.add_argument_group("fine-tuning stages")
     f.add_argument("--finetune-steps", dest="steps", type=int, metavar="N",
                    help=f"steps of a finetune:L stage without its own (default {FINETUNE.steps})")
-    add_config_options(f, FINETUNE, ("lr", "warmup", "batch_size", "grad_accum", "checkpoint_every", "short_share",
-                                     "distill_weight", "doc_mask"))
+    add_config_options(f, FINETUNE, ("lr", "schedule", "warmup", "min_lr_ratio", "batch_size", "grad_accum",
+                                     "checkpoint_every", "short_share", "distill_weight", "doc_mask",
+                                     "retrieval_share", "answer_weight"))
     r = p.add_argument_group("readjustment and report")
     add_config_options(r, pipeline.PipelineConfig, ("readjust", "readjust_cap", "readjust_attention", "report_docs",
                                                     "passkey_trials"))
@@ -84,7 +85,7 @@ def run(args) -> int:
         report_lengths=tuple(args.report_lengths) if args.report_lengths else None)).validate()
     tokenizer = models.load_tokenizer(args.model)  # the stages load the weights they need
     docs = documents(args.data, tokenizer, quiet=not show)
-    pipeline.validate_inputs(config, info, docs)  # every stage's needs, before anything is written
+    pipeline.validate_inputs(config, info, docs, tokenizer)  # every stage's needs, before anything is written
     if not quiet:
         print(f"extend: {args.model} (context {info.original_length}) -> {args.target_length}; plan "
               f"{', '.join(s.label for s in stages)}{', readjust' if config.readjust else ''}", file=sys.stderr)

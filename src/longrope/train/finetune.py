@@ -204,11 +204,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
         raise UsageError("--short-share, --distill-weight, --doc-mask, --retrieval-share, --needle-every and "
                          "--passkey-every run in one process only")
     if cfg.retrieval_share:  # the shortest sequences trained must hold the facts and questions
-        try:
-            retention.retrieval_sequence(np.zeros(short_len if cfg.short_share else cfg.seq_len, np.int64), tokenizer,
-                                         [cfg.seed])
-        except ValueError as exc:
-            raise UsageError(f"--retrieval-share: {exc}") from None
+        retention.check_retrieval_fits(tokenizer, short_len if cfg.short_share else cfg.seq_len)
     prompts = retention.passkey_prompts(tokenizer, cfg.seq_len, cfg.seed) if cfg.passkey_every else None
     device, out = ranks.device, Path(out)
     identity = {"scaling": scaling.to_dict(), **({"source_weights": weights} if len(sources) > 1 else {}),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import evaluate
+from ..errors import UsageError
 
 NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where needle validation places the passkey in its windows
 PASSKEY_DEPTHS = (0.05, 0.275, 0.5, 0.725, 0.95)  # interior depths, as the passkey tables report
@@ -68,6 +69,15 @@ def is_retrieval_micro_batch(seed: int, share: float, step: int, micro: int) -> 
     drawn with probability `share` independently of its length, as a pure function like
     `is_short_micro_batch`."""
     return share > 0 and np.random.default_rng([seed, step, micro, 0x2E7]).random() < share
+
+
+def check_retrieval_fits(tokenizer, length: int) -> None:
+    """UsageError (naming --retrieval-share) unless a `length`-token sequence holds the retrieval
+    facts and their questions with some of its documents left."""
+    try:
+        retrieval_sequence(np.zeros(length, dtype=np.int64), tokenizer, [0])
+    except ValueError as exc:
+        raise UsageError(f"--retrieval-share: {exc}") from None
 
 
 @dataclass(frozen=True)
