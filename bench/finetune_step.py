@@ -3,10 +3,12 @@ side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (one
 
 - stock: the model in bf16, SDPA, transformers' activation checkpointing, `model(ids, labels=ids).loss`,
   backward, AdamW (fused);
-- ours: what `longrope finetune` runs per step (float32 master weights, bf16 autocast, selective
-  checkpointing that keeps the attention output, the chunked loss of `train.chunked_lm_loss` that
-  never builds (tokens × vocab) logits, `loop.make_optimizer`), with a LongRoPE scaling attached;
-- ours, whole layers: the same with every layer recomputed whole (attention too), as before;
+- ours: what `longrope finetune` runs per step (float32 master weights, bf16 autocast, the
+  chunked loss of `train.chunked_lm_loss` that never builds (tokens × vocab) logits,
+  `loop.make_optimizer`, and from 32k on selective checkpointing that keeps the attention output,
+  below it whole layers recomputed), with a LongRoPE scaling attached;
+- ours, whole layers / ours, attention kept: the same with every layer recomputed whole
+  (attention too), or selectively at every length;
 - ours, cuDNN first: the same as ours with SDPA preferring cuDNN's attention kernel (--sdpa-backends);
 - attention alone: only the model's 30 causal SDPA calls (bf16, GQA) forward and backward, once
   each, nothing else: the floor of any step that runs these kernels at this length, whatever
@@ -33,6 +35,7 @@ from _common import DEVICE, SHAPES, SMOKE, TINY, environment, fmt_len, measured,
 from longrope import lean, models, train
 from longrope import scaling as sc
 from longrope.cli import parse_lengths
+from longrope.train.finetune import checkpointing_keeps_attention
 
 
 def stock_step(model, optimizer, ids) -> None:
@@ -77,7 +80,10 @@ def stock(length: int, steps: int) -> dict:
         del model, optimizer
 
 
-def ours(length: int, steps: int, keep_attention: bool = True, backends: str | None = None) -> dict:
+def ours(length: int, steps: int, keep_attention: bool | None = None, backends: str | None = None) -> dict:
+    """One of our steps; keep_attention None: as `longrope finetune` chooses for `length`."""
+    if keep_attention is None:
+        keep_attention = checkpointing_keeps_attention(length)
     model = random_llama("smollm2", torch.float32)
     info = models.rope_info(model.config)
     cfg = train.FinetuneConfig(seq_len=length, steps=steps, device=str(DEVICE()),
@@ -126,7 +132,8 @@ def main() -> None:
                    help="the SDPA preference of the 'ours, cuDNN first' row ('' to skip it)")
     args = p.parse_args()
     require_cuda("finetune_step")
-    variants = {"ours": {}, "ours, whole layers": {"keep_attention": False}}
+    variants = {"ours": {}, "ours, whole layers": {"keep_attention": False},
+                "ours, attention kept": {"keep_attention": True}}
     if args.sdpa_backends:
         variants["ours, cuDNN first"] = {"backends": args.sdpa_backends}
     rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -232,3 +233,19 @@ def test_cli_finetune_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, ex
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("keep_from, kept", [(SEQ, True), (SEQ + 1, False)])
+def test_checkpointing_keeps_attention_from_its_length_on(tmp_path, monkeypatch, keep_from, kept):
+    """Selective checkpointing only where attention dominates a step (`KEEP_ATTENTION_FROM`)."""
+    asked = []
+    real = models.enable_checkpointing
+
+    def spy(model, keep_attention=False):
+        asked.append(keep_attention)
+        return real(model, keep_attention=keep_attention)
+
+    monkeypatch.setattr(models, "enable_checkpointing", spy)
+    monkeypatch.setattr(sys.modules["longrope.train.finetune"], "KEEP_ATTENTION_FROM", keep_from)
+    train.finetune(tiny_model(), byte_tokenizer(), scaling_for(), packed_data(), config(steps=1), tmp_path / "ft")
+    assert asked == [kept]

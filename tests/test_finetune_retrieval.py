@@ -249,9 +249,12 @@ def test_a_token_ignores_other_documents_in_its_pack_only_with_the_document_mask
     assert torch.allclose(logits(a), logits(b), atol=1e-5) == doc_mask
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])  # True: the selective checkpointing of a real run
-def test_doc_mask_training_scores_each_document_by_itself(tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing, keep_from", [
+    (False, None), (True, SEQ), (True, SEQ + 1)])  # selective checkpointing (a long run's) and whole layers
+def test_doc_mask_training_scores_each_document_by_itself(tmp_path, monkeypatch, checkpointing, keep_from):
     """The first step's loss of a --doc-mask run equals the documents' losses computed one by one."""
+    if keep_from is not None:
+        monkeypatch.setattr(sys.modules["longrope.train.finetune"], "KEEP_ATTENTION_FROM", keep_from)
     packed = np.concatenate([packed_documents(1).numpy(), packed_documents(2).numpy()])
     scaling = scaling_with_short_factors()
     cfg = config(steps=1, batch_size=2, doc_mask=True, gradient_checkpointing=checkpointing)

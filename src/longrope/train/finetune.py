@@ -25,6 +25,17 @@ from ..errors import UsageError
 from . import loop, parallel, retention
 
 FT_RECORD = "finetune.json"  # written last: the run is finished
+# Checkpointing keeps attention outputs from this sequence length on. Selective checkpointing
+# decides per op, in Python, what to keep; it pays once attention is most of a step. SmolLM2-135M
+# on an H200 (docs/BENCHMARKS.md, issue 16): at 16k it was 1.5× slower than recomputing whole
+# layers (0.376 s against 0.252 s), at 32k 13% faster, at 64k 17% faster. Larger models reach
+# that point at shorter lengths, where recomputing whole layers is what they did before.
+KEEP_ATTENTION_FROM = 32768
+
+
+def checkpointing_keeps_attention(seq_len: int) -> bool:
+    """Whether a fine-tune at `seq_len` checkpoints selectively (attention outputs kept)."""
+    return seq_len >= KEEP_ATTENTION_FROM
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,7 +226,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     teacher = retention.frozen_teacher(model, device) if cfg.distill_weight else None  # before attaching
     short_sources = [retention.short_sequences(p, short_len) for p in sources] if cfg.short_share else None
     # the model, or its FSDP2 root
-    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device, keep_attention=ranks.keeps_attention))
+    keep_attention = ranks.keeps_attention and checkpointing_keeps_attention(cfg.seq_len)
+    trained = ranks.prepare(_prepare_model(model, scaling, cfg, device, keep_attention=keep_attention))
     optimizer = loop.make_optimizer(trained, cfg, device)
     if checkpoint is not None:
         ranks.load_state(trained, optimizer, checkpoint)
