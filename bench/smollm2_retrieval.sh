@@ -28,8 +28,8 @@ DEPTHS=0.05,0.275,0.5,0.725,0.95
 mkdir -p "$OUT"
 source "$(dirname "$0")/jobs.sh"  # bg, wait_all: a phase's commands side by side on the one GPU
 
-# each search starts from the shipped preset of its length too (--init), so the search never returns
-# something worse on validation than that preset either
+# each search starts from the shipped preset of its length too (--init): the preset competes with the
+# searched genomes, and is scored on validation when it is among the fittest
 search() {  # search TARGET FITNESS_DOCS POPULATION CHILDREN PARENTS PRESET
   $LR search --model "$MODEL" --data "$DATA/search.jsonl.gz" --target-length "$1" --samples "$2" \
       --validation-samples 2 --fitness $FITNESS --population "$3" --mutations "$4" --crossovers "$4" --parents "$5" \
