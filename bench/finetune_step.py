@@ -28,10 +28,10 @@ import statistics
 import time
 
 import torch
-
 import torch.nn.functional as F
 
-from _common import DEVICE, SHAPES, SMOKE, TINY, environment, fmt_len, measured, random_llama, ratio, require_cuda, sync, write_json
+from _common import (DEVICE, SHAPES, SMOKE, TINY, environment, fmt_len, measured, random_llama, ratio, require_cuda,
+                     sync, write_json)
 from longrope import lean, models, train
 from longrope import scaling as sc
 from longrope.cli import parse_lengths

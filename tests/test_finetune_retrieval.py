@@ -452,13 +452,15 @@ def test_the_answer_term_counts_answer_weight_times_the_answers_mean_nll():
     model, tok = tiny_model(), byte_tokenizer()
     rows = packed_data(RSEQ, n_docs=8)[:2]
     seqs = [retention.retrieval_sequence(r, tok, [0, i]) for i, r in enumerate(rows)]
-    ids, answers = torch.as_tensor(np.stack([s.ids for s in seqs])), torch.as_tensor(np.stack([s.answers for s in seqs]))
+    ids = torch.as_tensor(np.stack([s.ids for s in seqs]))
+    answers = torch.as_tensor(np.stack([s.answers for s in seqs]))
     weight = 2.5
     summed, targets = train.parallel.chunked_lm_loss(model, ids, 100, answers=answers, answer_weight=weight)
     logits = full_logits(model, ids)[:, :-1]
     per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     scored = answers[:, 1:].reshape(-1)
-    assert targets == 2 * (RSEQ - 1) and int(scored.sum()) == 2 * 4 * (1 + retention.RETRIEVAL_DIGITS)  # " CODE", a byte each
+    # " CODE": a byte each
+    assert targets == 2 * (RSEQ - 1) and int(scored.sum()) == 2 * 4 * (1 + retention.RETRIEVAL_DIGITS)
     expected = per_token.sum() + weight * targets * per_token[scored].mean()
     assert summed.item() == pytest.approx(expected.item(), rel=1e-5)
     plain, _ = train.parallel.chunked_lm_loss(model, ids, 100)
@@ -486,17 +488,14 @@ def test_retrieval_micro_batches_are_trained_as_built_and_read_whole_under_doc_m
             ids = torch.as_tensor(seq.ids)[None]
             logits = full_logits(model, ids)[0, :-1]
             per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none")
-            total += per_token.sum().item() + 2.0 * (RSEQ - 1) * per_token[torch.as_tensor(seq.answers[1:])].mean().item()
+            answer_mean = per_token[torch.as_tensor(seq.answers[1:])].mean().item()
+            total += per_token.sum().item() + 2.0 * (RSEQ - 1) * answer_mean
         else:  # an ordinary one, document-masked
             positions = retention.document_positions(batch, tok.bos_token_id)
-            with parallel_regime(model, RSEQ):
+            with train.parallel.global_regime(model, RSEQ):
                 logits = full_logits(model, batch, position_ids=positions)[0, :-1]
             total += F.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
     assert result.record["first_loss"] == pytest.approx(total / (2 * (RSEQ - 1)), rel=1e-5)
-
-
-def parallel_regime(model, length):
-    return train.parallel.global_regime(model, length)
 
 
 @pytest.mark.parametrize("kw, message", [

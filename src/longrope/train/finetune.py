@@ -185,8 +185,9 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     BOS (attention stays inside each document; the regime is still the sequence's length);
     cfg.retrieval_share of the micro-batches are `retention.retrieval_sequence`s (facts in the
     documents, questions at the end; read whole, without document masks) whose answers count
-    cfg.answer_weight times in the loss (`parallel.chunked_lm_loss`); cfg.needle_every logs "needle_loss", the mean answer NLL of `needles`
-    (`passkey.needle_samples`), at the first log line after every multiple of it; cfg.passkey_every
+    cfg.answer_weight times in the loss (`parallel.chunked_lm_loss`); cfg.needle_every logs
+    "needle_loss", the mean answer NLL of `needles` (`passkey.needle_samples`), at the first log
+    line after every multiple of it; cfg.passkey_every
     logs "passkey", the greedy passkey accuracy at cfg.seq_len (`retention.passkey_prompts`), likewise.
 
     Under torchrun (WORLD_SIZE > 1) the run is context parallel (`parallel.ContextParallel`):
@@ -289,7 +290,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
             grad_norm = loop.clip_gradients(trained, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            run.step_done(step, lr, step_loss, grad_norm, extra=validate, tokens=sum(b.numel() for b, _, _ in batches))
+            run.step_done(step, lr, step_loss, grad_norm, extra=validate,
+                          tokens=sum(b.numel() for b, _, _ in batches))
             if run.checkpoint_due(step):
                 run.save_checkpoint(step, *ranks.full_state(trained, optimizer))
                 ranks.barrier()
@@ -314,7 +316,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     return FinetuneResult(out=out, model=model, record=record)
 
 
-def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device, keep_attention: bool = True):
+def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device, keep_attention: bool):
     """float32 master weights on `device`, the scaling attached, gradient checkpointing on, train mode."""
     model.to(device=device, dtype=torch.float32)
     models.attach(model, scaling)

@@ -27,6 +27,7 @@ import torch
 
 from .. import evaluate
 from ..errors import UsageError
+from ..passkey import encode_plain
 
 NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where needle validation places the passkey in its windows
 PASSKEY_DEPTHS = (0.05, 0.275, 0.5, 0.725, 0.95)  # interior depths, as the passkey tables report
@@ -58,17 +59,22 @@ def short_sequences(packed: np.ndarray, short_len: int) -> np.ndarray:
     return np.ascontiguousarray(packed[:, :per_row * short_len]).reshape(-1, short_len)
 
 
+def _drawn(share: float, seed: int, step: int, micro: int, salt: int) -> bool:
+    """True with probability `share`, a pure function of (seed, step, micro): a resumed run draws
+    what an uninterrupted one does. Each kind of draw has its own `salt`, so they are independent."""
+    return share > 0 and np.random.default_rng([seed, step, micro, salt]).random() < share
+
+
 def is_short_micro_batch(seed: int, share: float, step: int, micro: int) -> bool:
-    """Whether micro-batch `micro` of step `step` is a short one: a pure function of (seed, step,
-    micro) drawn with probability `share` (a micro-batch's sequences share one length)."""
-    return share > 0 and np.random.default_rng([seed, step, micro, 0x5407]).random() < share
+    """Whether micro-batch `micro` of step `step` is a short one (a micro-batch's sequences share
+    one length)."""
+    return _drawn(share, seed, step, micro, 0x5407)
 
 
 def is_retrieval_micro_batch(seed: int, share: float, step: int, micro: int) -> bool:
     """Whether micro-batch `micro` of step `step` carries retrieval facts (`retrieval_sequence`),
-    drawn with probability `share` independently of its length, as a pure function like
-    `is_short_micro_batch`."""
-    return share > 0 and np.random.default_rng([seed, step, micro, 0x2E7]).random() < share
+    independently of its length."""
+    return _drawn(share, seed, step, micro, 0x2E7)
 
 
 def check_retrieval_fits(tokenizer, length: int) -> None:
@@ -89,7 +95,8 @@ class RetrievalSequence:
     codes: tuple[str, ...]
 
 
-def retrieval_sequence(row: np.ndarray, tokenizer, seed: Sequence[int], facts: int = RETRIEVAL_FACTS) -> RetrievalSequence:
+def retrieval_sequence(row: np.ndarray, tokenizer, seed: Sequence[int],
+                       facts: int = RETRIEVAL_FACTS) -> RetrievalSequence:
     """The packed sequence `row` as a retrieval exercise of the same length: `facts` facts ("The
     access code for NAME is CODE.", distinct names, random codes) inserted at uniformly random
     token offsets of its first part (after its first token), and at its end, one question per fact
@@ -104,19 +111,17 @@ def retrieval_sequence(row: np.ndarray, tokenizer, seed: Sequence[int], facts: i
             names.append(name)
     codes = [str(int(rng.integers(10 ** (RETRIEVAL_DIGITS - 1), 10 ** RETRIEVAL_DIGITS))) for _ in names]
 
-    def encode(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    fact_ids = [encode(RETRIEVAL_FACT.format(name=n, code=c)) for n, c in zip(names, codes)]
+    fact_ids = [encode_plain(tokenizer, RETRIEVAL_FACT.format(name=n, code=c)) for n, c in zip(names, codes)]
     tail, answer = [], []
     for i in rng.permutation(facts):
-        question, code = encode(RETRIEVAL_QUESTION.format(name=names[i])), encode(RETRIEVAL_ANSWER.format(code=codes[i]))
+        question = encode_plain(tokenizer, RETRIEVAL_QUESTION.format(name=names[i]))
+        code = encode_plain(tokenizer, RETRIEVAL_ANSWER.format(code=codes[i]))
         tail += question + code
         answer += [False] * len(question) + [True] * len(code)
     body_len = len(row) - len(tail) - sum(map(len, fact_ids))
     if body_len < 1:
-        raise ValueError(f"a sequence of {len(row)} tokens is too short for {facts} retrieval facts and their questions "
-                         f"({len(row) - body_len} tokens)")
+        raise ValueError(f"a sequence of {len(row)} tokens is too short for {facts} retrieval facts and their "
+                         f"questions ({len(row) - body_len} tokens)")
     body = [int(t) for t in row[:body_len]]
     offsets = np.sort(rng.integers(1, body_len + 1, size=facts))  # token 0 (BOS) stays first
     order = rng.permutation(facts)  # which fact goes at which offset
