@@ -12,7 +12,8 @@
 # STEPS (default 240), LR_PEAK (5e-5, cosine decay to a tenth), RETRIEVAL (the retrieval share, 0.3),
 # SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
 # can be changed, e.g. for a CPU smoke with the bundled model (SCALING=... L=1k SHORT=256 MID=512
-# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both).
+# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both). BASELINES=0 evaluates
+# the fine-tuned model alone (for a second run beside a first that measured the base and the scaling).
 set -euo pipefail
 MODEL=$1; DATA=$2; OUT=$3
 LR="python3 -m longrope"
@@ -33,23 +34,25 @@ if [[ ${PHASE:-all} != eval ]]; then
 fi
 [[ ${PHASE:-all} == train ]] && exit 0
 
+BASELINES=${BASELINES:-1}
 for docs in prose code; do
-  bg ppl-$docs bash -c "$LR eval ppl --model '$MODEL' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT \
+  base="$LR eval ppl --model '$MODEL' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT \
       --method none --out '$OUT/ppl-$docs-base' --force --no-progress && \
     $LR eval ppl --model '$MODEL' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT,$L --scaling '$SCALING' \
-      --out '$OUT/ppl-$docs-scaling' --force --no-progress && \
-    $LR eval ppl --model '$FT' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT,$L \
+      --out '$OUT/ppl-$docs-scaling' --force --no-progress && "
+  (( BASELINES )) || base=
+  bg ppl-$docs bash -c "$base$LR eval ppl --model '$FT' --data '$DATA/report_$docs.jsonl.gz' --docs 4 --lengths $SHORT,$L \
       --out '$OUT/ppl-$docs-ft' --force --no-progress"
 done
-bg passkey-base $LR eval passkey --model "$MODEL" --lengths $SHORT --method none --depths $DEPTHS --trials 2 \
-    --out "$OUT/passkey-base" --force --no-progress
+(( BASELINES )) && bg passkey-base $LR eval passkey --model "$MODEL" --lengths $SHORT --method none --depths $DEPTHS \
+    --trials 2 --out "$OUT/passkey-base" --force --no-progress
 bg passkey-ft $LR eval passkey --model "$FT" --lengths $SHORT,$MID,$L --depths $DEPTHS --trials 2 --out "$OUT/passkey-ft" \
     --force --no-progress
 bg passkey-ft-long $LR eval passkey --model "$FT" --lengths $LONG --depths $DEPTHS --trials 2 --allow-context-mismatch \
     --out "$OUT/passkey-ft-long" --force --no-progress
 bg niah-ft $LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples 2 \
     --max-new-tokens 32 --out "$OUT/niah-ft" --resume --no-progress
-bg plain-ft env PYTHONPATH=${PYTHONPATH:-src} python3 bench/short_context_exports.py --model "$MODEL" \
+(( BASELINES )) && bg plain-ft env PYTHONPATH=${PYTHONPATH:-src} python3 bench/short_context_exports.py --model "$MODEL" \
     --data "$DATA/report_prose.jsonl.gz" "$DATA/report_code.jsonl.gz" --docs 4 --exported "$FT" \
     --short ${SHORT4:-4k},$SHORT --out "$OUT/plain-ft.json"
 wait_all

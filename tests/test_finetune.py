@@ -115,8 +115,19 @@ def test_finetuning_lowers_the_loss_and_exports_the_scaling(tmp_path):
     assert record["scaling"]["rope_type"] == "longrope" and record["config"]["lr"] == 1e-3
     log = [json.loads(line) for line in (out / train.LOG).read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 9)) and log[0]["lr"] == 1e-3  # warm-up of 1 step
-    assert log[-1]["lr"] == 0.0  # linear decay to 0
+    assert log[-1]["lr"] == pytest.approx(1e-4)  # cosine decay (the default) to a tenth at the last step
     assert not (out / train.CHECKPOINT).exists()
+
+
+def test_the_learning_rate_follows_the_model_size_unless_given(tmp_path):
+    model = tiny_model()
+    n_parameters = sum(p.numel() for p in model.parameters())
+    cfg = config(steps=1, checkpoint_every=100, lr=None)
+    result = train.finetune(model, byte_tokenizer(), scaling_for(), packed_data(), cfg, tmp_path / "ft",
+                            identity={"data": "test"})
+    assert result.record["config"]["lr"] == train.default_lr(n_parameters) == 5e-5  # the help's figures
+    assert cfg.for_model(7 * 10 ** 9).lr == train.default_lr(7 * 10 ** 9) == 2e-5  # LongRoPE's, for LLaMA-2-7B
+    assert config(lr=3e-4).for_model(10 ** 10).lr == 3e-4  # a given lr is kept
 
 
 class Stop(Exception):

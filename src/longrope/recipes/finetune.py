@@ -2,7 +2,8 @@
 
 Fine-tune --model with a scaling attached (--scaling FILE or preset, or --method with
 --target-length) on --data packed into --seq-len-token sequences (BOS/EOS between documents).
-AdamW, lr 2e-5 with a short warm-up and linear decay (LongRoPE's settings), float32 master
+AdamW with a short warm-up and cosine decay to a tenth, lr 5e-5 below 1B parameters and 2e-5
+(LongRoPE's) from there unless --lr is given, float32 master
 weights with bfloat16 autocast on a GPU, gradient checkpointing, SDPA attention, and a loss
 computed a chunk of positions at a time (never the whole (tokens × vocab) logits).
 

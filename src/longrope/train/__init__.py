@@ -9,7 +9,8 @@ process or, under torchrun, context parallel with FSDP2 (`parallel`).
 """
 
 from . import loop, parallel, retention
-from .finetune import FT_RECORD, FinetuneConfig, FinetuneResult, finetune, finetune_batch, pack_documents, pick_source
+from .finetune import (FT_RECORD, FinetuneConfig, FinetuneResult, default_lr, finetune, finetune_batch, pack_documents,
+                       pick_source)
 from .loop import CHECKPOINT, LOG, SAVE_DTYPES, StepInfo, TrainConfig, lr_at
 from .parallel import chunked_lm_loss
 from .pretrain import (PRETRAIN_RECORD, PretrainConfig, PretrainResult, build_model, llama_config, lm_loss,
@@ -17,7 +18,7 @@ from .pretrain import (PRETRAIN_RECORD, PretrainConfig, PretrainResult, build_mo
 
 __all__ = [
     "CHECKPOINT", "FT_RECORD", "LOG", "PRETRAIN_RECORD", "SAVE_DTYPES", "FinetuneConfig", "FinetuneResult",
-    "PretrainConfig", "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "finetune",
+    "PretrainConfig", "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "default_lr", "finetune",
     "finetune_batch", "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents", "parallel",
     "parameter_count", "pretrain", "retention", "token_stream",
 ]

@@ -1,7 +1,7 @@
 """Long-context fine-tuning: a pretrained model with a scaling attached, trained on documents packed
 into `seq_len`-token sequences (BOS/EOS between documents).
 
-AdamW with a short warm-up and linear decay (LongRoPE's lr 2e-5), bf16 autocast on CUDA over
+AdamW with a short warm-up and cosine decay (lr by model size: `default_lr`), bf16 autocast on CUDA over
 float32 master weights, gradient checkpointing, SDPA attention and a chunked loss that never
 materialises (tokens × vocab) logits. One process on one device, or, under torchrun, context
 parallelism with FSDP2 (`parallel`): the same loop either way. Checkpoints, resume and the log
@@ -11,6 +11,7 @@ are `loop`'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,18 @@ FT_RECORD = "finetune.json"  # written last: the run is finished
 # layers (0.376 s against 0.252 s), at 32k 13% faster, at 64k 17% faster. Larger models reach
 # that point at shorter lengths, where recomputing whole layers is what they did before.
 KEEP_ATTENTION_FROM = 32768
+# The peak learning rate when none is given. Below 1B parameters 5e-5: on SmolLM2-135M at 64k it
+# brought the needle loss down faster than LongRoPE's 2e-5 with linear decay (1.34 against 1.56
+# at step 60, docs/BENCHMARKS.md, issue 16). From 1B on LongRoPE's own 2e-5 (§4.1, LLaMA-2-7B);
+# nothing here measured those sizes.
+SMALL_MODEL_PARAMETERS = 1_000_000_000
+SMALL_MODEL_LR = 5e-5
+LONGROPE_LR = 2e-5
+
+
+def default_lr(n_parameters: int) -> float:
+    """The peak learning rate for a model of `n_parameters` when --lr is not given."""
+    return SMALL_MODEL_LR if n_parameters < SMALL_MODEL_PARAMETERS else LONGROPE_LR
 
 
 def checkpointing_keeps_attention(seq_len: int) -> bool:
@@ -40,16 +53,18 @@ def checkpointing_keeps_attention(seq_len: int) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(loop.TrainConfig):
-    """Fine-tuning a scaled model at `seq_len` tokens. Defaults follow LongRoPE (§4.1): AdamW
-    (β = 0.9, 0.95), lr 2e-5 with linear decay, a short warm-up. One optimizer step sees
-    batch_size × grad_accum sequences."""
+    """Fine-tuning a scaled model at `seq_len` tokens: AdamW (β = 0.9, 0.95, LongRoPE §4.1), a short
+    warm-up, cosine decay to a tenth of the peak, the peak by model size (`default_lr`) unless
+    given. One optimizer step sees batch_size × grad_accum sequences."""
 
     seq_len: int
     steps: int
-    lr: float = 2e-5
+    lr: float | None = field(default=None, metadata={
+        "help": f"peak learning rate (AdamW; default {SMALL_MODEL_LR:g} below "
+                f"{SMALL_MODEL_PARAMETERS / 1e9:g}B parameters, {LONGROPE_LR:g} from there, LongRoPE's)"})
     warmup: int | None = field(default=None, metadata={"help": "warm-up steps (default 20, at most 10% of the steps)"})
-    min_lr_ratio: float = 0.0
-    schedule: str = "linear"
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
     batch_size: int = 1
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     weight_decay: float = 0.0
@@ -83,6 +98,10 @@ class FinetuneConfig(loop.TrainConfig):
 
     def default_warmup(self) -> int:
         return min(20, self.steps // 10)
+
+    def for_model(self, n_parameters: int) -> "FinetuneConfig":
+        """This configuration with the peak learning rate resolved for a model of that size."""
+        return self if self.lr is not None else dataclasses.replace(self, lr=default_lr(n_parameters))
 
     @property
     def sequences_per_step(self) -> int:
@@ -194,7 +213,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     every rank takes the same sequences and runs its slice of their positions (RoPE at global
     positions, the short/long choice on the global length), the weights sharded by FSDP2; rank 0
     writes every file. A checkpoint resumes only with the same number of processes."""
-    cfg.validate()
+    cfg = cfg.for_model(sum(p.numel() for p in model.parameters())).validate()
     sources = [np.asarray(packed)] if isinstance(packed, np.ndarray) else [np.asarray(p) for p in packed]
     weights = list(source_weights) if source_weights is not None else [1.0] * len(sources)
     for pack in sources:

@@ -83,7 +83,8 @@ class TrainConfig:
     def validate(self):
         """Raise a one-line UsageError naming the option at fault; return self."""
         self.need_positive(("steps", "batch_size", "checkpoint_every", "log_every"))
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
+        # None: the kind of run resolves it before training (fine-tuning: by model size)
+        need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be positive, got {self.lr}")
         need(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.schedule in ("cosine", "linear"), f"--schedule must be cosine or linear, got {self.schedule!r}")
