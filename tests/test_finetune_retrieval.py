@@ -3,6 +3,7 @@ mixed context windows, needle-driven validation, document-masked packing, and th
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -145,15 +146,16 @@ def needles(length: int = SEQ):
     return passkey.needle_samples(tok, docs, length, seed=0, depths=[0.1, 0.5, 0.9])
 
 
-def answer_nll(model, samples) -> float:
-    """Mean NLL of the answer tokens from transformers' full logits (not the lean forward)."""
-    total, count = 0.0, 0
+def answer_nll(model, samples) -> tuple[float, list[float]]:
+    """Mean NLL of the answer tokens from transformers' full logits (not the lean forward), and each sample's own."""
+    total, count, each = 0.0, 0, []
     for s in samples:
         with torch.no_grad():
             logits = model(input_ids=s.input_ids[None], use_cache=False).logits[0].float()
         scored = F.cross_entropy(logits[s.answer_start - 1:-1], s.input_ids[s.answer_start:], reduction="sum")
         total, count = total + scored.item(), count + s.answer_length
-    return total / count
+        each.append(scored.item() / s.answer_length)
+    return total / count, each
 
 
 def test_needle_loss_is_logged_every_n_steps_and_equals_an_independent_computation(tmp_path):
@@ -173,8 +175,15 @@ def test_needle_loss_is_logged_every_n_steps_and_equals_an_independent_computati
     logged = {e["step"]: e["needle_loss"] for e in log if "needle_loss" in e}
     assert sorted(logged) == [2, 4]
     for step, value in logged.items():
-        assert value == pytest.approx(seen[step], abs=2e-5), step
+        assert value == pytest.approx(seen[step][0], abs=2e-5), step
     assert logged[2] != logged[4]  # measured on the model of that step
+    # each needle's own loss, keyed by where its needle starts among the tokens before the question
+    by_depth = {e["step"]: e["needle_loss_by_depth"] for e in log if "needle_loss" in e}
+    depths = [f"{s.needle_start / s.answer_start:.2f}" for s in samples]
+    assert len(set(depths)) == len(samples) > 1
+    for step, values in by_depth.items():
+        assert list(values) == depths
+        assert list(values.values()) == pytest.approx(seen[step][1], abs=2e-5), step
 
 
 PASSKEY_SEQ = 512  # the passkey prompt needs ~250 byte tokens; 8x the tiny model's context
@@ -187,7 +196,7 @@ def test_passkey_checks_are_logged_every_n_steps_match_transformers_generate_and
     prompts = retention.passkey_prompts(tok, PASSKEY_SEQ, seed=0)
     assert len(prompts) == 10 and {p.depth for p in prompts} == set(retention.PASSKEY_DEPTHS)
     assert all(p.actual_length <= PASSKEY_SEQ for p in prompts)
-    model, seen = tiny_model(), {}
+    model, seen, by_depth = tiny_model(), {}, collections.defaultdict(dict)
 
     def at_step(info):
         if info.step % 2 == 0:
@@ -199,6 +208,9 @@ def test_passkey_checks_are_logged_every_n_steps_match_transformers_generate_and
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
                 found += passkey.passkey_correct(tok.decode(out[0, len(p.input_ids):], skip_special_tokens=True),
                                                  p.key)
+                by_depth[info.step][f"{p.depth:g}"] = by_depth[info.step].get(f"{p.depth:g}", 0) + \
+                    passkey.passkey_correct(tok.decode(out[0, len(p.input_ids):], skip_special_tokens=True),
+                                            p.key) / retention.PASSKEY_KEYS
             seen[info.step] = found / len(prompts)
             model.train()
 
@@ -209,6 +221,8 @@ def test_passkey_checks_are_logged_every_n_steps_match_transformers_generate_and
     log = [json.loads(line) for line in (tmp_path / "checked" / train.LOG).read_text().splitlines()]
     logged = {e["step"]: e["passkey"] for e in log if "passkey" in e}
     assert logged == pytest.approx(seen) and sorted(logged) == [2]
+    assert [e["passkey_by_depth"] for e in log if "passkey" in e] == [pytest.approx(by_depth[2])]
+    assert set(by_depth[2]) == {f"{d:g}" for d in retention.PASSKEY_DEPTHS}
     plain = train.finetune(tiny_model(), tok, scaling, data, dataclasses.replace(cfg, passkey_every=0),
                            tmp_path / "plain")
     for a, b in zip(checked.model.parameters(), plain.model.parameters()):

@@ -15,8 +15,9 @@ of the micro-batches at the model's original length (the short factors), --disti
 W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document,
 --retrieval-share P makes a share P of them retrieval exercises (4 "access code" facts at random
 depths, questions on them at the end, the answers weighted by --answer-weight), and
---needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss");
---passkey-every N the greedy passkey accuracy at --seq-len ("passkey": 2 keys at 5 depths).
+--needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss", and each
+needle's by its depth: "needle_loss_by_depth"); --passkey-every N the greedy passkey accuracy at
+--seq-len ("passkey": 2 keys at 5 depths; "passkey_by_depth").
 Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
 Several GPUs: `torchrun --nproc-per-node N -m longrope finetune ...` shards the weights (FSDP2)
 and splits each sequence over the N processes (context parallelism; --seq-len a multiple of 2N).

@@ -76,7 +76,8 @@ class FinetuneConfig(loop.TrainConfig):
     doc_mask: bool = field(default=False, metadata={
         "help": "positions restart per packed document and attention stays inside it"})
     needle_every: int = field(default=0, metadata={
-        "help": "steps between needle validations (mean NLL of passkey answers; needs --needle-data); 0: none"})
+        "help": "steps between needle validations (mean NLL of passkey answers, also by depth; needs --needle-data); "
+                "0: none"})
     retrieval_share: float = field(default=0.0, metadata={
         "help": "share of the micro-batches that carry 4 key-value facts at random depths and questions on them at "
                 "the end (our own wording, not the passkey's or RULER's); their answers weigh --answer-weight"})
@@ -85,7 +86,7 @@ class FinetuneConfig(loop.TrainConfig):
                 "its tokens"})
     passkey_every: int = field(default=0, metadata={
         "help": "steps between passkey checks at --seq-len (greedy; the standard filler prompt, 2 keys at each "
-                "depth 0.05-0.95; logged as 'passkey', the share found); 0: none"})
+                "depth 0.05-0.95; logged as 'passkey', the share found, and 'passkey_by_depth'); 0: none"})
     # run (may differ between a run and its resumption)
     gradient_checkpointing: bool = field(default=True, metadata={  # the option is --no-gradient-checkpointing
         "help": "keep every activation (faster, more memory)"})
@@ -288,9 +289,11 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
         checks = {}
         with autocast:  # the training dtype: float32 master weights alone would take SDPA's O(n²) math kernel
             if due(cfg.needle_every):
-                checks["needle_loss"] = round(retention.needle_loss(model, needles, cfg.loss_chunk), 5)
+                mean, by_depth = retention.needle_loss(model, needles, cfg.loss_chunk)
+                checks.update(needle_loss=round(mean, 5), needle_loss_by_depth=by_depth)
             if due(cfg.passkey_every):
-                checks["passkey"] = round(retention.passkey_accuracy(model, tokenizer, prompts), 4)
+                share, by_depth = retention.passkey_accuracy(model, tokenizer, prompts)
+                checks.update(passkey=round(share, 4), passkey_by_depth=by_depth)
         return checks
 
     with run:

@@ -159,11 +159,15 @@ def evaluating(model):
         model.train(was_training)
 
 
-def needle_loss(model, samples: Sequence, chunk: int) -> float:
-    """Mean NLL of the answer tokens of `samples` (`passkey.needle_samples`), in eval mode."""
+def needle_loss(model, samples: Sequence, chunk: int) -> tuple[float, dict[str, float]]:
+    """The mean NLL of the answer tokens of `samples` (`passkey.needle_samples`), in eval mode, and
+    each sample's own, keyed by its needle's depth (where its needle starts, as a share of the
+    tokens before the question): the far needles are the ones a long context loses first."""
     with evaluating(model):
-        total, count = evaluate.needle_nll(model, samples, chunk)
-    return total / count
+        per_sample = [evaluate.needle_nll(model, [s], chunk) for s in samples]
+    by_depth = {f"{s.needle_start / s.answer_start:.2f}": round(total / count, 5)
+                for s, (total, count) in zip(samples, per_sample)}
+    return sum(t for t, _ in per_sample) / sum(c for _, c in per_sample), by_depth
 
 
 def passkey_prompts(tokenizer, length: int, seed: int) -> list:
@@ -173,7 +177,11 @@ def passkey_prompts(tokenizer, length: int, seed: int) -> list:
     return [prompts[key] for key in sorted(prompts)]
 
 
-def passkey_accuracy(model, tokenizer, prompts: Sequence) -> float:
-    """Share of `prompts` whose key the model decodes greedily, in eval mode."""
+def passkey_accuracy(model, tokenizer, prompts: Sequence) -> tuple[float, dict[str, float]]:
+    """The share of `prompts` whose key the model decodes greedily, in eval mode, and that share
+    at each depth of the prompts."""
     with evaluating(model):
-        return evaluate.passkey_accuracy([evaluate.passkey_trial(model, tokenizer, p) for p in prompts])
+        trials = [evaluate.passkey_trial(model, tokenizer, p) for p in prompts]
+    depths = sorted({t.depth for t in trials})
+    return evaluate.passkey_accuracy(trials), {
+        f"{d:g}": evaluate.passkey_accuracy([t for t in trials if t.depth == d]) for d in depths}
