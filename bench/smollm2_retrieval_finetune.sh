@@ -5,14 +5,16 @@
 # wording, not the passkey's or RULER's), needle validation every 20 steps, passkey accuracy every 40), then
 # evaluated in the same run on documents it never saw:
 #   perplexity at 8k and 64k; passkey (10 keys, depths 0.05-0.95) at 8k, 32k, 64k and 128k;
-#   RULER niah_single at 8k and 64k; the base model and the un-fine-tuned scaling beside it;
+#   RULER niah_single at 8k and 64k (10 needles each) and the whole RULER suite at 8k and 64k; the base
+#   model and the un-fine-tuned scaling beside it;
 #   and (issue 17) the fine-tuned export loaded by plain transformers at 4k, 8k and L
 #   (bench/short_context_exports.py --exported).
 # usage: bench/smollm2_retrieval_finetune.sh MODEL DATA OUT     (DATA: bench/make_retrieval_data.py's folder)
 # STEPS (default 240), LR_PEAK (5e-5, cosine decay to a tenth), RETRIEVAL (the retrieval share, 0.3),
 # SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
 # can be changed, e.g. for a CPU smoke with the bundled model (SCALING=... L=1k SHORT=256 MID=512
-# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both). BASELINES=0 evaluates
+# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both). KEEP_SEEN=1 adds
+# --keep-angles-seen (the scaling's unturned frequency pairs raised to s before training). BASELINES=0 evaluates
 # the fine-tuned model alone (for a second run beside a first that measured the base and the scaling).
 set -euo pipefail
 MODEL=$1; DATA=$2; OUT=$3
@@ -30,7 +32,8 @@ if [[ ${PHASE:-all} != eval ]]; then
       --lr ${LR_PEAK:-5e-5} --schedule cosine --min-lr-ratio 0.1 \
       --short-share 0.25 --distill-weight 0.5 --doc-mask --retrieval-share ${RETRIEVAL:-0.3} \
       --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" --passkey-every 40 \
-      --steps "$STEPS" --checkpoint-every 20 --out "$FT" --resume --no-progress 2>&1 | tee -a "$OUT/finetune.log"
+      --steps "$STEPS" --checkpoint-every 20 ${KEEP_SEEN:+--keep-angles-seen} --out "$FT" --resume --no-progress \
+      2>&1 | tee -a "$OUT/finetune.log"
 fi
 [[ ${PHASE:-all} == train ]] && exit 0
 
@@ -52,6 +55,10 @@ bg passkey-ft-long $LR eval passkey --model "$FT" --lengths $LONG --depths $DEPT
     --out "$OUT/passkey-ft-long" --force --no-progress
 bg niah-ft $LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples 2 \
     --max-new-tokens 32 --out "$OUT/niah-ft" --resume --no-progress
+# the whole RULER suite as bench/smollm2_retrieval.sh's ruler phase ran it (the same seeded prompts), so the
+# fine-tuned model sits beside the base model's (4k, 8k) and the presets' rows of that table
+bg ruler-ft $LR eval ruler --model "$FT" --lengths $SHORT,$L --depths 0.25,0.5,0.75 --samples 1 --max-new-tokens 64 \
+    --out "$OUT/ruler-ft" --resume --no-progress
 (( BASELINES )) && bg plain-ft env PYTHONPATH=${PYTHONPATH:-src} python3 bench/short_context_exports.py --model "$MODEL" \
     --data "$DATA/report_prose.jsonl.gz" "$DATA/report_code.jsonl.gz" --docs 4 --exported "$FT" \
     --short ${SHORT4:-4k},$SHORT --out "$OUT/plain-ft.json"

@@ -229,6 +229,29 @@ def test_cli_finetune_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "already holds a finished model" in err
 
 
+def test_cli_notes_unseen_angles_and_keep_angles_seen_trains_without_them(tiny_model_dir, tmp_path, capsys):
+    """A LongRoPE scaling whose unturned pairs (3-7 of the tiny model's 8) are stretched less than s = 2
+    gets the note; --keep-angles-seen trains and exports the factors raised to s, and no note."""
+    data, file = write_data(tmp_path / "docs.jsonl"), tmp_path / "scaling.json"
+    factors = [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.2]
+    file.write_text(sc.LongRoPEScaling(long_factor=factors, factor=2.0, original_max_position_embeddings=ORIGINAL)
+                    .to_json())
+    argv = ["finetune", "--model", tiny_model_dir, "--scaling", file, "--data", data, "--steps", 1, "--device", "cpu",
+            "--no-progress"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "plain")
+    assert code == 0 and "beyond a distance of 82 tokens" in err  # 63 · 1.3, pair 3's
+    exported = json.loads((tmp_path / "plain" / "config.json").read_text())["rope_scaling"]["long_factor"]
+    assert exported == factors
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "kept", "--keep-angles-seen")
+    assert code == 0 and "beyond a distance" not in err
+    exported = json.loads((tmp_path / "kept" / "config.json").read_text())["rope_scaling"]["long_factor"]
+    assert exported == [1.0, 1.1, 1.2, 2.0, 2.0, 2.0, 2.0, 2.2]
+    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--method", "yarn", "--target-length", 128,
+                       "--data", data, "--steps", 1, "--out", tmp_path / "yarn", "--keep-angles-seen", "--no-progress")
+    assert code == 2 and "--keep-angles-seen: needs a LongRoPE scaling" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "yarn").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--seq-len", "64k"], "--seq-len 65536: the documents hold"),
     (["--steps", "0"], "--steps must be positive"),

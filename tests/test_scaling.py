@@ -136,3 +136,43 @@ def test_make_refuses_target_not_above_original():
         sc.make("yarn", ORIGINAL, ORIGINAL)
     with pytest.raises(sc.ScalingError, match="^rope_type"):
         sc.make("magic", ORIGINAL, 2 * ORIGINAL)
+
+
+def seen_by_scan(scaled_inv_freq: torch.Tensor, original: int, up_to: int) -> int:
+    """The last distance n <= up_to at which every pair's angle n·θ'_i is one that pretraining at
+    `original` positions showed (angles up to (original-1)·θ_i; every angle for a pair that turned
+    fully), found by trying each distance, the frequencies re-derived here."""
+    theta = 1.0 / BASE ** (torch.arange(0, DIM, 2, dtype=torch.float64) / DIM)
+    turned = (original - 1) * theta >= 2 * math.pi
+    n = torch.arange(up_to + 1, dtype=torch.float64)[:, None]
+    # transformers' frequencies are float32: a distance exactly at a boundary may round either way
+    shown = (turned | (n * scaled_inv_freq <= (original - 1) * theta * (1 + 1e-6))).all(dim=1)
+    return int(shown.nonzero().max()) if shown.all() else int((~shown).nonzero().min()) - 1
+
+
+@pytest.mark.parametrize("name", ["linear", "yarn", "yarn-betas", "llama3", "longrope"])
+def test_seen_distance_matches_a_scan_over_distances_on_transformers_frequencies(name):
+    params, ours = CASES[name]
+    seq_len = ORIGINAL * 8
+    ref_inv, _ = hf_reference(params, seq_len)
+    seen = sc.seen_distance(ours, DIM, BASE, ORIGINAL, seq_len)
+    assert math.floor(seen + 1e-9) == seen_by_scan(ref_inv, ORIGINAL, 64 * ORIGINAL)
+
+
+def test_seen_distance_by_hand():
+    assert sc.seen_distance(sc.NoScaling(), DIM, BASE, ORIGINAL) == ORIGINAL - 1
+    assert sc.seen_distance(sc.LinearScaling(factor=4.0), DIM, BASE, ORIGINAL) == pytest.approx(4 * (ORIGINAL - 1))
+    # pairs 0-2 turn fully in 63 positions (63·10000^(-2i/16) >= 2π for i <= 2), so the smallest
+    # factor among pairs 3-7 bounds it: LONG[3] = 2.0
+    assert sc.seen_distance(CASES["longrope"][1], DIM, BASE, ORIGINAL, 4 * ORIGINAL) == pytest.approx(2.0 * 63)
+    assert sc.seen_distance(sc.NoScaling(), DIM, BASE, 10 ** 9) == math.inf  # every pair turned
+
+
+def test_keep_angles_seen_raises_the_unturned_pairs_to_s_and_keeps_the_rest():
+    s = 4.0
+    scaling = sc.LongRoPEScaling(long_factor=LONG, short_factor=SHORT, factor=s, original_max_position_embeddings=ORIGINAL)
+    kept = sc.keep_angles_seen(scaling, DIM, BASE)
+    assert kept.long_factor == (1.0, 1.2, 1.5, 4.0, 4.0, 4.0, 4.0, 4.0)  # pairs 3-7 never turned fully
+    assert kept.short_factor == scaling.short_factor and kept.factor == s
+    assert sc.seen_distance(kept, DIM, BASE, ORIGINAL, 4 * ORIGINAL) == pytest.approx(s * (ORIGINAL - 1))
+    assert sc.keep_angles_seen(kept, DIM, BASE) == kept

@@ -574,6 +574,34 @@ def equivalent_factors(scaling: Scaling, dim: int, base: float, seq_len: int | N
     return rope_inv_freq(dim, base) / scaling.inv_freq(dim, base, seq_len)
 
 
+def seen_distance(scaling: Scaling, dim: int, base: float, original_length: int,
+                  seq_len: int | None = None) -> float:
+    """The longest relative distance at which every frequency pair of `scaling` still rotates by
+    an angle that pretraining at `original_length` showed the model. Pretraining saw pair i at
+    distances 0..L-1, angles up to (L-1)·θ_i: a pair with that short of a full turn (the pairs
+    past LongRoPE2's critical dimension) meets a new angle beyond (L-1)·λ_i under λ_i. The
+    minimum of those over the pairs (inf when every pair turned fully), in float64: a model
+    can read nothing further back with those pairs without having learned their new angles,
+    however the rest of the factors suit perplexity."""
+    theta = rope_inv_freq(dim, base)
+    partial = (original_length - 1) * theta < 2 * math.pi
+    if not bool(partial.any()):
+        return math.inf
+    lam = theta / scaling.inv_freq(dim, base, seq_len)
+    return float(((original_length - 1) * lam[partial]).min())
+
+
+def keep_angles_seen(scaling: "LongRoPEScaling", dim: int, base: float) -> "LongRoPEScaling":
+    """`scaling` with each long factor of a pair that never turned fully in pretraining raised to
+    at least the extension factor s, so that `seen_distance` reaches (L-1)·s, about the target
+    length: past the critical dimension the factors are at least s, as LongRoPE2's search
+    requires. The rest is kept (a non-decreasing vector stays non-decreasing)."""
+    original = scaling.original_max_position_embeddings
+    partial = ((original - 1) * rope_inv_freq(dim, base) < 2 * math.pi).tolist()
+    factors = [max(f, scaling.factor) if p else f for f, p in zip(scaling.long_factor, partial)]
+    return scaling.replace(long_factor=tuple(factors)).validate(dim)
+
+
 def pi_factors(dim: int, base: float, factor: float) -> torch.Tensor:
     return equivalent_factors(LinearScaling(factor=factor), dim, base)
 

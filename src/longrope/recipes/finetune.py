@@ -19,6 +19,8 @@ depths, questions on them at the end, the answers weighted by --answer-weight), 
 needle's by its depth: "needle_loss_by_depth"); --passkey-every N the greedy passkey accuracy at
 --seq-len ("passkey": 2 keys at 5 depths; "passkey_by_depth").
 Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
+A note says when some frequency pairs of the scaling would meet angles pretraining never showed
+within --seq-len (`scaling.seen_distance`); --keep-angles-seen raises their factors.
 Several GPUs: `torchrun --nproc-per-node N -m longrope finetune ...` shards the weights (FSDP2)
 and splits each sequence over the N processes (context parallelism; --seq-len a multiple of 2N).
 """
@@ -32,6 +34,7 @@ import sys
 import torch
 
 from .. import data, distributed, models, passkey, runs, train
+from .. import scaling as sc
 from ..cli import (add_command, add_config_options, add_model_args, add_progress_args, add_scaling_args,
                    config_values, device_and_dtype_names, documents, parse_length, training_interrupted)
 from ..errors import UsageError
@@ -50,6 +53,10 @@ def register(sub) -> None:
                    help="with several --data: the share of the micro-batches drawn from each (default: equal)")
     p.add_argument("--seq-len", type=parse_length,
                    help="tokens per training sequence, e.g. 64k (default: the scaling's target length)")
+    p.add_argument("--keep-angles-seen", action="store_true",
+                   help="raise the long factors of the frequency pairs that never turned fully in pretraining to at "
+                        "least the extension factor s, so no pair meets an angle pretraining never showed within the "
+                        "target length (LongRoPE2's constraint past the critical dimension); a LongRoPE scaling only")
     add_config_options(p, train.FinetuneConfig, ("steps",))
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     add_config_options(p.add_argument_group("optimisation"), train.FinetuneConfig, (
@@ -90,6 +97,11 @@ def run(args) -> int:
     seq_len = args.seq_len or scaling.target_length
     if seq_len is None:
         raise UsageError("--seq-len: required with a scaling that has no target length")
+    if args.keep_angles_seen:
+        if not isinstance(scaling, sc.LongRoPEScaling):
+            raise UsageError(f"--keep-angles-seen: needs a LongRoPE scaling (per-pair factors), got "
+                             f"{scaling.rope_type}; use --scaling with a longrope file or preset")
+        scaling = sc.keep_angles_seen(scaling, info.dim, info.base)
     device, dtype = device_and_dtype_names(args)
     cfg = train.FinetuneConfig(**config_values(  # validate() refuses --dtype float16: bf16 autocast or float32
         args, train.FinetuneConfig, seq_len=seq_len, device=device, dtype=dtype,
@@ -112,6 +124,14 @@ def run(args) -> int:
         if scaling.target_length is not None and seq_len > scaling.target_length:
             print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
                   file=sys.stderr)
+        original = getattr(scaling, "original_max_position_embeddings", None) or info.original_length
+        seen = sc.seen_distance(scaling, info.dim, info.base, original, seq_len)
+        # below what interpolating every pair by seq_len / L keeps; docs/BENCHMARKS.md (issue 16): where
+        # the fine-tuned SmolLM2 stopped retrieving
+        if seen < (original - 1) * seq_len / original * (1 - 1e-9):
+            print(f"note: beyond a distance of {seen:,.0f} tokens some frequency pairs of this scaling turn by angles "
+                  f"pretraining never showed (at --seq-len {seq_len:,}); retrieval from further back may fail: "
+                  "--keep-angles-seen raises their factors", file=sys.stderr)
         print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{' + '.join(str(len(s)) for s in sources)} sequences of {seq_len} tokens from {len(sources)} "
               f"source(s); {cfg.steps} steps × {cfg.sequences_per_step} sequences on {where} ({dtype})",
