@@ -322,6 +322,28 @@ def test_cli_extend_finetune_stages_take_retrieval_exercises_and_the_schedule(ti
         (1.0, 2.0, "cosine", 0.1)
 
 
+def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(tiny_model_dir, docs_file, tmp_path,
+                                                                              capsys, monkeypatch):
+    """--keep-angles-seen in a finetune stage: the stage trains and exports the raised factors, and
+    the pipeline's current scaling afterwards is that one (what the report and later stages use)."""
+    low = sc.LongRoPEScaling(long_factor=[1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.2], factor=640 / ORIGINAL,
+                             original_max_position_embeddings=ORIGINAL)
+    monkeypatch.setattr(pipeline.stages, "stage_scaling", lambda ctx, length: low)
+    carried = []
+    real = pipeline.stages.RUNNERS["finetune"]
+    monkeypatch.setitem(pipeline.stages.RUNNERS, "finetune", lambda *a: carried.append(real(*a)) or carried[-1])
+    out = tmp_path / "ext"
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 640,
+                       "--stages", "finetune:640:1", "--out", out, "--device", "cpu", "--no-readjust",
+                       "--keep-angles-seen", *SMALL)
+    assert code == 0, err
+    record = next(out.glob(f"**/{train.FT_RECORD}"))
+    raised = [1.0, 1.1, 1.2, 10.0, 10.0, 10.0, 10.0, 10.0]  # pairs 3-7 never turn in 64 positions; s = 10
+    assert json.loads(record.read_text())["config"]["keep_angles_seen"] is True
+    assert json.loads((record.parent / "config.json").read_text())["rope_scaling"]["long_factor"] == raised
+    assert list(carried[0].scaling.long_factor) == raised
+
+
 def test_cli_extend_refuses_retrieval_exercises_in_too_short_stages_before_writing(tiny_model_dir, docs_file, tmp_path,
                                                                                   capsys):
     out = tmp_path / "ext"

@@ -151,7 +151,7 @@ def stage_scaling(ctx: Context, length: int) -> sc.LongRoPEScaling:
 
 
 def run_finetune_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
-    scaling = stage_scaling(ctx, stage.length)
+    scaling = ctx.config.finetune.scaling_to_train(stage_scaling(ctx, stage.length), ctx.info.dim, ctx.info.base)
     record_path = folder / train.FT_RECORD
     if not record_path.is_file():  # (present: trained and exported, only the stage marker is missing)
         cfg = dataclasses.replace(ctx.config.finetune, seq_len=stage.length,

@@ -57,7 +57,7 @@ def register(sub) -> None:
                    help=f"steps of a finetune:L stage without its own (default {FINETUNE.steps})")
     add_config_options(f, FINETUNE, ("lr", "schedule", "warmup", "min_lr_ratio", "batch_size", "grad_accum",
                                      "checkpoint_every", "short_share", "distill_weight", "doc_mask",
-                                     "retrieval_share", "answer_weight"))
+                                     "retrieval_share", "answer_weight", "keep_angles_seen"))
     r = p.add_argument_group("readjustment and report")
     add_config_options(r, pipeline.PipelineConfig, ("readjust", "readjust_cap", "readjust_attention", "report_docs",
                                                     "passkey_trials"))

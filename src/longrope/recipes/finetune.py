@@ -53,10 +53,7 @@ def register(sub) -> None:
                    help="with several --data: the share of the micro-batches drawn from each (default: equal)")
     p.add_argument("--seq-len", type=parse_length,
                    help="tokens per training sequence, e.g. 64k (default: the scaling's target length)")
-    p.add_argument("--keep-angles-seen", action="store_true",
-                   help="raise the long factors of the frequency pairs that never turned fully in pretraining to at "
-                        "least the extension factor s, so no pair meets an angle pretraining never showed within the "
-                        "target length (LongRoPE2's constraint past the critical dimension); a LongRoPE scaling only")
+    add_config_options(p, train.FinetuneConfig, ("keep_angles_seen",))
     add_config_options(p, train.FinetuneConfig, ("steps",))
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     add_config_options(p.add_argument_group("optimisation"), train.FinetuneConfig, (
@@ -97,15 +94,11 @@ def run(args) -> int:
     seq_len = args.seq_len or scaling.target_length
     if seq_len is None:
         raise UsageError("--seq-len: required with a scaling that has no target length")
-    if args.keep_angles_seen:
-        if not isinstance(scaling, sc.LongRoPEScaling):
-            raise UsageError(f"--keep-angles-seen: needs a LongRoPE scaling (per-pair factors), got "
-                             f"{scaling.rope_type}; use --scaling with a longrope file or preset")
-        scaling = sc.keep_angles_seen(scaling, info.dim, info.base)
     device, dtype = device_and_dtype_names(args)
     cfg = train.FinetuneConfig(**config_values(  # validate() refuses --dtype float16: bf16 autocast or float32
         args, train.FinetuneConfig, seq_len=seq_len, device=device, dtype=dtype,
         save_dtype=args.save_dtype or ("bfloat16" if dtype == "bfloat16" else "float32"))).validate()
+    trained_scaling = cfg.scaling_to_train(scaling, info.dim, info.base)  # refused here, before loading weights
     quiet = distributed.launched_rank() != 0  # under torchrun only rank 0 reports
     model, tokenizer = models.load(args.model, dtype=torch.float32, device="cpu")
     sources = []  # one packed array per --data source, each in its own documents' order
@@ -125,7 +118,7 @@ def run(args) -> int:
             print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
                   file=sys.stderr)
         original = getattr(scaling, "original_max_position_embeddings", None) or info.original_length
-        seen = sc.seen_distance(scaling, info.dim, info.base, original, seq_len)
+        seen = sc.seen_distance(trained_scaling, info.dim, info.base, original, seq_len)
         # below what interpolating every pair by seq_len / L keeps; docs/BENCHMARKS.md (issue 16): where
         # the fine-tuned SmolLM2 stopped retrieving
         if seen < (original - 1) * seq_len / original * (1 - 1e-9):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import models, nll
+from .. import scaling as sc
 from ..errors import UsageError
 from . import loop, parallel, retention
 
@@ -84,6 +85,10 @@ class FinetuneConfig(loop.TrainConfig):
     answer_weight: float = field(default=1.0, metadata={
         "help": "W: in a retrieval micro-batch's loss the answers' mean NLL counts W times beside the mean NLL of all "
                 "its tokens"})
+    keep_angles_seen: bool = field(default=False, metadata={
+        "help": "raise the long factors of the frequency pairs that never turned fully in pretraining to at least the "
+                "extension factor s, so none meets an angle pretraining never showed within the target length "
+                "(LongRoPE2's constraint past the critical dimension; `scaling.keep_angles_seen`); LongRoPE only"})
     passkey_every: int = field(default=0, metadata={
         "help": "steps between passkey checks at --seq-len (greedy; the standard filler prompt, 2 keys at each "
                 "depth 0.05-0.95; logged as 'passkey', the share found, and 'passkey_by_depth'); 0: none"})
@@ -99,6 +104,16 @@ class FinetuneConfig(loop.TrainConfig):
 
     def default_warmup(self) -> int:
         return min(20, self.steps // 10)
+
+    def scaling_to_train(self, scaling, dim: int, base: float):
+        """The scaling this run trains and exports: `scaling`, or with --keep-angles-seen its
+        unturned frequency pairs raised to s."""
+        if not self.keep_angles_seen:
+            return scaling
+        if not isinstance(scaling, sc.LongRoPEScaling):
+            raise UsageError(f"--keep-angles-seen: needs a LongRoPE scaling (per-pair factors), got "
+                             f"{scaling.rope_type}; use --scaling with a longrope file or preset")
+        return sc.keep_angles_seen(scaling, dim, base)
 
     def for_model(self, n_parameters: int) -> "FinetuneConfig":
         """This configuration with the peak learning rate resolved for a model of that size."""
@@ -215,6 +230,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     positions, the short/long choice on the global length), the weights sharded by FSDP2; rank 0
     writes every file. A checkpoint resumes only with the same number of processes."""
     cfg = cfg.for_model(sum(p.numel() for p in model.parameters())).validate()
+    info = models.rope_info(model.config)
+    scaling = cfg.scaling_to_train(scaling, info.dim, info.base)
     sources = [np.asarray(packed)] if isinstance(packed, np.ndarray) else [np.asarray(p) for p in packed]
     weights = list(source_weights) if source_weights is not None else [1.0] * len(sources)
     for pack in sources:
