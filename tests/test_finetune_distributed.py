@@ -40,25 +40,35 @@ def scaling(dim: int = 16):  # n̂ > 0: rank 0 alone holds the start positions
     return sc.make("longrope", ORIGINAL, SEQ, dim=dim, base=10000.0).replace(n_hat=8)
 
 
-def one_step(arch: str, group=None, autocast: bool = False):
+def one_step(arch: str, group=None, autocast: bool = False, answers: bool = False):
     """(loss, {name: gradient}) of one step on a fixed batch: one process, or this rank's part;
-    `autocast`: bf16 autocast over float32 weights, as `longrope finetune` trains on a GPU."""
+    `autocast`: bf16 autocast over float32 weights, as `longrope finetune` trains on a GPU;
+    `answers`: a retrieval micro-batch, a few answer tokens weighted 2 (`--answer-weight 2`)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return _step(arch, group)
+        return _step(arch, group, answers)
 
 
-def _step(arch: str, group):
+def answer_mask() -> torch.Tensor:
+    """Answer tokens in both rows, in chunks held by each of the two ranks and at the last position."""
+    mask = torch.zeros(2, SEQ, dtype=torch.bool)
+    mask[0, [3, 4, SEQ // 2, SEQ - 1]] = True
+    mask[1, [SEQ // 4, SEQ - 5]] = True
+    return mask
+
+
+def _step(arch: str, group, answers: bool = False):
     model = _tiny(arch).float()
     models.attach(model, scaling(models.rope_info(model.config).dim))
     model.train()
     ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    objective = {"answers": answer_mask(), "answer_weight": 2.0} if answers else {}
     if group is None:
-        nll, count = train.chunked_lm_loss(model, ids, 16)
+        nll, count = train.chunked_lm_loss(model, ids, 16, **objective)
         (nll / count).backward()
         return nll.item() / count, {n: p.grad for n, p in model.named_parameters()}
     parallel.use_context_parallel_attention(model)
     root = parallel.shard_model(model, group, chunk=16)
-    nll, count = root(ids)
+    nll, count = root(ids, **objective)
     (nll * root.loss_scale / count).backward()
     return distributed.all_reduce_sum(nll).item() / count, parallel.full_gradients(root)
 
@@ -80,6 +90,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         report = {}
         report["steps"] = {arch: one_step(arch, group) for arch in ARCHS}  # loss and full gradients
         report["autocast"] = one_step("llama", group, autocast=True)
+        report["answers"] = one_step("llama", group, answers=True)
         # whole runs: uninterrupted, and stopped after step 3 then resumed
         tok, packed = byte_tokenizer(), packed_data()
         cfg = config(steps=4, checkpoint_every=2)
@@ -119,6 +130,12 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
         assert two_grads.keys() == grads.keys()
         for name, g in grads.items():
             assert (two_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), (arch, name)
+    # a retrieval micro-batch: the answer term split over the ranks adds up to one process's
+    loss, grads = one_step("llama", answers=True)
+    two_loss, two_grads = report["answers"]
+    assert loss > one_step("llama")[0] and abs(two_loss - loss) <= 1e-6 * loss
+    for name, g in grads.items():
+        assert (two_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
     # bf16 autocast (q, k float32 out of the rotary, v bf16: the mixed dtypes a GPU run hands the
     # context-parallel attention): the same step to bf16 rounding
     loss, grads = one_step("llama", autocast=True)

@@ -10,7 +10,7 @@ computed a chunk of positions at a time (never the whole (tokens × vocab) logit
 Writes into --out: the fine-tuned Hugging Face checkpoint carrying the scaling (plain transformers
 loads it), train_log.jsonl and finetune.json (configuration, versions, losses; written last).
 checkpoint.pt is replaced every --checkpoint-every steps: continue a killed run with --resume.
-Keeping short-context skills and retrieval (one process): --short-share P trains a seeded share P
+Keeping short-context skills and retrieval (one process, but --retrieval-share): --short-share P trains a seeded share P
 of the micro-batches at the model's original length (the short factors), --distill-weight W adds
 W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document,
 --retrieval-share P makes a share P of them retrieval exercises (4 "access code" facts at random

@@ -214,16 +214,17 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
     step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
 
-    `retention`'s options (one process only): cfg.short_share of the micro-batches are the same
+    `retention`'s options (one process only, but for the retrieval exercises): cfg.short_share of the micro-batches are the same
     documents cut at the scaling's original length (short factors), where cfg.distill_weight adds
     KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
     BOS (attention stays inside each document; the regime is still the sequence's length);
     cfg.retrieval_share of the micro-batches are `retention.retrieval_sequence`s (facts in the
     documents, questions at the end; read whole, without document masks) whose answers count
-    cfg.answer_weight times in the loss (`parallel.chunked_lm_loss`); cfg.needle_every logs
-    "needle_loss", the mean answer NLL of `needles` (`passkey.needle_samples`), at the first log
-    line after every multiple of it; cfg.passkey_every
-    logs "passkey", the greedy passkey accuracy at cfg.seq_len (`retention.passkey_prompts`), likewise.
+    cfg.answer_weight times in the loss (`parallel.chunked_lm_loss`, or `local_lm_loss` under
+    torchrun); cfg.needle_every logs "needle_loss", the mean answer NLL of `needles`
+    (`passkey.needle_samples`), at the first log line after every multiple of it, and each
+    needle's by depth; cfg.passkey_every logs "passkey", the greedy passkey accuracy at
+    cfg.seq_len (`retention.passkey_prompts`), likewise.
 
     Under torchrun (WORLD_SIZE > 1) the run is context parallel (`parallel.ContextParallel`):
     every rank takes the same sequences and runs its slice of their positions (RoPE at global
@@ -248,10 +249,9 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every or cfg.passkey_every
-                            or cfg.retrieval_share):
-        raise UsageError("--short-share, --distill-weight, --doc-mask, --retrieval-share, --needle-every and "
-                         "--passkey-every run in one process only")
+    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every or cfg.passkey_every):
+        raise UsageError("--short-share, --distill-weight, --doc-mask, --needle-every and --passkey-every run in "
+                         "one process only")
     if cfg.retrieval_share:  # the shortest sequences trained must hold the facts and questions
         retention.check_retrieval_fits(tokenizer, short_len if cfg.short_share else cfg.seq_len)
     prompts = retention.passkey_prompts(tokenizer, cfg.seq_len, cfg.seed) if cfg.passkey_every else None

@@ -67,8 +67,15 @@ def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHU
         loss = loss + distill_weight * nll.summed_kl(model, hidden, teacher, taught, chunk, torch.float32)
     if answers is not None and answer_weight and (scored := answers[:, 1:]).any():
         answer_nll = nll.summed_nll(model, hidden[scored], input_ids[:, 1:][scored], chunk, torch.float32)
-        loss = loss + answer_weight * targets / int(scored.sum()) * answer_nll
+        loss = loss + _answer_scale(answers, targets, answer_weight) * answer_nll
     return loss, targets
+
+
+def _answer_scale(answers: torch.Tensor, targets: int, answer_weight: float) -> float:
+    """What the summed NLL of the answer tokens is multiplied by, so that in the mean over all
+    `targets` it counts answer_weight × the answers' mean NLL. `answers` (batch, seq) marks the
+    answer tokens of the whole batch (the first position is never a target)."""
+    return answer_weight * targets / int(answers[:, 1:].sum())
 
 
 def _final_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -106,8 +113,8 @@ class Local:
         return model
 
     def nll(self, model, batch: torch.Tensor, **objective) -> torch.Tensor:
-        """`objective`: chunked_lm_loss's position_ids, teacher, distill_weight, answers and answer_weight
-        (one process only)."""
+        """`objective`: chunked_lm_loss's position_ids, teacher, distill_weight (one process only),
+        answers and answer_weight."""
         return chunked_lm_loss(model, batch, self.loss_chunk, **objective)[0]
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
@@ -151,8 +158,9 @@ class ContextParallel:
         use_context_parallel_attention(model)
         return shard_model(model, self.group, self.loss_chunk)
 
-    def nll(self, root: ContextParallelLM, batch: torch.Tensor) -> torch.Tensor:
-        return root(batch)[0]
+    def nll(self, root: ContextParallelLM, batch: torch.Tensor, **objective) -> torch.Tensor:
+        """`objective`: answers and answer_weight (retrieval exercises) at most."""
+        return root(batch, **objective)[0]
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(value)
@@ -298,8 +306,10 @@ class ContextParallelLM(torch.nn.Module):
         ranks, and the true gradient is their sum."""
         return float(self.group.world)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return local_lm_loss(self.model, input_ids, self.group, self.chunk)
+    def forward(self, input_ids: torch.Tensor, answers: torch.Tensor | None = None,
+                answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+        return local_lm_loss(self.model, input_ids, self.group, self.chunk, answers=answers,
+                             answer_weight=answer_weight)
 
 
 def shard_model(model, group: distributed.Group, chunk: int) -> ContextParallelLM:
@@ -312,10 +322,13 @@ def shard_model(model, group: distributed.Group, chunk: int) -> ContextParallelL
     return root
 
 
-def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int) -> tuple[torch.Tensor, int]:
+def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int, *,
+                  answers: torch.Tensor | None = None, answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
     every rank holds whole: this rank runs the positions of its two chunks and scores, for each
-    position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer)."""
+    position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer).
+    `answers` (batch, n), held whole too, marks answer tokens: this rank adds the answer term of
+    `chunked_lm_loss` for the answers among its targets, so the ranks' sums add up to it."""
     batch, n = input_ids.shape
     ranges = shard_chunks(n, group.world, group.rank)
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
@@ -324,8 +337,14 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chun
                                  use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     scored = index < n - 1  # every position but the sequence's last predicts a token
-    total = nll.summed_nll(model, hidden[:, scored], input_ids[:, index[scored] + 1], chunk, torch.float32)
-    return total, batch * (n - 1)
+    target_ids = input_ids[:, index[scored] + 1]
+    total = nll.summed_nll(model, hidden[:, scored], target_ids, chunk, torch.float32)
+    targets = batch * (n - 1)
+    if answers is not None and answer_weight and answers[:, 1:].any():
+        mine = answers[:, index[scored] + 1]  # this rank's targets that are answer tokens
+        answer_nll = nll.summed_nll(model, hidden[:, scored][mine], target_ids[mine], chunk, torch.float32)
+        total = total + _answer_scale(answers, targets, answer_weight) * answer_nll
+    return total, targets
 
 
 def iter_full_gradients(model):
