@@ -21,10 +21,11 @@ from longrope import distributed, models, train
 from longrope import scaling as sc
 from longrope.errors import UsageError
 from longrope.tokenization import byte_tokenizer
-from longrope.train import parallel
+from longrope.train import parallel, retention
 from test_finetune import SEQ, Stop, config, packed_data
 
 WORLD = 2
+MIXED = config(steps=4, checkpoint_every=10, short_share=0.5, distill_weight=0.5)
 
 
 # GQA; q/k norms; fused qkv with partial rotary (rotary dim 8); input and output embeddings tied
@@ -40,12 +41,14 @@ def scaling(dim: int = 16):  # n̂ > 0: rank 0 alone holds the start positions
     return sc.make("longrope", ORIGINAL, SEQ, dim=dim, base=10000.0).replace(n_hat=8)
 
 
-def one_step(arch: str, group=None, autocast: bool = False, answers: bool = False):
+def one_step(arch: str, group=None, autocast: bool = False, answers: bool = False, short: bool = False):
     """(loss, {name: gradient}) of one step on a fixed batch: one process, or this rank's part;
     `autocast`: bf16 autocast over float32 weights, as `longrope finetune` trains on a GPU;
-    `answers`: a retrieval micro-batch, a few answer tokens weighted 2 (`--answer-weight 2`)."""
+    `answers`: a retrieval micro-batch, a few answer tokens weighted 2 (`--answer-weight 2`);
+    `short`: a micro-batch of the original length (the short factors) distilled toward the model
+    as given (`--short-share`, `--distill-weight 0.5`)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return _step(arch, group, answers)
+        return _step(arch, group, answers, short)
 
 
 def answer_mask() -> torch.Tensor:
@@ -56,12 +59,18 @@ def answer_mask() -> torch.Tensor:
     return mask
 
 
-def _step(arch: str, group, answers: bool = False):
+def _step(arch: str, group, answers: bool = False, short: bool = False):
     model = _tiny(arch).float()
+    # the teacher differs from the student, so the term is not zero
+    teacher = retention.frozen_teacher(tiny_model(arch, seed=1), torch.device("cpu")) if short else None
     models.attach(model, scaling(models.rope_info(model.config).dim))
     model.train()
-    ids = torch.randint(3, 259, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 259, (2, ORIGINAL if short else SEQ), generator=torch.Generator().manual_seed(5))
     objective = {"answers": answer_mask(), "answer_weight": 2.0} if answers else {}
+    if short:
+        if group is not None:
+            teacher = parallel.ContextParallel(group, SEQ, 16).prepare_teacher(teacher)
+        objective = {"teacher": teacher, "distill_weight": 0.5}
     if group is None:
         nll, count = train.chunked_lm_loss(model, ids, 16, **objective)
         (nll / count).backward()
@@ -91,6 +100,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         report["steps"] = {arch: one_step(arch, group) for arch in ARCHS}  # loss and full gradients
         report["autocast"] = one_step("llama", group, autocast=True)
         report["answers"] = one_step("llama", group, answers=True)
+        report["short"] = one_step("llama", group, short=True)
         # whole runs: uninterrupted, and stopped after step 3 then resumed
         tok, packed = byte_tokenizer(), packed_data()
         cfg = config(steps=4, checkpoint_every=2)
@@ -105,6 +115,8 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         except Stop:
             report["stopped"] = True
         train.finetune(tiny_model(), tok, scaling(), packed, cfg, work / "resumed", resume=True, command="test")
+        # mixed context windows with distillation: short micro-batches among the long ones
+        train.finetune(tiny_model(), tok, scaling(), packed, MIXED, work / "mixed", command="test")
         if rank == 0:
             (work / "report.pkl").write_bytes(pickle.dumps(report))
     finally:
@@ -136,6 +148,12 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     assert loss > one_step("llama")[0] and abs(two_loss - loss) <= 1e-6 * loss
     for name, g in grads.items():
         assert (two_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+    # a short micro-batch with distillation: the KL split over the ranks adds up to one process's
+    loss, grads = one_step("llama", short=True)
+    two_loss, two_grads = report["short"]
+    assert abs(two_loss - loss) <= 1e-6 * loss and loss > 0
+    for name, g in grads.items():
+        assert (two_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
     # bf16 autocast (q, k float32 out of the rotary, v bf16: the mixed dtypes a GPU run hands the
     # context-parallel attention): the same step to bf16 rounding
     loss, grads = one_step("llama", autocast=True)
@@ -143,6 +161,15 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     assert abs(two_loss - loss) <= 1e-2 * loss
     for name, g in grads.items():
         assert (two_grads[name] - g).norm() <= 0.05 * g.norm(), name
+
+    # mixed windows with distillation: the two-process run ends with one process's weights
+    train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), MIXED, tmp_path / "mixed", command="test")
+    assert any(retention.is_short_micro_batch(MIXED.seed, MIXED.short_share, step, 0) for step in range(1, 5))
+    one, _ = models.load(str(tmp_path / "mixed"))
+    two, _ = models.load(str(work / "mixed"))
+    for name, value in two.state_dict().items():
+        diff = (value - one.state_dict()[name]).abs()
+        assert diff.max() < 2e-4 and (diff > 1e-5).float().mean() < 1e-3, (name, diff.max().item())
 
     # one process: the same run; the two-process runs (whole and resumed) end with its weights and losses
     train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), config(steps=4, checkpoint_every=2),

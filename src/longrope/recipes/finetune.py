@@ -10,14 +10,15 @@ computed a chunk of positions at a time (never the whole (tokens × vocab) logit
 Writes into --out: the fine-tuned Hugging Face checkpoint carrying the scaling (plain transformers
 loads it), train_log.jsonl and finetune.json (configuration, versions, losses; written last).
 checkpoint.pt is replaced every --checkpoint-every steps: continue a killed run with --resume.
-Keeping short-context skills and retrieval (one process, but --retrieval-share): --short-share P trains a seeded share P
-of the micro-batches at the model's original length (the short factors), --distill-weight W adds
+Keeping short-context skills and retrieval: --short-share P trains a seeded share P of the
+micro-batches at the model's original length (the short factors), --distill-weight W adds
 W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each packed document,
 --retrieval-share P makes a share P of them retrieval exercises (4 "access code" facts at random
 depths, questions on them at the end, the answers weighted by --answer-weight), and
 --needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss", and each
 needle's by its depth: "needle_loss_by_depth"); --passkey-every N the greedy passkey accuracy at
---seq-len ("passkey": 2 keys at 5 depths; "passkey_by_depth").
+--seq-len ("passkey": 2 keys at 5 depths; "passkey_by_depth"). Under torchrun all but --doc-mask,
+--needle-every and --passkey-every.
 Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
 A note says when some frequency pairs of the scaling would meet angles pretraining never showed
 within --seq-len (`scaling.seen_distance`); --keep-angles-seen raises their factors.

@@ -214,7 +214,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
     step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
 
-    `retention`'s options (one process only, but for the retrieval exercises): cfg.short_share of the micro-batches are the same
+    `retention`'s options (under torchrun only the mixed windows, distillation and retrieval
+    exercises): cfg.short_share of the micro-batches are the same
     documents cut at the scaling's original length (short factors), where cfg.distill_weight adds
     KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
     BOS (attention stays inside each document; the regime is still the sequence's length);
@@ -249,9 +250,11 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and (cfg.short_share or cfg.doc_mask or cfg.needle_every or cfg.passkey_every):
-        raise UsageError("--short-share, --distill-weight, --doc-mask, --needle-every and --passkey-every run in "
-                         "one process only")
+    if ranks.world > 1 and (cfg.doc_mask or cfg.needle_every or cfg.passkey_every):
+        raise UsageError("--doc-mask, --needle-every and --passkey-every run in one process only")
+    if ranks.world > 1 and cfg.short_share and short_len % (2 * ranks.world):
+        raise UsageError(f"--short-share: the original length {short_len} must be a multiple of twice the number "
+                         f"of processes ({2 * ranks.world}) for context parallelism; run with fewer processes")
     if cfg.retrieval_share:  # the shortest sequences trained must hold the facts and questions
         retention.check_retrieval_fits(tokenizer, short_len if cfg.short_share else cfg.seq_len)
     prompts = retention.passkey_prompts(tokenizer, cfg.seq_len, cfg.seed) if cfg.passkey_every else None
@@ -261,7 +264,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     checkpoint = ranks.open_out(out, resume, force, FT_RECORD)
     loop.check_resumable(cfg, identity, checkpoint, ranks.world)
     loop.allow_tf32(device)
-    teacher = retention.frozen_teacher(model, device) if cfg.distill_weight else None  # before attaching
+    # the model as given, before the scaling is attached
+    teacher = ranks.prepare_teacher(retention.frozen_teacher(model, device)) if cfg.distill_weight else None
     short_sources = [retention.short_sequences(p, short_len) for p in sources] if cfg.short_share else None
     # the model, or its FSDP2 root
     keep_attention = ranks.keeps_attention and checkpointing_keeps_attention(cfg.seq_len)

@@ -91,7 +91,8 @@ class Local:
     """One process on one device: the model trains as it is.
 
     The strategy (`ContextParallel` has the same members): `open_out` checks the output folder and
-    returns the checkpoint to resume from; `prepare` gives the module to train; `keeps_attention`
+    returns the checkpoint to resume from; `prepare` gives the module to train and `prepare_teacher`
+    the distillation teacher to run beside it; `keeps_attention`
     whether its checkpointing may keep attention outputs; `nll` this
     process's summed NLL of a batch, `loss_scale` its factor before the backward, `sum_over_ranks`
     the whole batch's; `load_state`/`full_state` the checkpoint's state dicts; `final_model` the
@@ -113,9 +114,12 @@ class Local:
         return model
 
     def nll(self, model, batch: torch.Tensor, **objective) -> torch.Tensor:
-        """`objective`: chunked_lm_loss's position_ids, teacher, distill_weight (one process only),
+        """`objective`: chunked_lm_loss's position_ids (one process only), teacher, distill_weight,
         answers and answer_weight."""
         return chunked_lm_loss(model, batch, self.loss_chunk, **objective)[0]
+
+    def prepare_teacher(self, teacher):
+        return teacher
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value.detach()
@@ -159,8 +163,13 @@ class ContextParallel:
         return shard_model(model, self.group, self.loss_chunk)
 
     def nll(self, root: ContextParallelLM, batch: torch.Tensor, **objective) -> torch.Tensor:
-        """`objective`: answers and answer_weight (retrieval exercises) at most."""
+        """`objective`: teacher, distill_weight, answers and answer_weight (`local_lm_loss`)."""
         return root(batch, **objective)[0]
+
+    def prepare_teacher(self, teacher):
+        """The frozen teacher runs this rank's positions too, attending across the ranks."""
+        use_context_parallel_attention(teacher)
+        return teacher
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(value)
@@ -306,10 +315,9 @@ class ContextParallelLM(torch.nn.Module):
         ranks, and the true gradient is their sum."""
         return float(self.group.world)
 
-    def forward(self, input_ids: torch.Tensor, answers: torch.Tensor | None = None,
-                answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
-        return local_lm_loss(self.model, input_ids, self.group, self.chunk, answers=answers,
-                             answer_weight=answer_weight)
+    def forward(self, input_ids: torch.Tensor, **objective) -> tuple[torch.Tensor, int]:
+        """`objective`: `local_lm_loss`'s teacher, distill_weight, answers and answer_weight."""
+        return local_lm_loss(self.model, input_ids, self.group, self.chunk, **objective)
 
 
 def shard_model(model, group: distributed.Group, chunk: int) -> ContextParallelLM:
@@ -322,27 +330,32 @@ def shard_model(model, group: distributed.Group, chunk: int) -> ContextParallelL
     return root
 
 
-def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int, *,
-                  answers: torch.Tensor | None = None, answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int, *, teacher=None,
+                  distill_weight: float = 0.0, answers: torch.Tensor | None = None,
+                  answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
     every rank holds whole: this rank runs the positions of its two chunks and scores, for each
     position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer).
-    `answers` (batch, n), held whole too, marks answer tokens: this rank adds the answer term of
-    `chunked_lm_loss` for the answers among its targets, so the ranks' sums add up to it."""
+    `chunked_lm_loss`'s other terms, each rank adding its positions' share so that the ranks' sums
+    add up to it: with a `teacher` (frozen, unsharded, attending context parallel too) distill_weight ·
+    KL(teacher ‖ model) at its scored positions; with `answers` (batch, n), held whole too, the
+    answer term of the answer tokens among its targets."""
     batch, n = input_ids.shape
     ranges = shard_chunks(n, group.world, group.rank)
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
-    with global_regime(model, n):
-        out = nll.decoder(model)(input_ids=input_ids[:, index], position_ids=index[None].expand(batch, -1),
-                                 use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     scored = index < n - 1  # every position but the sequence's last predicts a token
+    with global_regime(model, n):
+        hidden = _final_hidden(model, input_ids[:, index], index[None].expand(batch, -1))[:, scored]
     target_ids = input_ids[:, index[scored] + 1]
-    total = nll.summed_nll(model, hidden[:, scored], target_ids, chunk, torch.float32)
+    total = nll.summed_nll(model, hidden, target_ids, chunk, torch.float32)
     targets = batch * (n - 1)
+    if teacher is not None and distill_weight:
+        with torch.no_grad():
+            taught = _final_hidden(teacher, input_ids[:, index], index[None].expand(batch, -1))[:, scored]
+        total = total + distill_weight * nll.summed_kl(model, hidden, teacher, taught, chunk, torch.float32)
     if answers is not None and answer_weight and answers[:, 1:].any():
         mine = answers[:, index[scored] + 1]  # this rank's targets that are answer tokens
-        answer_nll = nll.summed_nll(model, hidden[:, scored][mine], target_ids[mine], chunk, torch.float32)
+        answer_nll = nll.summed_nll(model, hidden[mine], target_ids[mine], chunk, torch.float32)
         total = total + _answer_scale(answers, targets, answer_weight) * answer_nll
     return total, targets
 
