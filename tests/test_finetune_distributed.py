@@ -23,9 +23,10 @@ from longrope.errors import UsageError
 from longrope.tokenization import byte_tokenizer
 from longrope.train import parallel, retention
 from test_finetune import SEQ, Stop, config, packed_data
+from test_finetune_retrieval import needles
 
 WORLD = 2
-MIXED = config(steps=4, checkpoint_every=10, short_share=0.5, distill_weight=0.5)
+MIXED = config(steps=4, checkpoint_every=10, short_share=0.5, distill_weight=0.5, needle_every=2)
 
 
 # GQA; q/k norms; fused qkv with partial rotary (rotary dim 8); input and output embeddings tied
@@ -82,6 +83,18 @@ def _step(arch: str, group, answers: bool = False, short: bool = False):
     return distributed.all_reduce_sum(nll).item() / count, parallel.full_gradients(root)
 
 
+def needle_check(group=None) -> tuple[float, dict]:
+    """`--needle-every`'s figures (mean answer NLL, and by depth) of a fixed model: one process,
+    or over the ranks (each running its positions of every sample)."""
+    model = _tiny("llama").float()
+    models.attach(model, scaling(models.rope_info(model.config).dim))
+    if group is None:
+        return retention.needle_loss(model, needles(), 16)
+    parallel.use_context_parallel_attention(model)
+    root = parallel.shard_model(model, group, chunk=16)
+    return parallel.ContextParallel(group, SEQ, 16).needle_loss(root, needles())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,6 +114,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         report["autocast"] = one_step("llama", group, autocast=True)
         report["answers"] = one_step("llama", group, answers=True)
         report["short"] = one_step("llama", group, short=True)
+        report["needles"] = needle_check(group)
         # whole runs: uninterrupted, and stopped after step 3 then resumed
         tok, packed = byte_tokenizer(), packed_data()
         cfg = config(steps=4, checkpoint_every=2)
@@ -116,7 +130,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
             report["stopped"] = True
         train.finetune(tiny_model(), tok, scaling(), packed, cfg, work / "resumed", resume=True, command="test")
         # mixed context windows with distillation: short micro-batches among the long ones
-        train.finetune(tiny_model(), tok, scaling(), packed, MIXED, work / "mixed", command="test")
+        train.finetune(tiny_model(), tok, scaling(), packed, MIXED, work / "mixed", command="test", needles=needles())
         if rank == 0:
             (work / "report.pkl").write_bytes(pickle.dumps(report))
     finally:
@@ -162,14 +176,27 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     for name, g in grads.items():
         assert (two_grads[name] - g).norm() <= 0.05 * g.norm(), name
 
+    # needle validation over the ranks: one process's figures
+    mean, by_depth = needle_check()
+    two_mean, two_by_depth = report["needles"]
+    assert two_mean == pytest.approx(mean, rel=1e-6) and len(by_depth) == 3
+    assert two_by_depth.keys() == by_depth.keys()
+    assert list(two_by_depth.values()) == pytest.approx(list(by_depth.values()), rel=1e-4)
+
     # mixed windows with distillation: the two-process run ends with one process's weights
-    train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), MIXED, tmp_path / "mixed", command="test")
+    train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), MIXED, tmp_path / "mixed", command="test",
+                   needles=needles())
     assert any(retention.is_short_micro_batch(MIXED.seed, MIXED.short_share, step, 0) for step in range(1, 5))
     one, _ = models.load(str(tmp_path / "mixed"))
     two, _ = models.load(str(work / "mixed"))
     for name, value in two.state_dict().items():
         diff = (value - one.state_dict()[name]).abs()
         assert diff.max() < 2e-4 and (diff > 1e-5).float().mean() < 1e-3, (name, diff.max().item())
+    logged = [[e.get("needle_loss") for e in map(json.loads, (folder / train.LOG).read_text().splitlines())]
+              for folder in (tmp_path / "mixed", work / "mixed")]
+    assert [v is not None for v in logged[0]] == [False, True, False, True]  # every 2 steps
+    assert [v is not None for v in logged[1]] == [False, True, False, True]
+    assert [v for v in logged[1] if v] == pytest.approx([v for v in logged[0] if v], rel=1e-4)
 
     # one process: the same run; the two-process runs (whole and resumed) end with its weights and losses
     train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), config(steps=4, checkpoint_every=2),

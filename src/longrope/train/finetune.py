@@ -214,8 +214,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
     step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
 
-    `retention`'s options (under torchrun only the mixed windows, distillation and retrieval
-    exercises): cfg.short_share of the micro-batches are the same
+    `retention`'s options (under torchrun all but the document masks and the passkey check):
+    cfg.short_share of the micro-batches are the same
     documents cut at the scaling's original length (short factors), where cfg.distill_weight adds
     KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
     BOS (attention stays inside each document; the regime is still the sequence's length);
@@ -250,8 +250,11 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and (cfg.doc_mask or cfg.needle_every or cfg.passkey_every):
-        raise UsageError("--doc-mask, --needle-every and --passkey-every run in one process only")
+    if ranks.world > 1 and (cfg.doc_mask or cfg.passkey_every):
+        raise UsageError("--doc-mask and --passkey-every run in one process only")
+    if ranks.world > 1 and cfg.needle_every and any(len(n.input_ids) % (2 * ranks.world) for n in needles):
+        raise UsageError(f"--needle-every: needle samples must be a multiple of twice the number of processes "
+                         f"({2 * ranks.world}) long for context parallelism, as --seq-len is")
     if ranks.world > 1 and cfg.short_share and short_len % (2 * ranks.world):
         raise UsageError(f"--short-share: the original length {short_len} must be a multiple of twice the number "
                          f"of processes ({2 * ranks.world}) for context parallelism; run with fewer processes")
@@ -310,7 +313,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
         checks = {}
         with autocast:  # the training dtype: float32 master weights alone would take SDPA's O(n²) math kernel
             if due(cfg.needle_every):
-                mean, by_depth = retention.needle_loss(model, needles, cfg.loss_chunk)
+                mean, by_depth = ranks.needle_loss(trained, needles)
                 checks.update(needle_loss=round(mean, 5), needle_loss_by_depth=by_depth)
             if due(cfg.passkey_every):
                 share, by_depth = retention.passkey_accuracy(model, tokenizer, prompts)

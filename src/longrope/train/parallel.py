@@ -39,7 +39,7 @@ from transformers import AttentionInterface
 
 from .. import distributed, models, nll
 from ..errors import UsageError
-from . import loop
+from . import loop, retention
 
 ATTENTION = "longrope_cp"
 _PREFIX = "model."  # ContextParallelLM holds the model as `.model`
@@ -121,6 +121,9 @@ class Local:
     def prepare_teacher(self, teacher):
         return teacher
 
+    def needle_loss(self, model, samples) -> tuple[float, dict[str, float]]:
+        return retention.needle_loss(model, samples, self.loss_chunk)
+
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value.detach()
 
@@ -170,6 +173,19 @@ class ContextParallel:
         """The frozen teacher runs this rank's positions too, attending across the ranks."""
         use_context_parallel_attention(teacher)
         return teacher
+
+    def needle_loss(self, root: ContextParallelLM, samples) -> tuple[float, dict[str, float]]:
+        """`retention.needle_loss` over the ranks: each runs its positions of every sample."""
+        device = self.device
+        per_sample = []
+        with retention.evaluating(root), torch.no_grad():
+            for s in samples:
+                ids = torch.as_tensor(s.input_ids, device=device)[None]
+                marked = torch.zeros_like(ids, dtype=torch.bool)
+                marked[:, s.answer_start:] = True
+                total, count = root(ids, scored_only=marked)
+                per_sample.append((float(distributed.all_reduce_sum(total.detach().double())), count))
+        return retention.summarise_needles(samples, per_sample)
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(value)
@@ -315,8 +331,14 @@ class ContextParallelLM(torch.nn.Module):
         ranks, and the true gradient is their sum."""
         return float(self.group.world)
 
-    def forward(self, input_ids: torch.Tensor, **objective) -> tuple[torch.Tensor, int]:
-        """`objective`: `local_lm_loss`'s teacher, distill_weight, answers and answer_weight."""
+    def forward(self, input_ids: torch.Tensor, scored_only: torch.Tensor | None = None,
+                **objective) -> tuple[torch.Tensor, int]:
+        """`objective`: `local_lm_loss`'s teacher, distill_weight, answers and answer_weight. With
+        `scored_only` (batch, n) bool, held whole: this rank's summed NLL of the marked tokens
+        alone and their global count (FSDP2 gathers the root's weights in `forward` only, so an
+        evaluation comes through here too)."""
+        if scored_only is not None:
+            return local_marked_nll(self.model, input_ids, scored_only, self.group, self.chunk)
         return local_lm_loss(self.model, input_ids, self.group, self.chunk, **objective)
 
 
@@ -341,11 +363,7 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chun
     KL(teacher ‖ model) at its scored positions; with `answers` (batch, n), held whole too, the
     answer term of the answer tokens among its targets."""
     batch, n = input_ids.shape
-    ranges = shard_chunks(n, group.world, group.rank)
-    index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
-    scored = index < n - 1  # every position but the sequence's last predicts a token
-    with global_regime(model, n):
-        hidden = _final_hidden(model, input_ids[:, index], index[None].expand(batch, -1))[:, scored]
+    index, scored, hidden = _local_hidden(model, input_ids, group)
     target_ids = input_ids[:, index[scored] + 1]
     total = nll.summed_nll(model, hidden, target_ids, chunk, torch.float32)
     targets = batch * (n - 1)
@@ -358,6 +376,28 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chun
         answer_nll = nll.summed_nll(model, hidden[mine], target_ids[mine], chunk, torch.float32)
         total = total + _answer_scale(answers, targets, answer_weight) * answer_nll
     return total, targets
+
+
+def local_marked_nll(model, input_ids: torch.Tensor, marked: torch.Tensor, group: distributed.Group,
+                     chunk: int) -> tuple[torch.Tensor, int]:
+    """(this rank's summed NLL of the tokens `marked` (batch, n) among its targets, how many are
+    marked in all): the ranks' sums add up to the marked tokens' NLL (a needle's answer)."""
+    index, scored, hidden = _local_hidden(model, input_ids, group)
+    mine = marked[:, index[scored] + 1]
+    total = nll.summed_nll(model, hidden[mine], input_ids[:, index[scored] + 1][mine], chunk, torch.float32)
+    return total, int(marked[:, 1:].sum())
+
+
+def _local_hidden(model, input_ids: torch.Tensor, group: distributed.Group):
+    """(this rank's positions, which of them predict a token, the final hidden states there) of a
+    [batch, n] batch every rank holds whole, at the global positions and regime."""
+    batch, n = input_ids.shape
+    ranges = shard_chunks(n, group.world, group.rank)
+    index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
+    scored = index < n - 1  # every position but the sequence's last predicts a token
+    with global_regime(model, n):
+        hidden = _final_hidden(model, input_ids[:, index], index[None].expand(batch, -1))[:, scored]
+    return index, scored, hidden
 
 
 def iter_full_gradients(model):

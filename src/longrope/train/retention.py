@@ -165,6 +165,12 @@ def needle_loss(model, samples: Sequence, chunk: int) -> tuple[float, dict[str, 
     tokens before the question): the far needles are the ones a long context loses first."""
     with evaluating(model):
         per_sample = [evaluate.needle_nll(model, [s], chunk) for s in samples]
+    return summarise_needles(samples, per_sample)
+
+
+def summarise_needles(samples: Sequence, per_sample: Sequence[tuple[float, int]]) -> tuple[float, dict[str, float]]:
+    """(the mean answer NLL over all samples, each sample's keyed by its needle's depth) from each
+    sample's (summed answer NLL, answer tokens)."""
     by_depth = {f"{s.needle_start / s.answer_start:.2f}": round(total / count, 5)
                 for s, (total, count) in zip(samples, per_sample)}
     return sum(t for t, _ in per_sample) / sum(c for _, c in per_sample), by_depth
