@@ -18,7 +18,7 @@ from .pretrain import (PRETRAIN_RECORD, PretrainConfig, PretrainResult, build_mo
 
 __all__ = [
     "CHECKPOINT", "FT_RECORD", "LOG", "PRETRAIN_RECORD", "SAVE_DTYPES", "FinetuneConfig", "FinetuneResult",
-    "PretrainConfig", "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "default_lr", "finetune",
-    "finetune_batch", "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents", "parallel",
-    "parameter_count", "pretrain", "retention", "token_stream",
+    "PretrainConfig", "PretrainResult", "StepInfo", "TrainConfig", "build_model", "chunked_lm_loss", "default_lr",
+    "finetune", "finetune_batch", "llama_config", "lm_loss", "loop", "lr_at", "make_batch", "pack_documents",
+    "parallel", "parameter_count", "pretrain", "retention", "token_stream",
 ]
