@@ -27,6 +27,17 @@ from test_finetune_retrieval import needles
 
 WORLD = 2
 MIXED = config(steps=4, checkpoint_every=10, short_share=0.5, distill_weight=0.5, needle_every=2)
+PASSKEY_SEQ = 512  # the passkey prompt needs ~250 byte tokens
+CHECKED = config(steps=2, seq_len=PASSKEY_SEQ, batch_size=1, passkey_every=2, checkpoint_every=10)
+
+
+def passkey_run(folder: Path) -> list:
+    """A short run at PASSKEY_SEQ with --passkey-every 2; its log's passkey entries."""
+    scaling = sc.make("longrope", ORIGINAL, PASSKEY_SEQ, dim=16, base=10000.0)
+    train.finetune(tiny_model(), byte_tokenizer(), scaling, packed_data(PASSKEY_SEQ, n_docs=6, n_words=200), CHECKED,
+                   folder, command="test")
+    log = [json.loads(line) for line in (folder / train.LOG).read_text().splitlines()]
+    return [(e["step"], e["passkey"], e["passkey_by_depth"]) for e in log if "passkey" in e]
 
 
 # GQA; q/k norms; fused qkv with partial rotary (rotary dim 8); input and output embeddings tied
@@ -95,6 +106,24 @@ def needle_check(group=None) -> tuple[float, dict]:
     return parallel.ContextParallel(group, SEQ, 16).needle_loss(root, needles())
 
 
+def gathered_for_decoding(group) -> torch.Tensor | None:
+    """What the passkey check decodes with under torchrun: logits of a fixed input from the model
+    that `ContextParallel.passkey_accuracy` gathers on rank 0 (`retention.passkey_accuracy` stubbed
+    to return them)."""
+    model = _tiny("llama").float()
+    scaled = scaling(models.rope_info(model.config).dim)
+    models.attach(model, scaled)
+    parallel.use_context_parallel_attention(model)
+    root = parallel.shard_model(model, group, chunk=16)
+    ids = torch.arange(3, 3 + SEQ)[None]
+    real = retention.passkey_accuracy
+    retention.passkey_accuracy = lambda m, tokenizer, prompts: m(ids).logits.detach()
+    try:
+        return parallel.ContextParallel(group, SEQ, 16).passkey_accuracy(root, None, None, scaled)
+    finally:
+        retention.passkey_accuracy = real
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,6 +144,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         report["answers"] = one_step("llama", group, answers=True)
         report["short"] = one_step("llama", group, short=True)
         report["needles"] = needle_check(group)
+        report["gathered"] = gathered_for_decoding(group)
         # whole runs: uninterrupted, and stopped after step 3 then resumed
         tok, packed = byte_tokenizer(), packed_data()
         cfg = config(steps=4, checkpoint_every=2)
@@ -131,6 +161,8 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         train.finetune(tiny_model(), tok, scaling(), packed, cfg, work / "resumed", resume=True, command="test")
         # mixed context windows with distillation: short micro-batches among the long ones
         train.finetune(tiny_model(), tok, scaling(), packed, MIXED, work / "mixed", command="test", needles=needles())
+        # the passkey check: rank 0 decodes on the weights gathered from both
+        report["passkey"] = passkey_run(work / "checked")
         if rank == 0:
             (work / "report.pkl").write_bytes(pickle.dumps(report))
     finally:
@@ -197,6 +229,14 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     assert [v is not None for v in logged[0]] == [False, True, False, True]  # every 2 steps
     assert [v is not None for v in logged[1]] == [False, True, False, True]
     assert [v for v in logged[1] if v] == pytest.approx([v for v in logged[0] if v], rel=1e-4)
+
+    # the passkey check decodes rank 0's gathered copy: the model's own logits
+    model = _tiny("llama").float()
+    models.attach(model, scaling(models.rope_info(model.config).dim))
+    with torch.no_grad():
+        assert torch.equal(report["gathered"], model(torch.arange(3, 3 + SEQ)[None]).logits)
+    checked = passkey_run(tmp_path / "checked")
+    assert [step for step, _, _ in checked] == [2] and report["passkey"] == checked
 
     # one process: the same run; the two-process runs (whole and resumed) end with its weights and losses
     train.finetune(tiny_model(), byte_tokenizer(), scaling(), packed_data(), config(steps=4, checkpoint_every=2),

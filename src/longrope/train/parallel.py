@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import fully_shard
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
@@ -124,6 +125,9 @@ class Local:
     def needle_loss(self, model, samples) -> tuple[float, dict[str, float]]:
         return retention.needle_loss(model, samples, self.loss_chunk)
 
+    def passkey_accuracy(self, model, tokenizer, prompts, scaling) -> tuple[float, dict[str, float]] | None:
+        return retention.passkey_accuracy(model, tokenizer, prompts)
+
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value.detach()
 
@@ -186,6 +190,16 @@ class ContextParallel:
                 total, count = root(ids, scored_only=marked)
                 per_sample.append((float(distributed.all_reduce_sum(total.detach().double())), count))
         return retention.summarise_needles(samples, per_sample)
+
+    def passkey_accuracy(self, root: ContextParallelLM, tokenizer, prompts, scaling):
+        """`retention.passkey_accuracy` on rank 0, on an unsharded copy of the weights gathered from
+        every rank (greedy decoding is one position at a time: nothing to split); None elsewhere."""
+        model_state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        model = unsharded_copy(root.model, _unprefixed(model_state))
+        models.attach(model.to(self.device), scaling)
+        return retention.passkey_accuracy(model, tokenizer, prompts)
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_sum(value)
@@ -420,7 +434,12 @@ def full_state(root: ContextParallelLM, optimizer) -> tuple[dict, dict]:
     """(model, optimizer) full state dicts on the CPU of rank 0 (empty elsewhere), the model's
     keys as in the unwrapped model. A collective: every rank calls it."""
     msd, osd = get_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k[len(_PREFIX):]: v for k, v in msd.items()}, osd
+    return _unprefixed(msd), osd
+
+
+def _unprefixed(root_state: dict) -> dict:
+    """The root's state dict keyed as the unwrapped model's."""
+    return {k[len(_PREFIX):]: v for k, v in root_state.items()}
 
 
 def load_full_state(root: ContextParallelLM, optimizer, model_state: dict, optimizer_state: dict) -> None:
