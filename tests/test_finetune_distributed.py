@@ -26,7 +26,7 @@ from test_finetune import SEQ, Stop, config, packed_data
 from test_finetune_retrieval import needles
 
 WORLD = 2
-MIXED = config(steps=4, checkpoint_every=10, short_share=0.5, distill_weight=0.5, needle_every=2)
+MIXED = config(steps=4, checkpoint_every=10, short_share=0.5, distill_weight=0.5, needle_every=2, doc_mask=True)
 PASSKEY_SEQ = 512  # the passkey prompt needs ~250 byte tokens
 CHECKED = config(steps=2, seq_len=PASSKEY_SEQ, batch_size=1, passkey_every=2, checkpoint_every=10)
 
@@ -53,14 +53,27 @@ def scaling(dim: int = 16):  # n̂ > 0: rank 0 alone holds the start positions
     return sc.make("longrope", ORIGINAL, SEQ, dim=dim, base=10000.0).replace(n_hat=8)
 
 
-def one_step(arch: str, group=None, autocast: bool = False, answers: bool = False, short: bool = False):
+def one_step(arch: str, group=None, autocast: bool = False, answers: bool = False, short: bool = False,
+             documents: bool = False):
     """(loss, {name: gradient}) of one step on a fixed batch: one process, or this rank's part;
     `autocast`: bf16 autocast over float32 weights, as `longrope finetune` trains on a GPU;
     `answers`: a retrieval micro-batch, a few answer tokens weighted 2 (`--answer-weight 2`);
     `short`: a micro-batch of the original length (the short factors) distilled toward the model
-    as given (`--short-share`, `--distill-weight 0.5`)."""
+    as given (`--short-share`, `--distill-weight 0.5`); `documents`: packed documents kept apart
+    (`--doc-mask`: positions restart at each document's first token)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        return _step(arch, group, answers, short)
+        return _step(arch, group, answers, short, documents)
+
+
+def document_positions() -> torch.Tensor:
+    """position_ids of two rows of packed documents: starts inside a chunk of either rank, at a
+    chunk's edge (SEQ // 4, where rank 0's first chunk ends) and a one-token document."""
+    starts = [[0, 10, SEQ // 4, SEQ // 2 + 7, SEQ // 2 + 8, SEQ - 20], [0, 40, 3 * SEQ // 4 + 1]]
+    rows = []
+    for row in starts:
+        bounds = row + [SEQ]
+        rows.append(torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])]))
+    return torch.stack(rows)
 
 
 def answer_mask() -> torch.Tensor:
@@ -71,7 +84,7 @@ def answer_mask() -> torch.Tensor:
     return mask
 
 
-def _step(arch: str, group, answers: bool = False, short: bool = False):
+def _step(arch: str, group, answers: bool = False, short: bool = False, documents: bool = False):
     model = _tiny(arch).float()
     # the teacher differs from the student, so the term is not zero
     teacher = retention.frozen_teacher(tiny_model(arch, seed=1), torch.device("cpu")) if short else None
@@ -79,12 +92,16 @@ def _step(arch: str, group, answers: bool = False, short: bool = False):
     model.train()
     ids = torch.randint(3, 259, (2, ORIGINAL if short else SEQ), generator=torch.Generator().manual_seed(5))
     objective = {"answers": answer_mask(), "answer_weight": 2.0} if answers else {}
+    if documents:
+        objective = {"position_ids": document_positions()}
     if short:
         if group is not None:
             teacher = parallel.ContextParallel(group, SEQ, 16).prepare_teacher(teacher)
         objective = {"teacher": teacher, "distill_weight": 0.5}
     if group is None:
-        nll, count = train.chunked_lm_loss(model, ids, 16, **objective)
+        # as `train.finetune` runs packed documents: the regime of the whole length, not of the restarted positions
+        with parallel.global_regime(model, ids.shape[1]):
+            nll, count = train.chunked_lm_loss(model, ids, 16, **objective)
         (nll / count).backward()
         return nll.item() / count, {n: p.grad for n, p in model.named_parameters()}
     parallel.use_context_parallel_attention(model)
@@ -143,6 +160,7 @@ def _rank_main(rank: int, port: int, work: str) -> None:
         report["autocast"] = one_step("llama", group, autocast=True)
         report["answers"] = one_step("llama", group, answers=True)
         report["short"] = one_step("llama", group, short=True)
+        report["documents"] = {arch: one_step(arch, group, documents=True) for arch in ("llama", "qwen3")}
         report["needles"] = needle_check(group)
         report["gathered"] = gathered_for_decoding(group)
         # whole runs: uninterrupted, and stopped after step 3 then resumed
@@ -207,6 +225,14 @@ def test_two_processes_give_the_one_process_step_and_run(tmp_path, monkeypatch):
     assert abs(two_loss - loss) <= 1e-2 * loss
     for name, g in grads.items():
         assert (two_grads[name] - g).norm() <= 0.05 * g.norm(), name
+
+    # packed documents: one process's step under transformers' own packed-sequence mask
+    for arch in ("llama", "qwen3"):
+        loss, grads = one_step(arch, documents=True)
+        two_loss, two_grads = report["documents"][arch]
+        assert abs(two_loss - loss) <= 1e-6 * loss and abs(loss - one_step(arch)[0]) > 1e-3 * loss, arch
+        for name, g in grads.items():
+            assert (two_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), (arch, name)
 
     # needle validation over the ranks: one process's figures
     mean, by_depth = needle_check()

@@ -17,7 +17,7 @@ W·KL(base model ‖ model) on them, --doc-mask keeps attention inside each pack
 depths, questions on them at the end, the answers weighted by --answer-weight), and
 --needle-every N logs the mean NLL of passkey answers in --needle-data ("needle_loss", and each
 needle's by its depth: "needle_loss_by_depth"); --passkey-every N the greedy passkey accuracy at
---seq-len ("passkey": 2 keys at 5 depths; "passkey_by_depth"). Under torchrun all but --doc-mask.
+--seq-len ("passkey": 2 keys at 5 depths; "passkey_by_depth"). All of them also run under torchrun.
 Several --data sources are mixed: each micro-batch comes from one, drawn by --data-weights.
 A note says when some frequency pairs of the scaling would meet angles pretraining never showed
 within --seq-len (`scaling.seen_distance`); --keep-angles-seen raises their factors.

@@ -214,7 +214,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     of `cfg` and the scaling. `callback(StepInfo)` runs after every optimizer step (after that
     step's checkpoint); an exception it raises stops the run, leaving the checkpoint.
 
-    `retention`'s options (under torchrun all but the document masks):
+    `retention`'s options (also under torchrun):
     cfg.short_share of the micro-batches are the same
     documents cut at the scaling's original length (short factors), where cfg.distill_weight adds
     KL(`model` as given, frozen ‖ the trained model); cfg.doc_mask restarts positions at every
@@ -250,8 +250,6 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and cfg.doc_mask:
-        raise UsageError("--doc-mask runs in one process only")
     if ranks.world > 1 and cfg.needle_every and any(len(n.input_ids) % (2 * ranks.world) for n in needles):
         raise UsageError(f"--needle-every: needle samples must be a multiple of twice the number of processes "
                          f"({2 * ranks.world}) long for context parallelism, as --seq-len is")

@@ -9,13 +9,16 @@ would do 2W−1 times the first one's). Each rank computes queries, keys and val
 *global* positions of its chunks (so RoPE, n̂ and the short/long choice are those of the whole
 sequence), gathers everybody's keys and values, puts them back in sequence order, and each of
 its two chunks attends to the keys up to its own end with a bottom-right-aligned causal mask
-(flash/efficient SDPA kernels, no materialised mask on CUDA). The backward all-reduces the
+(flash/efficient SDPA kernels, no materialised mask on CUDA). Packed documents (`--doc-mask`) cut
+each chunk into runs of positions inside one document, each attending from its document's start
+the same way (`set_documents`). The backward all-reduces the
 key/value gradients and keeps the local part. Compared with ring attention it holds the
 (GQA-small) keys and values of the whole sequence on every rank, and needs nothing beyond
 all_gather/all_reduce, so the same code runs with NCCL and with gloo on the CPU (which is how
 the tests check it against one process).
 
-The loss of a sequence is the sum of the ranks' token NLLs divided by the global target count,
+The loss of a sequence is the sum of the ranks' token NLLs divided by the global target count
+(and so are its distillation and answer terms),
 so the gradient is the sum of the ranks' gradients. FSDP2's reduce-scatter averages over the
 ranks (a sum without averaging needs PREMUL_SUM, which gloo lacks), so each rank scales its
 loss by the world size before the backward (`ContextParallelLM.loss_scale`).
@@ -293,13 +296,50 @@ def context_parallel_attention(module, query, key, value, attention_mask=None, d
     if keys.shape[1] != query.shape[1]:  # GQA
         repeat = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+    sdpa = dict(dropout_p=dropout if module.training else 0.0, scale=scaling)
+    pieces = _document_pieces
     outs = []
-    for half, (_, end) in enumerate(shard_chunks(2 * world * c, world, rank)):  # keys after `end` are all masked
+    for half, (start, end) in enumerate(shard_chunks(2 * world * c, world, rank)):  # keys after `end` are all masked
         q = query[:, :, half * c:(half + 1) * c]
-        outs.append(F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end],
-                                                   attn_mask=causal_lower_right(c, end),
-                                                   dropout_p=dropout if module.training else 0.0, scale=scaling))
+        if pieces is None:
+            outs.append(F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end],
+                                                       attn_mask=causal_lower_right(c, end), **sdpa))
+            continue
+        # packed documents: each run of queries inside one document attends causally from its start
+        rows = [torch.cat([F.scaled_dot_product_attention(
+            q[b:b + 1, :, a - start:e - start], keys[b:b + 1, :, d:e], values[b:b + 1, :, d:e],
+            attn_mask=causal_lower_right(e - a, e - d), **sdpa) for a, e, d in pieces[b][half]], dim=2)
+            for b in range(q.shape[0])]
+        outs.append(torch.cat(rows, dim=0))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+# The packed documents of the batch last run context parallel (`set_documents`): per row, per chunk
+# of this rank, (first, end, document start) of each run of positions inside one document; None:
+# plain causal attention. Module state rather than a context: gradient checkpointing recomputes the
+# attention in the backward pass, after the forward returned (on a GPU in autograd's own thread),
+# so the documents stay set until the next forward sets them.
+_document_pieces: list | None = None
+
+
+def set_documents(position_ids: torch.Tensor | None, group: distributed.Group) -> None:
+    """Make `context_parallel_attention` keep attention inside each packed document of the batch
+    whose `position_ids` (batch, n), held whole, restart at 0 where a document starts (what
+    transformers' packed-sequence mask does in one process); None: plain causal attention."""
+    global _document_pieces
+    if position_ids is None:
+        _document_pieces = None
+        return
+    n = position_ids.shape[1]
+    pieces = []
+    for row in position_ids.cpu():
+        starts = (row == 0).nonzero().flatten().tolist()
+        chunks = []
+        for start, end in shard_chunks(n, group.world, group.rank):
+            cuts = [start] + [p for p in starts if start < p < end] + [end]
+            chunks.append([(a, e, a - int(row[a])) for a, e in zip(cuts[:-1], cuts[1:])])
+        pieces.append(chunks)
+    _document_pieces = pieces
 
 
 def use_context_parallel_attention(model) -> None:
@@ -366,24 +406,25 @@ def shard_model(model, group: distributed.Group, chunk: int) -> ContextParallelL
     return root
 
 
-def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int, *, teacher=None,
-                  distill_weight: float = 0.0, answers: torch.Tensor | None = None,
-                  answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chunk: int, *,
+                  position_ids: torch.Tensor | None = None, teacher=None, distill_weight: float = 0.0,
+                  answers: torch.Tensor | None = None, answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """(this rank's summed next-token NLL, the global number of targets) of a [batch, n] batch that
     every rank holds whole: this rank runs the positions of its two chunks and scores, for each
     position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer).
     `chunked_lm_loss`'s other terms, each rank adding its positions' share so that the ranks' sums
-    add up to it: with a `teacher` (frozen, unsharded, attending context parallel too) distill_weight ·
+    add up to it: `position_ids` (batch, n), held whole, restarting per packed document, keep
+    attention inside each document (`set_documents`); with a `teacher` (frozen, unsharded, attending context parallel too) distill_weight ·
     KL(teacher ‖ model) at its scored positions; with `answers` (batch, n), held whole too, the
     answer term of the answer tokens among its targets."""
     batch, n = input_ids.shape
-    index, scored, hidden = _local_hidden(model, input_ids, group)
+    index, scored, hidden = _local_hidden(model, input_ids, group, position_ids)
     target_ids = input_ids[:, index[scored] + 1]
     total = nll.summed_nll(model, hidden, target_ids, chunk, torch.float32)
     targets = batch * (n - 1)
     if teacher is not None and distill_weight:
         with torch.no_grad():
-            taught = _final_hidden(teacher, input_ids[:, index], index[None].expand(batch, -1))[:, scored]
+            taught = _local_hidden(teacher, input_ids, group, position_ids)[2]
         total = total + distill_weight * nll.summed_kl(model, hidden, teacher, taught, chunk, torch.float32)
     if answers is not None and answer_weight and answers[:, 1:].any():
         mine = answers[:, index[scored] + 1]  # this rank's targets that are answer tokens
@@ -402,15 +443,19 @@ def local_marked_nll(model, input_ids: torch.Tensor, marked: torch.Tensor, group
     return total, int(marked[:, 1:].sum())
 
 
-def _local_hidden(model, input_ids: torch.Tensor, group: distributed.Group):
+def _local_hidden(model, input_ids: torch.Tensor, group: distributed.Group,
+                  position_ids: torch.Tensor | None = None):
     """(this rank's positions, which of them predict a token, the final hidden states there) of a
-    [batch, n] batch every rank holds whole, at the global positions and regime."""
+    [batch, n] batch every rank holds whole, at the global positions (or `position_ids`, restarting
+    per packed document) and the regime of the whole length."""
     batch, n = input_ids.shape
     ranges = shard_chunks(n, group.world, group.rank)
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
     scored = index < n - 1  # every position but the sequence's last predicts a token
+    positions = index[None].expand(batch, -1) if position_ids is None else position_ids[:, index]
+    set_documents(position_ids, group)
     with global_regime(model, n):
-        hidden = _final_hidden(model, input_ids[:, index], index[None].expand(batch, -1))[:, scored]
+        hidden = _final_hidden(model, input_ids[:, index], positions)[:, scored]
     return index, scored, hidden
 
 
