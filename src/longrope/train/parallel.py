@@ -325,7 +325,9 @@ _document_pieces: list | None = None
 def set_documents(position_ids: torch.Tensor | None, group: distributed.Group) -> None:
     """Make `context_parallel_attention` keep attention inside each packed document of the batch
     whose `position_ids` (batch, n), held whole, restart at 0 where a document starts (what
-    transformers' packed-sequence mask does in one process); None: plain causal attention."""
+    transformers' packed-sequence mask does in one process); None: plain causal attention. Each
+    run of positions inside one document is one SDPA call per layer: cheap with a few long
+    documents per sequence (long-context data), slow with hundreds of short ones."""
     global _document_pieces
     if position_ids is None:
         _document_pieces = None
