@@ -96,11 +96,11 @@ class Local:
 
     The strategy (`ContextParallel` has the same members): `open_out` checks the output folder and
     returns the checkpoint to resume from; `prepare` gives the module to train and `prepare_teacher`
-    the distillation teacher to run beside it; `keeps_attention`
-    whether its checkpointing may keep attention outputs; `nll` this
-    process's summed NLL of a batch, `loss_scale` its factor before the backward, `sum_over_ranks`
-    the whole batch's; `load_state`/`full_state` the checkpoint's state dicts; `final_model` the
-    model to export (None where another process exports)."""
+    the distillation teacher to run beside it; `keeps_attention` whether its checkpointing may keep
+    attention outputs; `nll` this process's summed NLL of a batch, `loss_scale` its factor before
+    the backward, `sum_over_ranks` the whole batch's; `needle_loss` and `passkey_accuracy` the
+    in-training checks (the latter None where another process logs); `load_state`/`full_state` the
+    checkpoint's state dicts; `final_model` the model to export (None where another process exports)."""
 
     world, is_main, loss_scale = 1, True, 1.0  # loss_scale: what the backward multiplies the loss by
     keeps_attention = True  # checkpointing may keep attention outputs (`models.enable_checkpointing`)
@@ -118,8 +118,8 @@ class Local:
         return model
 
     def nll(self, model, batch: torch.Tensor, **objective) -> torch.Tensor:
-        """`objective`: chunked_lm_loss's position_ids (one process only), teacher, distill_weight,
-        answers and answer_weight."""
+        """`objective`: chunked_lm_loss's position_ids, teacher, distill_weight, answers and
+        answer_weight."""
         return chunked_lm_loss(model, batch, self.loss_chunk, **objective)[0]
 
     def prepare_teacher(self, teacher):
@@ -173,7 +173,7 @@ class ContextParallel:
         return shard_model(model, self.group, self.loss_chunk)
 
     def nll(self, root: ContextParallelLM, batch: torch.Tensor, **objective) -> torch.Tensor:
-        """`objective`: teacher, distill_weight, answers and answer_weight (`local_lm_loss`)."""
+        """`objective`: position_ids, teacher, distill_weight, answers and answer_weight (`local_lm_loss`)."""
         return root(batch, **objective)[0]
 
     def prepare_teacher(self, teacher):
@@ -416,9 +416,10 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chun
     position p, the token p+1 (rank 0, which holds the last chunk, has one target fewer).
     `chunked_lm_loss`'s other terms, each rank adding its positions' share so that the ranks' sums
     add up to it: `position_ids` (batch, n), held whole, restarting per packed document, keep
-    attention inside each document (`set_documents`); with a `teacher` (frozen, unsharded, attending context parallel too) distill_weight ·
-    KL(teacher ‖ model) at its scored positions; with `answers` (batch, n), held whole too, the
-    answer term of the answer tokens among its targets."""
+    attention inside each document (`set_documents`); with a `teacher` (frozen, unsharded,
+    attending context parallel too) distill_weight · KL(teacher ‖ model) at its scored positions;
+    with `answers` (batch, n), held whole too, the answer term of the answer tokens among its
+    targets."""
     batch, n = input_ids.shape
     index, scored, hidden = _local_hidden(model, input_ids, group, position_ids)
     target_ids = input_ids[:, index[scored] + 1]
