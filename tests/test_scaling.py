@@ -176,3 +176,13 @@ def test_keep_angles_seen_raises_the_unturned_pairs_to_s_and_keeps_the_rest():
     assert kept.short_factor == scaling.short_factor and kept.factor == s
     assert sc.seen_distance(kept, DIM, BASE, ORIGINAL, 4 * ORIGINAL) == pytest.approx(s * (ORIGINAL - 1))
     assert sc.keep_angles_seen(kept, DIM, BASE) == kept
+
+
+def test_the_unseen_angles_note_appears_only_when_a_pair_leaves_the_seen_angles():
+    from longrope import report
+    low = sc.LongRoPEScaling(long_factor=LONG, factor=4.0, original_max_position_embeddings=ORIGINAL)
+    note = report.unseen_angles_note(low, DIM, BASE, ORIGINAL, 4 * ORIGINAL)
+    assert len(note) == 1 and "beyond a distance of 126 tokens" in note[0]  # 63 · LONG[3]
+    for kept in (sc.keep_angles_seen(low, DIM, BASE), sc.make("yarn", ORIGINAL, 4 * ORIGINAL, dim=DIM, base=BASE),
+                 sc.LinearScaling(factor=4.0)):
+        assert report.unseen_angles_note(kept, DIM, BASE, ORIGINAL, 4 * ORIGINAL) == [], kept

@@ -357,7 +357,21 @@ def search_summary(result, space, fitness: str = "ppl") -> str:
                      ("" if result.returned == "search" else f"; nothing searched beat it, so {result.returned} "
                                                               "is returned"))
     lines.append(f"{s['evals']} evaluations in {s['seconds']:.0f}s, {s['overhead_share']:.1%} outside the model")
+    if space.algorithm != "short-factor":  # a readjustment leaves the long factors as they were
+        lines += unseen_angles_note(result.scaling, space.dim, space.base, space.original_length, space.target_length)
     return "\n".join(lines)
+
+
+def unseen_angles_note(scaling, dim: int, base: float, original_length: int, length: int) -> list[str]:
+    """A line when some frequency pairs of `scaling` turn by angles that pretraining never showed
+    at distances below `length` (`scaling.seen_distance`, below what interpolating every pair by
+    length / original_length keeps), else none."""
+    seen = sc.seen_distance(scaling, dim, base, original_length, length)
+    if seen >= (original_length - 1) * length / original_length * (1 - 1e-9):
+        return []
+    return [f"note: beyond a distance of {seen:,.0f} tokens some frequency pairs of this scaling turn by angles "
+            f"pretraining never showed (at {length:,} tokens); retrieval from further back may fail: "
+            "`finetune --keep-angles-seen` raises their factors"]
 
 
 def _maybe(value, fmt: str = ".4g") -> str:

@@ -33,8 +33,7 @@ import sys
 
 import torch
 
-from .. import data, distributed, models, passkey, runs, train
-from .. import scaling as sc
+from .. import data, distributed, models, passkey, report, runs, train
 from ..cli import (add_command, add_config_options, add_model_args, add_progress_args, add_scaling_args,
                    config_values, device_and_dtype_names, documents, parse_length, training_interrupted)
 from ..errors import UsageError
@@ -117,14 +116,10 @@ def run(args) -> int:
         if scaling.target_length is not None and seq_len > scaling.target_length:
             print(f"note: --seq-len {seq_len} is beyond the scaling's target length {scaling.target_length}",
                   file=sys.stderr)
+        # docs/BENCHMARKS.md (issue 16): where the fine-tuned SmolLM2 stopped retrieving
         original = getattr(scaling, "original_max_position_embeddings", None) or info.original_length
-        seen = sc.seen_distance(trained_scaling, info.dim, info.base, original, seq_len)
-        # below what interpolating every pair by seq_len / L keeps; docs/BENCHMARKS.md (issue 16): where
-        # the fine-tuned SmolLM2 stopped retrieving
-        if seen < (original - 1) * seq_len / original * (1 - 1e-9):
-            print(f"note: beyond a distance of {seen:,.0f} tokens some frequency pairs of this scaling turn by angles "
-                  f"pretraining never showed (at --seq-len {seq_len:,}); retrieval from further back may fail: "
-                  "--keep-angles-seen raises their factors", file=sys.stderr)
+        for line in report.unseen_angles_note(trained_scaling, info.dim, info.base, original, seq_len):
+            print(line, file=sys.stderr)
         print(f"finetune: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{' + '.join(str(len(s)) for s in sources)} sequences of {seq_len} tokens from {len(sources)} "
               f"source(s); {cfg.steps} steps × {cfg.sequences_per_step} sequences on {where} ({dtype})",
