@@ -161,6 +161,7 @@ CASES = {
     "passkey --depths 2": PASSKEY + ["--depths", "2"],
     "passkey --trials 0": PASSKEY[:-2] + ["--trials", "0"],
     "search --samples 0": SEARCH + ["--samples", "0"],
+    "search --keep-angles-seen with critical-dim": SEARCH + ["--keep-angles-seen", "--algorithm", "critical-dim"],
     "ruler unknown task": RULER[:-4] + ["--tasks", "niah_single,wizard"],
     "ruler --depths 1.5": RULER + ["--depths", "0.5,1.5"],
     "ruler --depths -0.1": RULER + ["--depths=-0.1"],

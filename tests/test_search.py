@@ -310,3 +310,43 @@ def test_model_fitness_is_perplexity_with_the_scaling_attached():
     assert models.attached_scaling(model) == space.scaling(pi)
     assert ppl_pi == pytest.approx(evaluate.perplexity(model, windows))
     assert math.isfinite(ppl_pi) and ppl_pi != fitness(space.scaling(yarn))
+
+
+# --------------------------------------------------------------------------------------------
+# --keep-angles-seen: the unturned pairs searched in [s, 1.25·s] only
+
+SEEN = S.SearchSpace(dim=16, base=10000.0, original_length=64, target_length=256, keep_angles_seen=True)
+
+
+def test_keep_angles_seen_floors_are_s_on_the_unturned_pairs_only():
+    # 63·10000^(-2i/16) >= 2π for pairs 0-2 only; s = 4 is grid step 300
+    assert SEEN.floors == (0, 0, 0, 300, 300, 300, 300, 300) and SPACE.floors == (0,) * 8
+    ntk = SEEN.snap(SEEN.references()["ntk"])  # NTK's unturned pairs are below s: lifted to it
+    assert SEEN.contains(ntk) and min(ntk.factor_steps[3:]) == 300
+    below = S.Genome((0, 0, 0, 299, 300, 300, 300, 300))
+    assert SPACE.contains(below) and not SEEN.contains(below)
+    assert "ntk" not in SEEN.reference_scalings() and "ntk" in SPACE.reference_scalings()
+    assert SEEN.identity()["keep_angles_seen"] is True and "keep_angles_seen" not in SPACE.identity()
+    with pytest.raises(UsageError, match="--keep-angles-seen: goes with --algorithm evolution"):
+        S.CriticalDimSpace(dim=16, base=10000.0, original_length=64, target_length=256, keep_angles_seen=True)
+
+
+def test_keep_angles_seen_operators_stay_inside():
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        a, b = (SEEN.snap(SEEN.lambdas(random_genome(SEEN, rng))) for _ in range(2))
+        assert SEEN.contains(a) and SEEN.contains(b)
+        for p, local in ((0.3, 0.25), (1.0, 0.0), (1.0, 1.0)):
+            assert SEEN.contains(S.mutate(a, SEEN, rng, p, local)), seed
+        children = S.breed([a, b], SEEN, rng, S.SearchConfig(mutations=3, crossovers=3), seen=[])
+        assert all(SEEN.contains(c) for c in children)
+
+
+def test_a_search_that_keeps_angles_seen_returns_a_scaling_that_keeps_them():
+    """Against a target whose unturned pairs sit below s, every evaluated genome and the result
+    stay at s or above there, and the result keeps every pair's angles seen up to (L-1)·s."""
+    calls = []
+    result = S.run(SEEN, quadratic_fitness(SEEN, calls=calls), S.SearchConfig(generations=20, seed=0, **SMALL))
+    assert calls and all(min(f[3:]) >= 4.0 for f, _ in calls)
+    assert sc.seen_distance(result.scaling, 16, 10000.0, 64, 256) >= 4 * 63 - 1e-9
+    assert min(result.scaling.long_factor[3:]) == 4.0  # the target's 0.95-3.0 pulls them to the floor

@@ -574,6 +574,13 @@ def equivalent_factors(scaling: Scaling, dim: int, base: float, seq_len: int | N
     return rope_inv_freq(dim, base) / scaling.inv_freq(dim, base, seq_len)
 
 
+def unturned_pairs(dim: int, base: float, original_length: int) -> torch.Tensor:
+    """(d/2,) bool: the frequency pairs that never turn fully within `original_length` positions
+    ((L-1)·θ_i < 2π, the pairs past LongRoPE2's critical dimension): pretraining showed them only
+    part of their angles."""
+    return (original_length - 1) * rope_inv_freq(dim, base) < 2 * math.pi
+
+
 def seen_distance(scaling: Scaling, dim: int, base: float, original_length: int,
                   seq_len: int | None = None) -> float:
     """The longest relative distance at which every frequency pair of `scaling` still rotates by
@@ -583,11 +590,10 @@ def seen_distance(scaling: Scaling, dim: int, base: float, original_length: int,
     minimum of those over the pairs (inf when every pair turned fully), in float64: a model
     can read nothing further back with those pairs without having learned their new angles,
     however the rest of the factors suit perplexity."""
-    theta = rope_inv_freq(dim, base)
-    partial = (original_length - 1) * theta < 2 * math.pi
+    partial = unturned_pairs(dim, base, original_length)
     if not bool(partial.any()):
         return math.inf
-    lam = theta / scaling.inv_freq(dim, base, seq_len)
+    lam = rope_inv_freq(dim, base) / scaling.inv_freq(dim, base, seq_len)
     return float(((original_length - 1) * lam[partial]).min())
 
 
@@ -596,8 +602,7 @@ def keep_angles_seen(scaling: "LongRoPEScaling", dim: int, base: float) -> "Long
     at least the extension factor s, so that `seen_distance` reaches (L-1)·s, about the target
     length: past the critical dimension the factors are at least s, as LongRoPE2's search
     requires. The rest is kept (a non-decreasing vector stays non-decreasing)."""
-    original = scaling.original_max_position_embeddings
-    partial = ((original - 1) * rope_inv_freq(dim, base) < 2 * math.pi).tolist()
+    partial = unturned_pairs(dim, base, scaling.original_max_position_embeddings).tolist()
     factors = [max(f, scaling.factor) if p else f for f, p in zip(scaling.long_factor, partial)]
     return scaling.replace(long_factor=tuple(factors)).validate(dim)
 

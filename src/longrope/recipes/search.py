@@ -71,6 +71,10 @@ def register(sub) -> None:
                         "searched critical dimension, factors in [s, 2s] from it")
     v.add_argument("--search-attention", action="store_true", default=None,
                    help="search the attention factor (1.00..1.50) instead of using 'su'")
+    v.add_argument("--keep-angles-seen", action="store_true", default=None,
+                   help="with --algorithm evolution: the frequency pairs that never turned fully in pretraining "
+                        "(past the critical dimension) are searched in [s, 1.25·s] only, so none meets an angle "
+                        "pretraining never showed within the target length (`finetune --keep-angles-seen`)")
     p.add_argument("--init", default=None, metavar="S.json,...",
                    help="searched LongRoPE scalings (files or presets) to start from: their factors, as they are and "
                         "carried to --target-length, join PI, NTK and YaRN in the initial population (--resume keeps "
@@ -132,7 +136,7 @@ def _setup(args, rank: S.Rank | None) -> dict:
         "validation_samples", 0 if saved else None)
     seeds = S.init_seeds(args.init, info.dim, info.original_length, length) if args.init else None
     space = S.resumed_space(info.dim, info.base, info.original_length, length, ident, args.algorithm,
-                            args.search_attention, seeds, readjusted, args.readjust_cap)
+                            args.search_attention, seeds, readjusted, args.readjust_cap, args.keep_angles_seen)
     config = S.SearchConfig.resumed(saved, **config_values(args, S.SearchConfig))
     # where the fitness comes from: a resumed search must measure the same thing
     identity = {"model": runs.input_identity(args.model), "data": runs.input_identity(args.data),

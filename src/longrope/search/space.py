@@ -44,12 +44,13 @@ def n_hat_choices(original_length: int) -> tuple[int, ...]:
 
 
 def _mutate_steps(values: list[int], low: int, top: int, rng: np.random.Generator, p: float,
-                  local: float) -> list[int]:
+                  local: float, floors: Sequence[int] | None = None) -> list[int]:
     """Each gene, with probability p, redrawn between its neighbours (left: already redrawn, right:
-    not yet), so a non-decreasing vector stays so; the ends are bounded by `low` and `top`."""
+    not yet), so a non-decreasing vector stays so; the ends are bounded by `low` and `top`, and
+    gene i by floors[i] (non-decreasing) where given."""
     last = len(values) - 1
     for i in np.flatnonzero(rng.random(len(values)) < p):
-        lo = values[i - 1] if i > 0 else low
+        lo = max(values[i - 1] if i > 0 else low, floors[i] if floors is not None else low)
         hi = values[i + 1] if i < last else top
         if rng.random() < local:
             values[i] = min(max(values[i] + _small_step(rng), lo), hi)
@@ -99,6 +100,9 @@ class SearchSpace:
     # extra members of the initial population, (λ values, n̂) pairs snapped into the space, before
     # PI, NTK and YaRN: progressive extension starts a longer search from earlier factors (`seeds_from`)
     seeds: tuple[tuple[tuple[float, ...], int], ...] = ()
+    # the pairs that never turned fully in pretraining get λ ≥ s, so no pair meets an angle
+    # pretraining never showed within the target length (`scaling.keep_angles_seen`)
+    keep_angles_seen: bool = False
 
     algorithm = "evolution"  # not a field: the name of the space on the command line and in identity
 
@@ -108,6 +112,8 @@ class SearchSpace:
                              f"{self.original_length}")
         if self.dim < 2 or self.dim % 2:
             raise UsageError(f"rotary dimension must be an even number >= 2, got {self.dim}")
+        if self.keep_angles_seen and self.algorithm != "evolution":
+            raise UsageError(f"--keep-angles-seen: goes with --algorithm evolution, not {self.algorithm}")
 
     @property
     def factor(self) -> float:
@@ -126,6 +132,16 @@ class SearchSpace:
     @property
     def n_hats(self) -> tuple[int, ...]:
         return n_hat_choices(self.original_length)
+
+    @property
+    def floors(self) -> tuple[int, ...]:
+        """Each factor's smallest grid step: 0, or with keep_angles_seen s's (rounded up) for the
+        pairs that never turned fully in pretraining."""
+        if not self.keep_angles_seen:
+            return (0,) * self.size
+        at_s = int(math.ceil((self.factor - 1) / GRID_STEP - 1e-9))
+        return tuple(at_s if unturned else 0 for unturned in
+                     sc.unturned_pairs(self.dim, self.base, self.original_length).tolist())
 
     # -- the attention gene ------------------------------------------------------------------
     def attention_value(self, genome: Genome) -> float | str:
@@ -169,7 +185,7 @@ class SearchSpace:
         """The nearest grid genome: round to 0.01, clip to [1, 1.25·s], then a running maximum
         (the smallest change that makes the vector non-decreasing). `n_hat` is a value."""
         steps = np.rint((np.asarray(list(lambdas), dtype=np.float64) - 1) / GRID_STEP)
-        steps = np.maximum.accumulate(np.clip(steps, 0, self.top)).astype(int)
+        steps = np.maximum.accumulate(np.clip(np.maximum(steps, self.floors), 0, self.top)).astype(int)
         return Genome(tuple(int(i) for i in steps), self.n_hats.index(n_hat), attention_steps=self.initial_attention)
 
     def genome(self, lambdas: Iterable[float], n_hat: int = 0, critical_pairs: int | None = None,
@@ -191,7 +207,7 @@ class SearchSpace:
                 and 0 <= g.n_hat_index < len(self.n_hats) and attention_ok)
 
     def contains(self, g: Genome) -> bool:
-        return (self._valid_genes(g) and all(0 <= i <= self.top for i in g.factor_steps)
+        return (self._valid_genes(g) and all(low <= i <= self.top for low, i in zip(self.floors, g.factor_steps))
                 and g.critical_pairs is None)
 
     # -- records: history lines, summary --------------------------------------------------------
@@ -217,12 +233,13 @@ class SearchSpace:
 
     def summary(self) -> dict[str, Any]:
         """What summary.json says about the space beyond its identity."""
-        return {"algorithm": self.algorithm, "search_attention": self.search_attention}
+        return {"algorithm": self.algorithm, "search_attention": self.search_attention,
+                **({"keep_angles_seen": True} if self.keep_angles_seen else {})}
 
     # -- variation ---------------------------------------------------------------------------
     def mutate(self, g: Genome, rng: np.random.Generator, p: float, local: float = 0.0) -> Genome:
         """The paper's operator (see the module function `mutate`)."""
-        steps = _mutate_steps(list(g.factor_steps), 0, self.top, rng, p, local)
+        steps = _mutate_steps(list(g.factor_steps), 0, self.top, rng, p, local, self.floors)
         n_hat_index = self._vary_n_hat(g.n_hat_index, rng, p)
         return self._vary_attention(dataclasses.replace(g, factor_steps=tuple(steps), n_hat_index=n_hat_index),
                                     rng, p, local)
@@ -259,6 +276,8 @@ class SearchSpace:
         temperatures = {"pi": [1.0, self.attention_factor], "ntk": [1.0, self.attention_factor],
                         "yarn": ["yarn", self.attention_factor, 1.0]}
         own = {("pi", 1.0), ("ntk", 1.0), ("yarn", "yarn")}  # the methods themselves keep their names
+        if self.keep_angles_seen:  # NTK stretches the unturned pairs by less than s
+            del temperatures["ntk"]
         out = {}
         for shape, settings in temperatures.items():
             for t in dict.fromkeys(settings):
@@ -275,6 +294,8 @@ class SearchSpace:
             out["algorithm"] = self.algorithm
         if self.search_attention:
             out["search_attention"] = True
+        if self.keep_angles_seen:
+            out["keep_angles_seen"] = True
         if self.seeds:
             out["seeds"] = [[list(lambdas), n_hat] for lambdas, n_hat in self.seeds]
         return out
@@ -458,7 +479,8 @@ def init_seeds(spec: str, dim: int, original_length: int, target_length: int) ->
 def resumed_space(dim: int, base: float, original_length: int, target_length: int,
                   saved_identity: Mapping[str, Any], algorithm: str | None = None,
                   search_attention: bool | None = None, seeds: Sequence | None = None,
-                  readjusted: LongRoPEScaling | None = None, cap: float | None = None) -> SearchSpace:
+                  readjusted: LongRoPEScaling | None = None, cap: float | None = None,
+                  keep_angles_seen: bool | None = None) -> SearchSpace:
     """The space of a search: each choice given (None: not given), else the saved search's (its
     identity, as `SearchSpace.identity` wrote it, names only the non-default ones; {}: no saved
     search), else the default. A short-context readjustment (`ShortFactorSpace`, at the scaling's
@@ -472,7 +494,9 @@ def resumed_space(dim: int, base: float, original_length: int, target_length: in
         dim, base, original_length, target_length,
         search_attention=bool(saved_identity.get("search_attention", False) if search_attention is None
                               else search_attention),
-        seeds=tuple((tuple(lambdas), int(n_hat)) for lambdas, n_hat in (kept if seeds is None else seeds)))
+        seeds=tuple((tuple(lambdas), int(n_hat)) for lambdas, n_hat in (kept if seeds is None else seeds)),
+        keep_angles_seen=bool(saved_identity.get("keep_angles_seen", False) if keep_angles_seen is None
+                              else keep_angles_seen))
 
 
 @dataclass(frozen=True)
