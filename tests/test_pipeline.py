@@ -344,6 +344,22 @@ def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(t
     assert list(carried[0].scaling.long_factor) == raised
 
 
+def test_cli_extend_keep_angles_seen_holds_in_search_stages_too(tiny_model_dir, docs_file, tmp_path, capsys):
+    """A search stage under --keep-angles-seen searches only scalings whose unturned pairs are at s
+    or above: its result, and every candidate in its history, keeps every angle seen up to (L-1)·s."""
+    out = tmp_path / "ext"
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 256,
+                       "--stages", "search:256", "--out", out, "--device", "cpu", "--no-readjust",
+                       "--keep-angles-seen", *SMALL)
+    assert code == 0, err
+    info = models.rope_info(models.load_config(tiny_model_dir))
+    exported = sc.from_dict(json.loads(next(out.glob("**/config.json")).read_text())["rope_scaling"], info.dim)
+    assert sc.seen_distance(exported, info.dim, info.base, ORIGINAL, 256) >= 4 * (ORIGINAL - 1) - 1e-9
+    history = [json.loads(line) for f in out.glob("**/history.jsonl") for line in f.read_text().splitlines()]
+    unturned = sc.unturned_pairs(info.dim, info.base, ORIGINAL).tolist()
+    assert history and all(min(f for f, u in zip(h["factors"], unturned) if u) >= 4.0 for h in history)
+
+
 def test_cli_extend_refuses_retrieval_exercises_in_too_short_stages_before_writing(tiny_model_dir, docs_file, tmp_path,
                                                                                   capsys):
     out = tmp_path / "ext"

@@ -131,7 +131,9 @@ def run_search_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
     info = ctx.info
     previous = ctx.scaling
     seeds = seeds_from(previous, stage.length) if isinstance(previous, sc.LongRoPEScaling) else ()
-    space = SearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds)
+    # --keep-angles-seen holds for the whole plan: searched factors keep them as fine-tuned ones do
+    space = SearchSpace(info.dim, info.base, info.original_length, stage.length, seeds=seeds,
+                        keep_angles_seen=ctx.config.finetune.keep_angles_seen)
     config = ctx.config.search
     if stage.steps is not None:  # search:L:EVALS, e.g. a few candidates where each is a 2M-token forward
         config = dataclasses.replace(config, max_evals=min(stage.steps, config.max_evals or stage.steps))
