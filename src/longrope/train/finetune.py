@@ -250,12 +250,11 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
     ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
-    if ranks.world > 1 and cfg.needle_every and any(len(n.input_ids) % (2 * ranks.world) for n in needles):
-        raise UsageError(f"--needle-every: needle samples must be a multiple of twice the number of processes "
-                         f"({2 * ranks.world}) long for context parallelism, as --seq-len is")
-    if ranks.world > 1 and cfg.short_share and short_len % (2 * ranks.world):
-        raise UsageError(f"--short-share: the original length {short_len} must be a multiple of twice the number "
-                         f"of processes ({2 * ranks.world}) for context parallelism; run with fewer processes")
+    if ranks.world > 1:  # what else runs context parallel must split into its chunks too
+        if cfg.short_share:
+            parallel.check_splits(short_len, ranks.world, "--short-share: the original length")
+        for sample in needles if cfg.needle_every else ():
+            parallel.check_splits(len(sample.input_ids), ranks.world, "--needle-every: a needle sample's length")
     if cfg.retrieval_share:  # the shortest sequences trained must hold the facts and questions
         retention.check_retrieval_fits(tokenizer, short_len if cfg.short_share else cfg.seq_len)
     prompts = retention.passkey_prompts(tokenizer, cfg.seq_len, cfg.seed) if cfg.passkey_every else None

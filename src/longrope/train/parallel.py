@@ -158,7 +158,7 @@ class ContextParallel:
     keeps_attention = False
 
     def __init__(self, group: distributed.Group, seq_len: int, loss_chunk: int):
-        shard_chunks(seq_len, group.world, group.rank)  # --seq-len must split into 2 × ranks chunks
+        check_splits(seq_len, group.world)
         self.group, self.loss_chunk = group, loss_chunk
         self.device, self.world, self.is_main = group.device, group.world, group.is_main
         self.loss_scale = float(group.world)  # FSDP2 averages gradients: see ContextParallelLM.loss_scale
@@ -239,12 +239,18 @@ def strategy(device: torch.device, seq_len: int, loss_chunk: int) -> Local | Con
 # context-parallel attention
 
 
+def check_splits(length: int, world: int, what: str = "--seq-len") -> None:
+    """UsageError unless a sequence of `length` tokens (`what`: which one, for the message) splits
+    into the 2·world equal chunks of context parallelism."""
+    if length % (2 * world):
+        raise UsageError(f"{what} {length} must be a multiple of twice the number of processes "
+                         f"({2 * world}) for context parallelism")
+
+
 def shard_chunks(length: int, world: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """The two [start, end) position ranges `rank` holds in a sequence of `length` tokens: chunks
     `rank` and 2·world−1−rank of 2·world equal chunks (the load-balanced layout)."""
-    if length % (2 * world):
-        raise UsageError(f"--seq-len {length} must be a multiple of twice the number of processes "
-                         f"({2 * world}) for context parallelism")
+    check_splits(length, world)
     c = length // (2 * world)
     late = 2 * world - 1 - rank
     return (rank * c, (rank + 1) * c), (late * c, (late + 1) * c)
