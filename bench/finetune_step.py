@@ -18,6 +18,7 @@ Per length: the median seconds of --steps steps after one warm-up step, and the 
 allocated during them; the ratios of each of ours to stock. The target: ≤ 0.7× the time, ≤ 0.5× the memory at 64k.
 
     python bench/finetune_step.py --lengths 16k,32k,64k --out finetune_step.json
+    python bench/finetune_step.py --lengths 64k --profile   # and where our step's time goes, kernel by kernel
     LONGROPE_BENCH_SMOKE=1 python bench/finetune_step.py --lengths 256 --steps 1   # a CPU check of the script
 """
 
@@ -80,14 +81,16 @@ def stock(length: int, steps: int) -> dict:
         del model, optimizer
 
 
-def ours(length: int, steps: int, keep_attention: bool | None = None, backends: str | None = None) -> dict:
-    """One of our steps; keep_attention None: as `longrope finetune` chooses for `length`."""
+def build_ours(length: int, steps: int, keep_attention: bool | None = None):
+    """(model, optimizer, step) of our fine-tuning step; keep_attention None: as `longrope finetune`
+    chooses for `length`."""
     if keep_attention is None:
         keep_attention = checkpointing_keeps_attention(length)
     model = random_llama("smollm2", torch.float32)
     info = models.rope_info(model.config)
     cfg = train.FinetuneConfig(seq_len=length, steps=steps, device=str(DEVICE()),
                                dtype="float32" if SMOKE else "bfloat16").validate()
+    cfg = cfg.for_model(sum(p.numel() for p in model.parameters()))  # the default lr, as `finetune` resolves it
     if length > info.original_length:
         models.attach(model, sc.make("longrope", info.original_length, length, dim=info.dim, base=info.base))
     model.config.use_cache = False
@@ -96,11 +99,40 @@ def ours(length: int, steps: int, keep_attention: bool | None = None, backends: 
     train.loop.allow_tf32(DEVICE())
     optimizer = train.loop.make_optimizer(model, cfg, DEVICE())
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE())
+    return model, optimizer, (lambda: our_step(model, optimizer, ids, cfg)), cfg
+
+
+def ours(length: int, steps: int, keep_attention: bool | None = None, backends: str | None = None) -> dict:
+    """One of our steps; keep_attention None: as `longrope finetune` chooses for `length`."""
+    model, optimizer, step, cfg = build_ours(length, steps, keep_attention)
     try:
         with lean.sdpa_preference(backends, DEVICE()):
-            return {**timed_steps(lambda: our_step(model, optimizer, ids, cfg), steps), "loss_chunk": cfg.loss_chunk}
+            return {**timed_steps(step, steps), "loss_chunk": cfg.loss_chunk}
     finally:
-        del model, optimizer
+        del model, optimizer, step
+
+
+def profile_ours(length: int, top: int = 40) -> dict:
+    """Where one of our steps spends its time: torch.profiler over one step after a warm-up, the
+    kernels (or, on the CPU, the ops) by their own time, largest first, and the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, optimizer, step, _ = build_ours(length, 1)
+    cuda = DEVICE().type == "cuda"
+    try:
+        step()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+            sync()
+    finally:
+        del model, optimizer, step
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total_ms = sum(getattr(e, key) for e in events) / 1e3
+    rows = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in events[:top]]
+    return {"length": length, "timer": "device" if cuda else "cpu", "total_self_ms": total_ms, "top": rows}
 
 
 def attention_alone(length: int, steps: int) -> dict:
@@ -128,6 +160,8 @@ def main() -> None:
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("16k,32k,64k"))
     p.add_argument("--steps", type=int, default=3, help="timed steps per length and implementation (default 3)")
     p.add_argument("--out", default="finetune_step.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one of our steps at the longest length: its kernels by their own time")
     p.add_argument("--sdpa-backends", default="cudnn,flash,efficient",
                    help="the SDPA preference of the 'ours, cuDNN first' row ('' to skip it)")
     args = p.parse_args()
@@ -157,7 +191,13 @@ def main() -> None:
                     f"({a.get('time_ratio', float('nan')):.2f}x stock)")
         rows.append(row)
         print("; ".join(line), flush=True)
-    write_json(args.out, {"environment": environment(), "steps": args.steps, "rows": rows})
+    payload = {"environment": environment(), "steps": args.steps, "rows": rows}
+    if args.profile:
+        prof = payload["profile"] = profile_ours(max(args.lengths))
+        print(f"profile of ours at {fmt_len(prof['length'])}: {prof['total_self_ms']:.1f} ms of {prof['timer']} time")
+        for r in prof["top"][:20]:
+            print(f"  {r['self_ms']:9.2f} ms  {r['calls']:5d}x  {r['name'][:110]}")
+    write_json(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> flo
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norms, biases) do not."""
+    if cfg.lr is None:  # a caller's bug, not the user's: FinetuneConfig.for_model resolves the default
+        raise ValueError("make_optimizer: cfg.lr is None; resolve the learning rate first (FinetuneConfig.for_model)")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,39 @@
+"""`bench/finetune_step.py` in its CPU smoke mode (tiny shapes): the GPU calls that run it cost
+device time, so the script itself is checked here: every implementation is timed at every length,
+the ratios are each one's seconds over stock's, and the profile accounts for the step's ops."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_finetune_step_bench_smoke(tmp_path):
+    out = tmp_path / "step.json"
+    env = {**os.environ, "LONGROPE_BENCH_SMOKE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(BENCH / "finetune_step.py"), "--lengths", "128,256", "--steps", "1", "--profile",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["length"] for row in result["rows"]] == [128, 256]
+    for row in result["rows"]:
+        stock = row["stock"]["seconds_per_step"]
+        for name in ("ours", "ours, whole layers", "ours, attention kept", "ours, cuDNN first", "attention alone"):
+            seconds = row[name]["seconds_per_step"]
+            assert seconds > 0 and abs(row[name]["time_ratio"] - seconds / stock) < 1e-3 * seconds / stock, name
+    prof = result["profile"]
+    assert prof["length"] == 256 and prof["timer"] == "cpu"
+    times = [r["self_ms"] for r in prof["top"]]
+    assert times == sorted(times, reverse=True) and sum(times) <= prof["total_self_ms"] * (1 + 1e-6)
+    names = {r["name"] for r in prof["top"]}
+    # one whole step was profiled: the matmuls, the attention kernel, its backward and AdamW's update
+    assert {"aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= names
+    assert any(n.startswith("Optimizer.step#AdamW") for n in names)
