@@ -12,6 +12,8 @@
 # usage: bench/smollm2_retrieval_finetune.sh MODEL DATA OUT     (DATA: bench/make_retrieval_data.py's folder)
 # STEPS (default 240), LR_PEAK (5e-5, cosine decay to a tenth), RETRIEVAL (the retrieval share, 0.3),
 # SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
+# LONG_SCALING (unset: none) adds passkey at LONG on the fine-tuned model with that scaling in place of its own
+# (progressive extension's next stage without its search, e.g. LONG_SCALING=smollm2-135m-128k).
 # TRIALS (passkey keys per depth, 2: 10 keys over the 5 depths) and SAMPLES (niah_single needles per depth, 2)
 # can be changed, e.g. for a CPU smoke with the bundled model (SCALING=... L=1k SHORT=256 MID=512
 # LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both). KEEP_SEEN=1 adds
@@ -54,6 +56,8 @@ bg passkey-ft $LR eval passkey --model "$FT" --lengths $SHORT,$MID,$L --depths $
     --force --no-progress
 bg passkey-ft-long $LR eval passkey --model "$FT" --lengths $LONG --depths $DEPTHS --trials ${TRIALS:-2} --allow-context-mismatch \
     --out "$OUT/passkey-ft-long" --force --no-progress
+[[ -n ${LONG_SCALING:-} ]] && bg passkey-ft-long-scaled $LR eval passkey --model "$FT" --scaling "$LONG_SCALING" \
+    --lengths $LONG --depths $DEPTHS --trials ${TRIALS:-2} --out "$OUT/passkey-ft-long-scaled" --force --no-progress
 bg niah-ft $LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples ${SAMPLES:-2} \
     --max-new-tokens 32 --out "$OUT/niah-ft" --resume --no-progress
 # the whole RULER suite as bench/smollm2_retrieval.sh's ruler phase ran it (the same seeded prompts), so the
