@@ -9,6 +9,8 @@ side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (one
   below it whole layers recomputed), with a LongRoPE scaling attached;
 - ours, whole layers / ours, attention kept: the same with every layer recomputed whole
   (attention too), or selectively at every length;
+- ours, compiled: the same as ours with `--compile-layers` (each decoder layer compiled by inductor; the
+  warm-up step compiles);
 - ours, cuDNN first: the same as ours with SDPA preferring cuDNN's attention kernel (--sdpa-backends);
 - attention alone: only the model's 30 causal SDPA calls (bf16, GQA) forward and backward, once
   each, nothing else: the floor of any step that runs these kernels at this length, whatever
@@ -81,9 +83,9 @@ def stock(length: int, steps: int) -> dict:
         del model, optimizer
 
 
-def build_ours(length: int, steps: int, keep_attention: bool | None = None):
-    """(model, optimizer, step) of our fine-tuning step; keep_attention None: as `longrope finetune`
-    chooses for `length`."""
+def build_ours(length: int, steps: int, keep_attention: bool | None = None, compiled: bool = False):
+    """(model, optimizer, step, config) of our fine-tuning step; keep_attention None: as `longrope
+    finetune` chooses for `length`; compiled: with --compile-layers."""
     if keep_attention is None:
         keep_attention = checkpointing_keeps_attention(length)
     model = random_llama("smollm2", torch.float32)
@@ -95,6 +97,8 @@ def build_ours(length: int, steps: int, keep_attention: bool | None = None):
         models.attach(model, sc.make("longrope", info.original_length, length, dim=info.dim, base=info.base))
     model.config.use_cache = False
     models.enable_checkpointing(model, keep_attention=keep_attention)
+    if compiled:
+        models.compile_layers(model)
     model.train()
     train.loop.allow_tf32(DEVICE())
     optimizer = train.loop.make_optimizer(model, cfg, DEVICE())
@@ -102,9 +106,11 @@ def build_ours(length: int, steps: int, keep_attention: bool | None = None):
     return model, optimizer, (lambda: our_step(model, optimizer, ids, cfg)), cfg
 
 
-def ours(length: int, steps: int, keep_attention: bool | None = None, backends: str | None = None) -> dict:
-    """One of our steps; keep_attention None: as `longrope finetune` chooses for `length`."""
-    model, optimizer, step, cfg = build_ours(length, steps, keep_attention)
+def ours(length: int, steps: int, keep_attention: bool | None = None, backends: str | None = None,
+         compiled: bool = False) -> dict:
+    """One of our steps; keep_attention None: as `longrope finetune` chooses for `length`. The
+    warm-up step of a compiled one compiles."""
+    model, optimizer, step, cfg = build_ours(length, steps, keep_attention, compiled)
     try:
         with lean.sdpa_preference(backends, DEVICE()):
             return {**timed_steps(step, steps), "loss_chunk": cfg.loss_chunk}
@@ -112,12 +118,25 @@ def ours(length: int, steps: int, keep_attention: bool | None = None, backends: 
         del model, optimizer, step
 
 
-def profile_ours(length: int, top: int = 40) -> dict:
-    """Where one of our steps spends its time: torch.profiler over one step after a warm-up, the
-    kernels (or, on the CPU, the ops) by their own time, largest first, and the step's total."""
+# what a kernel (CUDA) or op (CPU) is, by its name: cuDNN's, flash's and the CPU's attention kernels; cuBLAS's
+# nvjet/gemm kernels and aten's mm; everything else (elementwise, norms, casts, softmax, optimizer) is "other"
+KINDS = {"attention": ("sdpa", "flash", "fmha", "attention"), "matmul": ("nvjet", "gemm", "cutlass", "aten::mm",
+                                                                         "aten::addmm", "aten::bmm")}
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, marks in KINDS.items() if any(m in low for m in marks)), "other")
+
+
+def profile_ours(length: int, top: int = 40, compiled: bool = False) -> dict:
+    """Where one of our steps spends its time: torch.profiler over one step after a warm-up. On CUDA
+    the kernels (each op's own device time would count them twice), on the CPU the ops, by their
+    own time: the largest `top`, and the sums by kind (attention, matmul, other)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    model, optimizer, step, _ = build_ours(length, 1)
+    model, optimizer, step, _ = build_ours(length, 1, compiled=compiled)
     cuda = DEVICE().type == "cuda"
     try:
         step()
@@ -127,12 +146,19 @@ def profile_ours(length: int, top: int = 40) -> dict:
             sync()
     finally:
         del model, optimizer, step
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    total_ms = sum(getattr(e, key) for e in events) / 1e3
-    rows = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in events[:top]]
-    return {"length": length, "timer": "device" if cuda else "cpu", "total_self_ms": total_ms, "top": rows}
+    if cuda:
+        events = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        events = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    events.sort(key=lambda e: e[2], reverse=True)
+    by_kind = {kind: 0.0 for kind in (*KINDS, "other")}
+    for name, _, us in events:
+        by_kind[kind_of(name)] += us / 1e3
+    return {"length": length, "timer": "device (kernels)" if cuda else "cpu (ops)",
+            "total_ms": sum(by_kind.values()), "ms_by_kind": by_kind,
+            "top": [{"name": name, "kind": kind_of(name), "calls": count, "self_ms": us / 1e3}
+                    for name, count, us in events[:top]]}
 
 
 def attention_alone(length: int, steps: int) -> dict:
@@ -167,7 +193,7 @@ def main() -> None:
     args = p.parse_args()
     require_cuda("finetune_step")
     variants = {"ours": {}, "ours, whole layers": {"keep_attention": False},
-                "ours, attention kept": {"keep_attention": True}}
+                "ours, attention kept": {"keep_attention": True}, "ours, compiled": {"compiled": True}}
     if args.sdpa_backends:
         variants["ours, cuDNN first"] = {"backends": args.sdpa_backends}
     rows = []
@@ -193,10 +219,13 @@ def main() -> None:
         print("; ".join(line), flush=True)
     payload = {"environment": environment(), "steps": args.steps, "rows": rows}
     if args.profile:
-        prof = payload["profile"] = profile_ours(max(args.lengths))
-        print(f"profile of ours at {fmt_len(prof['length'])}: {prof['total_self_ms']:.1f} ms of {prof['timer']} time")
-        for r in prof["top"][:20]:
-            print(f"  {r['self_ms']:9.2f} ms  {r['calls']:5d}x  {r['name'][:110]}")
+        for name, compiled in (("profile", False), ("profile, compiled", True)):
+            prof = payload[name] = profile_ours(max(args.lengths), compiled=compiled)
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in prof["ms_by_kind"].items())
+            print(f"{name} of ours at {fmt_len(prof['length'])}: {prof['total_ms']:.1f} ms of {prof['timer']} time "
+                  f"({kinds})")
+            for r in prof["top"][:20]:
+                print(f"  {r['self_ms']:9.2f} ms  {r['calls']:5d}x  {r['name'][:110]}")
     write_json(args.out, payload)
 
 

@@ -283,3 +283,44 @@ def test_checkpointing_keeps_attention_from_its_length_on(tmp_path, monkeypatch,
     monkeypatch.setattr(sys.modules["longrope.train.finetune"], "KEEP_ATTENTION_FROM", keep_from)
     train.finetune(tiny_model(), byte_tokenizer(), scaling_for(), packed_data(), config(steps=1), tmp_path / "ft")
     assert asked == [kept]
+
+
+@pytest.mark.parametrize("keep_from", [SEQ, SEQ + 1])  # selective checkpointing (a long run's), whole layers
+def test_compiled_layers_train_as_the_eager_ones(tmp_path, monkeypatch, keep_from):
+    """--compile-layers: the same run as without it, to float32 rounding (inductor fuses and
+    reorders), needle checks included (they run eager); the model handed back runs its class's
+    own forward and saves the same keys."""
+    from torch._dynamo.utils import counters
+
+    from test_finetune_retrieval import needles
+
+    monkeypatch.setattr(sys.modules["longrope.train.finetune"], "KEEP_ATTENTION_FROM", keep_from)
+    results, graphs = {}, {}
+    for compiled in (False, True):
+        counters.clear()
+        cfg = config(steps=2, doc_mask=True, needle_every=1, checkpoint_every=100, compile_layers=compiled)
+        results[compiled] = train.finetune(tiny_model(), byte_tokenizer(), scaling_for(), packed_data(), cfg,
+                                           tmp_path / f"ft-{compiled}", needles=needles())
+        graphs[compiled] = counters["stats"]["unique_graphs"]
+    assert graphs[False] == 0 and graphs[True] >= 1  # the compiled run did compile
+    eager, compiled = results[False].model.state_dict(), results[True].model.state_dict()
+    assert list(eager) == list(compiled)
+    start = tiny_model().state_dict()
+    assert not torch.allclose(eager["model.layers.0.mlp.down_proj.weight"], start["model.layers.0.mlp.down_proj.weight"])
+    for name in eager:
+        assert torch.allclose(eager[name], compiled[name], rtol=1e-4, atol=1e-6), name
+    assert all("forward" not in layer.__dict__ for layer in results[True].model.model.layers)
+
+    def needle_losses(run):
+        log = (run.out / train.LOG).read_text().splitlines()
+        return [json.loads(line)["needle_loss"] for line in log if "needle_loss" in line]
+
+    assert needle_losses(results[True]) == pytest.approx(needle_losses(results[False]), rel=1e-4)
+    assert len(needle_losses(results[True])) == 2
+
+
+def test_compile_layers_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--compile-layers: one process only"):
+        config(compile_layers=True).validate()
+    config().validate()  # the rest of the configuration is fine there

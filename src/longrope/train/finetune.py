@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import models, nll
+from .. import distributed, models, nll
 from .. import scaling as sc
 from ..errors import UsageError
 from . import loop, parallel, retention
@@ -95,12 +95,16 @@ class FinetuneConfig(loop.TrainConfig):
     # run (may differ between a run and its resumption)
     gradient_checkpointing: bool = field(default=True, metadata={  # the option is --no-gradient-checkpointing
         "help": "keep every activation (faster, more memory)"})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "compile each decoder layer with torch.compile: fuses the small kernels around the matmuls and "
+                "attention (a minute or two of compiling first; needs a C/C++ compiler on the CPU, Triton on CUDA); "
+                "one process only"})
     loss_chunk: int = field(default=nll.DEFAULT_CHUNK, metadata={"help": "positions projected to logits at a time"})
     checkpoint_every: int = 100
     log_every: int = 1
     save_dtype: str = "float32"
 
-    RUN_FIELDS = loop.TrainConfig.RUN_FIELDS + ("gradient_checkpointing", "loss_chunk")
+    RUN_FIELDS = loop.TrainConfig.RUN_FIELDS + ("gradient_checkpointing", "loss_chunk", "compile_layers")
 
     def default_warmup(self) -> int:
         return min(20, self.steps // 10)
@@ -137,6 +141,9 @@ class FinetuneConfig(loop.TrainConfig):
                   f"--answer-weight must be >= 0, got {self.answer_weight}")
         loop.need(self.needle_every >= 0, f"--needle-every must be >= 0, got {self.needle_every}")
         loop.need(self.passkey_every >= 0, f"--passkey-every must be >= 0, got {self.passkey_every}")
+        # context parallel attention gathers keys and values across ranks inside each layer: not compiled
+        loop.need(not (self.compile_layers and distributed.world_size() > 1),
+                  "--compile-layers: one process only, not under torchrun; drop it there")
         return self
 
 
@@ -308,7 +315,9 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
             return bool(every) and step // every > last_logged // every
 
         checks = {}
-        with autocast:  # the training dtype: float32 master weights alone would take SDPA's O(n²) math kernel
+        # the checks' lengths and decoding would each compile the layers anew: they run eager
+        eager = torch.compiler.set_stance("force_eager") if cfg.compile_layers else contextlib.nullcontext()
+        with autocast, eager:  # the training dtype: float32 master weights alone would take SDPA's O(n²) math kernel
             if due(cfg.needle_every):
                 mean, by_depth = ranks.needle_loss(trained, needles)
                 checks.update(needle_loss=round(mean, 5), needle_loss_by_depth=by_depth)
@@ -346,6 +355,8 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
         return FinetuneResult(out=out, model=None, record={})
     if cfg.gradient_checkpointing:
         models.disable_checkpointing(model)
+    if cfg.compile_layers:
+        models.uncompile_layers(model)
     model.eval()
     model.to(dtype=getattr(torch, cfg.save_dtype))
     record = {**run.record(model, command), "scaling": scaling.to_dict(),
@@ -366,6 +377,8 @@ def _prepare_model(model, scaling, cfg: FinetuneConfig, device: torch.device, ke
     model.config.use_cache = False
     if cfg.gradient_checkpointing:  # attention kept: most of a long step's time, little of its memory
         models.enable_checkpointing(model, keep_attention=keep_attention)
+    if cfg.compile_layers:
+        models.compile_layers(model)
     model.train()
     return model
 
