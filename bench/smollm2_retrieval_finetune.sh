@@ -14,6 +14,7 @@
 # SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
 # LONG_SCALING (unset: none) adds passkey at LONG on the fine-tuned model with that scaling in place of its own
 # (progressive extension's next stage without its search, e.g. LONG_SCALING=smollm2-135m-128k).
+# SEEN_MARGIN=M adds --seen-margin M (with KEEP_SEEN=1: those factors raised to M·s).
 # COMPILE=1 adds --compile-layers (each decoder layer compiled: a faster step).
 # TRIALS (passkey keys per depth, 2: 10 keys over the 5 depths) and SAMPLES (niah_single needles per depth, 2)
 # can be changed, e.g. for a CPU smoke with the bundled model (SCALING=... L=1k SHORT=256 MID=512
@@ -36,7 +37,8 @@ if [[ ${PHASE:-all} != eval ]]; then
       --lr ${LR_PEAK:-5e-5} --schedule cosine --min-lr-ratio 0.1 \
       --short-share 0.25 --distill-weight 0.5 --doc-mask --retrieval-share ${RETRIEVAL:-0.3} \
       --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" --passkey-every 40 \
-      --steps "$STEPS" --checkpoint-every 20 ${KEEP_SEEN:+--keep-angles-seen} ${COMPILE:+--compile-layers} --out "$FT" --resume --no-progress \
+      --steps "$STEPS" --checkpoint-every 20 ${KEEP_SEEN:+--keep-angles-seen} ${SEEN_MARGIN:+--seen-margin $SEEN_MARGIN} \
+      ${COMPILE:+--compile-layers} --out "$FT" --resume --no-progress \
       2>&1 | tee -a "$OUT/finetune.log"
 fi
 [[ ${PHASE:-all} == train ]] && exit 0

@@ -246,6 +246,10 @@ def test_cli_notes_unseen_angles_and_keep_angles_seen_trains_without_them(tiny_m
     assert code == 0 and "beyond a distance" not in err
     exported = json.loads((tmp_path / "kept" / "config.json").read_text())["rope_scaling"]["long_factor"]
     assert exported == [1.0, 1.1, 1.2, 2.0, 2.0, 2.0, 2.0, 2.2]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "margin", "--keep-angles-seen", "--seen-margin", "1.5")
+    assert code == 0 and "beyond a distance" not in err
+    exported = json.loads((tmp_path / "margin" / "config.json").read_text())["rope_scaling"]["long_factor"]
+    assert exported == [1.0, 1.1, 1.2, 3.0, 3.0, 3.0, 3.0, 3.0]  # 1.5 · s
     code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--method", "yarn", "--target-length", 128,
                        "--data", data, "--steps", 1, "--out", tmp_path / "yarn", "--keep-angles-seen", "--no-progress")
     assert code == 2 and "--keep-angles-seen: needs a LongRoPE scaling" in err and len(err.strip().splitlines()) == 1

@@ -298,6 +298,8 @@ def test_doc_mask_training_scores_each_document_by_itself(tmp_path, monkeypatch,
     ({"passkey_every": -1}, "--passkey-every must be >= 0"),
     ({"retrieval_share": 1.5}, "--retrieval-share must be in [0, 1]"),
     ({"answer_weight": -1.0}, "--answer-weight must be >= 0"),
+    ({"seen_margin": 0.5, "keep_angles_seen": True}, "--seen-margin must be >= 1"),
+    ({"seen_margin": 1.5}, "--seen-margin applies with --keep-angles-seen"),
 ])
 def test_bad_retention_settings_are_refused(kw, message):
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -186,3 +186,16 @@ def test_the_unseen_angles_note_appears_only_when_a_pair_leaves_the_seen_angles(
     for kept in (sc.keep_angles_seen(low, DIM, BASE), sc.make("yarn", ORIGINAL, 4 * ORIGINAL, dim=DIM, base=BASE),
                  sc.LinearScaling(factor=4.0)):
         assert report.unseen_angles_note(kept, DIM, BASE, ORIGINAL, 4 * ORIGINAL) == [], kept
+
+
+def test_keep_angles_seen_with_a_margin_raises_the_unturned_pairs_to_margin_times_s():
+    s, margin = 4.0, 1.25
+    scaling = sc.LongRoPEScaling(long_factor=LONG, short_factor=SHORT, factor=s, original_max_position_embeddings=ORIGINAL)
+    kept = sc.keep_angles_seen(scaling, DIM, BASE, margin)
+    assert kept.long_factor == (1.0, 1.2, 1.5, 5.0, 5.0, 5.0, 5.0, 5.0)  # pairs 3-7 at 1.25 · 4
+    # the farthest distance of the target length, 4·64 - 1, now meets at most 1/margin of pair 3's seen angle
+    assert sc.seen_distance(kept, DIM, BASE, ORIGINAL, 4 * ORIGINAL) == pytest.approx(5.0 * (ORIGINAL - 1))
+    assert sc.keep_angles_seen(scaling, DIM, BASE, 1.0) == sc.keep_angles_seen(scaling, DIM, BASE)
+    for bad in (0.9, float("nan")):
+        with pytest.raises(sc.ScalingError, match="the margin must be >= 1"):
+            sc.keep_angles_seen(scaling, DIM, BASE, bad)

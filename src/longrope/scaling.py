@@ -597,13 +597,18 @@ def seen_distance(scaling: Scaling, dim: int, base: float, original_length: int,
     return float(((original_length - 1) * lam[partial]).min())
 
 
-def keep_angles_seen(scaling: "LongRoPEScaling", dim: int, base: float) -> "LongRoPEScaling":
+def keep_angles_seen(scaling: "LongRoPEScaling", dim: int, base: float, margin: float = 1.0) -> "LongRoPEScaling":
     """`scaling` with each long factor of a pair that never turned fully in pretraining raised to
-    at least the extension factor s, so that `seen_distance` reaches (L-1)·s, about the target
-    length: past the critical dimension the factors are at least s, as LongRoPE2's search
-    requires. The rest is kept (a non-decreasing vector stays non-decreasing)."""
+    at least margin · s (s the extension factor), so that `seen_distance` reaches (L-1)·s·margin:
+    past the critical dimension the factors are at least s, as LongRoPE2's search requires. A
+    margin above 1 keeps the target length's farthest distances off the angles pretraining showed
+    least (its longest distances); Phi-3's searched long factors end near 2·s. The rest is kept
+    (a non-decreasing vector stays non-decreasing)."""
+    if not (math.isfinite(margin) and margin >= 1):
+        raise ScalingError(f"keep_angles_seen: the margin must be >= 1, got {margin}")
     partial = unturned_pairs(dim, base, scaling.original_max_position_embeddings).tolist()
-    factors = [max(f, scaling.factor) if p else f for f, p in zip(scaling.long_factor, partial)]
+    floor = margin * scaling.factor
+    factors = [max(f, floor) if p else f for f, p in zip(scaling.long_factor, partial)]
     return scaling.replace(long_factor=tuple(factors)).validate(dim)
 
 

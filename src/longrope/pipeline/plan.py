@@ -151,6 +151,7 @@ class PipelineConfig:
                 raise UsageError(message)
         self.search.validate()
         (self.readjust_search or self.search).validate()
+        self.finetune.validate()  # its stages' settings, before the first stage runs
         return self
 
     def identity(self) -> dict[str, Any]:

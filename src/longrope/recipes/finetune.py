@@ -52,7 +52,7 @@ def register(sub) -> None:
                    help="with several --data: the share of the micro-batches drawn from each (default: equal)")
     p.add_argument("--seq-len", type=parse_length,
                    help="tokens per training sequence, e.g. 64k (default: the scaling's target length)")
-    add_config_options(p, train.FinetuneConfig, ("keep_angles_seen",))
+    add_config_options(p, train.FinetuneConfig, ("keep_angles_seen", "seen_margin"))
     add_config_options(p, train.FinetuneConfig, ("steps",))
     p.add_argument("--out", required=True, help="output folder (also the checkpoint to --resume from)")
     add_config_options(p.add_argument_group("optimisation"), train.FinetuneConfig, (

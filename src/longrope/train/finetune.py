@@ -89,6 +89,9 @@ class FinetuneConfig(loop.TrainConfig):
         "help": "raise the long factors of the frequency pairs that never turned fully in pretraining to at least the "
                 "extension factor s, so none meets an angle pretraining never showed within the target length "
                 "(LongRoPE2's constraint past the critical dimension; `scaling.keep_angles_seen`); LongRoPE only"})
+    seen_margin: float = field(default=1.0, metadata={
+        "help": "M: with --keep-angles-seen, raise those factors to M·s, so the farthest distance of the target "
+                "length meets at most 1/M of the angles pretraining showed (its longest distances are its rarest)"})
     passkey_every: int = field(default=0, metadata={
         "help": "steps between passkey checks at --seq-len (greedy; the standard filler prompt, 2 keys at each "
                 "depth 0.05-0.95; logged as 'passkey', the share found, and 'passkey_by_depth'); 0: none"})
@@ -117,7 +120,7 @@ class FinetuneConfig(loop.TrainConfig):
         if not isinstance(scaling, sc.LongRoPEScaling):
             raise UsageError(f"--keep-angles-seen: needs a LongRoPE scaling (per-pair factors), got "
                              f"{scaling.rope_type}; use --scaling with a longrope file or preset")
-        return sc.keep_angles_seen(scaling, dim, base)
+        return sc.keep_angles_seen(scaling, dim, base, self.seen_margin)
 
     def for_model(self, n_parameters: int) -> "FinetuneConfig":
         """This configuration with the peak learning rate resolved for a model of that size."""
@@ -141,6 +144,9 @@ class FinetuneConfig(loop.TrainConfig):
                   f"--answer-weight must be >= 0, got {self.answer_weight}")
         loop.need(self.needle_every >= 0, f"--needle-every must be >= 0, got {self.needle_every}")
         loop.need(self.passkey_every >= 0, f"--passkey-every must be >= 0, got {self.passkey_every}")
+        loop.need(math.isfinite(self.seen_margin) and self.seen_margin >= 1,
+                  f"--seen-margin must be >= 1, got {self.seen_margin}")
+        loop.need(self.seen_margin == 1 or self.keep_angles_seen, "--seen-margin applies with --keep-angles-seen")
         # context parallel attention gathers keys and values across ranks inside each layer: not compiled
         loop.need(not (self.compile_layers and distributed.world_size() > 1),
                   "--compile-layers: one process only, not under torchrun; drop it there")
