@@ -14,12 +14,13 @@
 # SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
 # LONG_SCALING (unset: none) adds passkey at LONG on the fine-tuned model with that scaling in place of its own
 # (progressive extension's next stage without its search, e.g. LONG_SCALING=smollm2-135m-128k).
-# SEEN_MARGIN=M adds --seen-margin M (with KEEP_SEEN=1: those factors raised to M·s).
+# SEEN_MARGIN=M adds --seen-margin M (those factors raised to M·s).
 # COMPILE=1 adds --compile-layers (each decoder layer compiled: a faster step).
 # TRIALS (passkey keys per depth, 2: 10 keys over the 5 depths) and SAMPLES (niah_single needles per depth, 2)
 # can be changed, e.g. for a CPU smoke with the bundled model (SCALING=... L=1k SHORT=256 MID=512
-# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both). KEEP_SEEN=1 adds
-# --keep-angles-seen (the scaling's unturned frequency pairs raised to s before training). BASELINES=0 evaluates
+# LONG=2k STEPS=2). PHASE=train or PHASE=eval runs one half (default: both). KEEP_SEEN (default 1) adds
+# --keep-angles-seen (the scaling's unturned frequency pairs raised to s before training; 2026-12-02 it took
+# passkey at 64k from 8/10 to 16/20), KEEP_SEEN=0 leaves it out. BASELINES=0 evaluates
 # the fine-tuned model alone (for a second run beside a first that measured the base and the scaling).
 set -euo pipefail
 MODEL=$1; DATA=$2; OUT=$3
@@ -31,13 +32,14 @@ DEPTHS=0.05,0.275,0.5,0.725,0.95
 mkdir -p "$OUT"
 source "$(dirname "$0")/jobs.sh"  # bg, wait_all: the evaluations side by side on the one GPU
 
+KEEP_FLAG=; (( ${KEEP_SEEN:-1} )) && KEEP_FLAG=--keep-angles-seen
 if [[ ${PHASE:-all} != eval ]]; then
   $LR finetune --model "$MODEL" --scaling "$SCALING" --seq-len $L \
       --data "$DATA/search.jsonl.gz" "$DATA/train_short.jsonl.gz" --data-weights 0.7,0.3 \
       --lr ${LR_PEAK:-5e-5} --schedule cosine --min-lr-ratio 0.1 \
       --short-share 0.25 --distill-weight 0.5 --doc-mask --retrieval-share ${RETRIEVAL:-0.3} \
       --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" --passkey-every 40 \
-      --steps "$STEPS" --checkpoint-every 20 ${KEEP_SEEN:+--keep-angles-seen} ${SEEN_MARGIN:+--seen-margin $SEEN_MARGIN} \
+      --steps "$STEPS" --checkpoint-every 20 $KEEP_FLAG ${SEEN_MARGIN:+--seen-margin $SEEN_MARGIN} \
       ${COMPILE:+--compile-layers} --out "$FT" --resume --no-progress \
       2>&1 | tee -a "$OUT/finetune.log"
 fi

@@ -361,17 +361,17 @@ def enable_checkpointing(model, keep_attention: bool = False) -> None:
 
 def compile_layers(model) -> None:
     """Each decoder layer's forward compiled by torch.compile (inductor). A long fine-tuning step
-    spends, beside attention, a third of its time in small kernels around the matmuls: norms in
+    spends, beside attention, nearly a third of its time in small kernels around the matmuls: norms in
     float32, rotary, residual adds, casts (`bench/finetune_step.py --profile`); inductor fuses them.
     Inside `enable_checkpointing`'s checkpoints; parameters and state-dict keys are unchanged
     (the compiled forward is an instance attribute); `uncompile_layers` undoes it."""
-    for layer in model.model.layers:
+    for layer in model.get_decoder().layers:
         layer.forward = torch.compile(layer.forward)
 
 
 def uncompile_layers(model) -> None:
     """`compile_layers` undone: the class's own forward again."""
-    for layer in model.model.layers:
+    for layer in model.get_decoder().layers:
         layer.__dict__.pop("forward", None)
 
 
