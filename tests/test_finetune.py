@@ -301,6 +301,7 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, monkeypatch, keep_fro
     monkeypatch.setattr(sys.modules["longrope.train.finetune"], "KEEP_ATTENTION_FROM", keep_from)
     results, graphs = {}, {}
     for compiled in (False, True):
+        torch._dynamo.reset()  # compile afresh: another test's cached graphs would leave the counter at 0
         counters.clear()
         cfg = config(steps=2, doc_mask=True, needle_every=1, checkpoint_every=100, compile_layers=compiled)
         results[compiled] = train.finetune(tiny_model(), byte_tokenizer(), scaling_for(), packed_data(), cfg,
