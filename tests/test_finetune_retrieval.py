@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ORIGINAL, tiny_model
-from longrope import models, nll, passkey, rotary, train
+from longrope import models, nll, passkey, report, rotary, train
 from longrope import scaling as sc
 from longrope.cli import main
 from longrope.errors import UsageError
@@ -337,11 +337,39 @@ def test_cli_finetune_with_every_retention_option(tiny_model_dir, tmp_path, caps
                                   SEQ, "--data", data, "--steps", 4, "--lr", "1e-3", "--out", out, "--device", "cpu",
                                   "--short-share", "0.5", "--distill-weight", "0.5", "--doc-mask",
                                   "--needle-every", 2, "--needle-data", held, "--no-progress"]])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
     log = [json.loads(line) for line in (out / train.LOG).read_text().splitlines()]
     assert [e["step"] for e in log if "needle_loss" in e] == [2, 4]
     record = json.loads((out / train.FT_RECORD).read_text())
     assert record["config"]["short_share"] == 0.5 and record["identity"]["needle_data"]
+    # the curves, plotted from that log
+    assert "curves in training.png" in captured.out
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = report.training_curves(log)
+    assert curves["needle loss"]["mean"] == [(e["step"], e["needle_loss"]) for e in log if "needle_loss" in e]
+
+
+def test_training_curves_by_hand():
+    """Each panel's lines from the step log; a step logged twice (resumed) keeps its later values,
+    and fields the later entry lacks stay; depths in numeric order; no panel without its values."""
+    log = [{"step": 1, "loss": 3.0},
+           {"step": 2, "loss": 2.5, "needle_loss": 1.5, "needle_loss_by_depth": {"0.50": 1.0, "0.10": 2.0}},
+           {"step": 2, "loss": 2.4},  # the same step again after a resume
+           {"step": 4, "loss": 2.0, "needle_loss": 0.5, "needle_loss_by_depth": {"0.50": 0.25, "0.10": 0.75},
+            "passkey": 0.8, "passkey_by_depth": {"0.05": 0.0, "0.5": 1.0}}]
+    curves = report.training_curves(log)
+    assert curves == {
+        "loss": {"training loss": [(1, 3.0), (2, 2.4), (4, 2.0)]},
+        "needle loss": {"mean": [(2, 1.5), (4, 0.5)], "depth 0.1": [(2, 2.0), (4, 0.75)],
+                        "depth 0.5": [(2, 1.0), (4, 0.25)]},
+        "passkey": {"all depths": [(4, 0.8)], "depth 0.05": [(4, 0.0)], "depth 0.5": [(4, 1.0)]}}
+    assert list(curves["needle loss"]) == ["mean", "depth 0.1", "depth 0.5"]
+    assert report.training_curves([{"step": 1, "loss": 3.0}]) == {"loss": {"training loss": [(1, 3.0)]}}
+    window = report.LOSS_WINDOW
+    ramp = report.training_curves([{"step": i, "loss": float(i)} for i in range(1, window + 3)])["loss"]
+    # the running mean of the last `window` losses: steps 1..w, 2..w+1, 3..w+2
+    assert ramp[f"mean of {window} steps"] == [(window + k, (window + 1) / 2 + k) for k in range(3)]
 
 
 # --------------------------------------------------------------------------------------------

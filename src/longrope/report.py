@@ -189,6 +189,69 @@ def _heatmaps(panels: Mapping[str, Mapping[tuple[float, int], float]], path, val
     return True
 
 
+LOSS_WINDOW = 10  # steps in the training loss's running mean
+
+
+def training_curves(entries: Sequence[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """A fine-tune's curves from its step log (`train_log.jsonl`'s entries): {panel: {line: [(step,
+    value)]}}: "loss" (the training loss and its running mean over the last LOSS_WINDOW logged
+    steps), "needle loss" (the mean and each depth's), "passkey" (the share found, overall and at
+    each depth); a panel only where the log has its values. A step logged twice (a resumed run
+    repeats its last steps) has its later values."""
+    by_step: dict[int, dict] = {}
+    for e in entries:
+        by_step[e["step"]] = {**by_step.get(e["step"], {}), **e}
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+
+    def add(panel: str, line: str, step: int, value) -> None:
+        if value is not None:
+            curves.setdefault(panel, {}).setdefault(line, []).append((step, float(value)))
+
+    losses: list[float] = []
+    for step in sorted(by_step):
+        e = by_step[step]
+        add("loss", "training loss", step, e.get("loss"))
+        if e.get("loss") is not None:  # micro-batches of different kinds make the loss jump step to step
+            losses.append(float(e["loss"]))
+            if len(losses) >= LOSS_WINDOW:
+                add("loss", f"mean of {LOSS_WINDOW} steps", step, sum(losses[-LOSS_WINDOW:]) / LOSS_WINDOW)
+        for name, mean, depths in (("needle loss", "needle_loss", "needle_loss_by_depth"),
+                                   ("passkey", "passkey", "passkey_by_depth")):
+            add(name, "mean" if name == "needle loss" else "all depths", step, e.get(mean))
+            for depth, value in sorted((e.get(depths) or {}).items(), key=lambda kv: float(kv[0])):
+                add(name, f"depth {float(depth):g}", step, value)
+    return curves
+
+
+def plot_training(entries: Sequence[dict], path) -> bool:
+    """The curves of `training_curves`, one panel each beside the others (needle loss on a log
+    scale), against optimizer steps: what a fine-tune's retrieval did over the run. False if no
+    matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    curves = training_curves(entries)
+    fig, axes = plt.subplots(1, len(curves), squeeze=False, figsize=(5 * len(curves), 4))
+    for ax, (panel, lines) in zip(axes[0], curves.items()):
+        for line, points in lines.items():
+            bold = line in ("mean", "all depths") or line.startswith("mean of")
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 40 else None,
+                    markersize=3, linewidth=2 if bold else 1, alpha=1 if bold else 0.7, label=line)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        if panel == "needle loss":
+            ax.set_yscale("log")
+        if panel == "passkey":
+            ax.set_ylim(-0.05, 1.05)
+        ax.grid(True, which="both", alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    _write_png(fig, path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_passkey(records: Sequence[dict], path) -> bool:
     """Heatmap of accuracy (depth × length), one panel per method. False if no matplotlib."""
     rows, _ = _order(records)
