@@ -99,9 +99,9 @@ class FinetuneConfig(loop.TrainConfig):
     gradient_checkpointing: bool = field(default=True, metadata={  # the option is --no-gradient-checkpointing
         "help": "keep every activation (faster, more memory)"})
     compile_layers: bool = field(default=False, metadata={
-        "help": "compile each decoder layer with torch.compile: fuses the small kernels around the matmuls and "
-                "attention (a minute or two of compiling first; needs a C/C++ compiler on the CPU, Triton on CUDA); "
-                "one process only"})
+        "help": "compile each decoder layer with torch.compile, which fuses the small kernels around the matmuls and "
+                "attention (SmolLM2 at 64k on an H200: 0.86x the step time); compiling first takes a while and needs "
+                "a C/C++ compiler on the CPU, Triton on CUDA; one process only"})
     loss_chunk: int = field(default=nll.DEFAULT_CHUNK, metadata={"help": "positions projected to logits at a time"})
     checkpoint_every: int = 100
     log_every: int = 1
