@@ -13,7 +13,8 @@
 # STEPS (default 240), LR_PEAK (5e-5, cosine decay to a tenth), RETRIEVAL (the retrieval share, 0.3),
 # SCALING (default the smollm2-135m-64k preset), L (default 64k), SHORT (8k), MID (32k), LONG (128k)
 # LONG_SCALING (unset: none) adds passkey at LONG on the fine-tuned model with that scaling in place of its own
-# (progressive extension's next stage without its search, e.g. LONG_SCALING=smollm2-135m-128k).
+# (progressive extension's next stage without its search, e.g. LONG_SCALING=smollm2-135m-128k; LONG_SCALING=carried:
+# the fine-tuned factors carried to LONG as the progressive search's seed, λ^(ln s'/ln s)).
 # SEEN_MARGIN=M adds --seen-margin M (those factors raised to M·s).
 # COMPILE=1 adds --compile-layers (each decoder layer compiled: a faster step).
 # TRIALS (passkey keys per depth, 2: 10 keys over the 5 depths) and SAMPLES (niah_single needles per depth, 2)
@@ -61,6 +62,16 @@ bg passkey-ft $LR eval passkey --model "$FT" --lengths $SHORT,$MID,$L --depths $
     --force --no-progress
 bg passkey-ft-long $LR eval passkey --model "$FT" --lengths $LONG --depths $DEPTHS --trials ${TRIALS:-2} --allow-context-mismatch \
     --out "$OUT/passkey-ft-long" --force --no-progress
+if [[ ${LONG_SCALING:-} == carried ]]; then  # the fine-tuned factors carried to LONG: progressive extension's seed
+  LONG_SCALING=$OUT/carried-$LONG.json
+  python3 -c "import dataclasses, sys
+from longrope import cli, models
+from longrope.search.space import rescale_factors
+s = models.configured_scaling(sys.argv[1]); new = cli.parse_length(sys.argv[2]) / s.original_max_position_embeddings
+carried = rescale_factors(s.long_factor, s.factor, new)
+open(sys.argv[3], 'w').write(dataclasses.replace(s, long_factor=carried, factor=new, attention_setting='su').to_json())
+" "$FT" $LONG "$LONG_SCALING"
+fi
 [[ -n ${LONG_SCALING:-} ]] && bg passkey-ft-long-scaled $LR eval passkey --model "$FT" --scaling "$LONG_SCALING" \
     --lengths $LONG --depths $DEPTHS --trials ${TRIALS:-2} --out "$OUT/passkey-ft-long-scaled" --force --no-progress
 bg niah-ft $LR eval ruler --model "$FT" --tasks niah_single --lengths $SHORT,$L --depths $DEPTHS --samples ${SAMPLES:-2} \
