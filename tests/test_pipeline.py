@@ -335,10 +335,10 @@ def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(t
     out = tmp_path / "ext"
     code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 640,
                        "--stages", "finetune:640:1", "--out", out, "--device", "cpu", "--no-readjust",
-                       "--keep-angles-seen", *SMALL)
+                       "--keep-angles-seen", "--seen-margin", "1.2", *SMALL)
     assert code == 0, err
     record = next(out.glob(f"**/{train.FT_RECORD}"))
-    raised = [1.0, 1.1, 1.2, 10.0, 10.0, 10.0, 10.0, 10.0]  # pairs 3-7 never turn in 64 positions; s = 10
+    raised = [1.0, 1.1, 1.2, 12.0, 12.0, 12.0, 12.0, 12.0]  # pairs 3-7 never turn in 64 positions; 1.2 · s, s = 10
     assert json.loads(record.read_text())["config"]["keep_angles_seen"] is True
     assert json.loads((record.parent / "config.json").read_text())["rope_scaling"]["long_factor"] == raised
     assert list(carried[0].scaling.long_factor) == raised
