@@ -342,6 +342,7 @@ def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(t
     assert json.loads(record.read_text())["config"]["keep_angles_seen"] is True
     assert json.loads((record.parent / "config.json").read_text())["rope_scaling"]["long_factor"] == raised
     assert list(carried[0].scaling.long_factor) == raised
+    assert (record.parent / "training.png").read_bytes()[:4] == b"\x89PNG"  # the stage's curves, from its log
 
 
 def test_cli_extend_keep_angles_seen_holds_in_search_stages_too(tiny_model_dir, docs_file, tmp_path, capsys):

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from . import pipeline, runs
+from . import pipeline, runs, train
 from . import scaling as sc
 from .pipeline import format_length
 
@@ -252,6 +252,19 @@ def plot_training(entries: Sequence[dict], path) -> bool:
     return True
 
 
+TRAINING_PNG = "training.png"
+
+
+def plot_training_log(folder) -> bool:
+    """`plot_training` of the step log in a fine-tune's `folder`, into folder/training.png. False
+    if there is no log or no matplotlib."""
+    log = Path(folder) / train.LOG
+    if not log.exists():
+        return False
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return plot_training(entries, Path(folder) / TRAINING_PNG)
+
+
 def plot_passkey(records: Sequence[dict], path) -> bool:
     """Heatmap of accuracy (depth × length), one panel per method. False if no matplotlib."""
     rows, _ = _order(records)
@@ -347,7 +360,8 @@ def extend_summary(report: dict) -> str:
 
 def write_extend_report(out, report: dict) -> None:
     """report.md and report.png (perplexity by length of the extended model, and of the base model
-    inside its window) in `out`, each written atomically: `pipeline.extend`'s `render_report`."""
+    inside its window) in `out`, and each fine-tuning stage's training.png, each written
+    atomically: `pipeline.extend`'s `render_report`."""
     out = Path(out)
     runs.write_text(out / EXTEND_MD, extend_markdown(report))
     rows = report["results"]
@@ -355,6 +369,8 @@ def write_extend_report(out, report: dict) -> None:
     records += [{"method": "base model", "length": r["length"], "ppl": r["base_ppl"]} for r in rows if "base_ppl" in r]
     if records:
         plot_ppl(records, out / EXTEND_PNG)
+    for stage in sorted(out.glob("stage-*-finetune-*")):  # each fine-tuning stage's curves beside its log
+        plot_training_log(stage)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ and splits each sequence over the N processes (context parallelism; --seq-len a 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -138,8 +137,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         return training_interrupted(cfg.checkpoint_every, args.out)
     if rec := result.record:  # rank 0 (or the one process) exported
-        log = [json.loads(line) for line in (result.out / train.LOG).read_text().splitlines() if line.strip()]
-        plotted = report.plot_training(log, result.out / "training.png")  # loss, needle loss, passkey by step
+        plotted = report.plot_training_log(result.out)  # loss, needle loss, passkey against steps
         print(f"wrote {result.out}: loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, "
               f"{rec['tokens_seen'] / 1e6:.2f}M tokens in {rec['wall_time_s']:.0f} s"
               f"{'; curves in training.png' if plotted else ''}")
