@@ -602,8 +602,8 @@ def keep_angles_seen(scaling: "LongRoPEScaling", dim: int, base: float, margin: 
     at least margin · s (s the extension factor), so that `seen_distance` reaches (L-1)·s·margin:
     past the critical dimension the factors are at least s, as LongRoPE2's search requires. A
     margin above 1 keeps the target length's farthest distances off the angles pretraining showed
-    least (its longest distances); Phi-3's searched long factors end near 2·s. The rest is kept
-    (a non-decreasing vector stays non-decreasing)."""
+    least (its longest distances); Phi-3.5-mini's published long factors (s = 32) end at 64.8,
+    about 2·s. The rest is kept (a non-decreasing vector stays non-decreasing)."""
     if not (math.isfinite(margin) and margin >= 1):
         raise ScalingError(f"keep_angles_seen: the margin must be >= 1, got {margin}")
     partial = unturned_pairs(dim, base, scaling.original_max_position_embeddings).tolist()
