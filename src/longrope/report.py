@@ -215,9 +215,9 @@ def training_curves(entries: Sequence[dict]) -> dict[str, dict[str, list[tuple[i
             losses.append(float(e["loss"]))
             if len(losses) >= LOSS_WINDOW:
                 add("loss", f"mean of {LOSS_WINDOW} steps", step, sum(losses[-LOSS_WINDOW:]) / LOSS_WINDOW)
-        for name, mean, depths in (("needle loss", "needle_loss", "needle_loss_by_depth"),
-                                   ("passkey", "passkey", "passkey_by_depth")):
-            add(name, "mean" if name == "needle loss" else "all depths", step, e.get(mean))
+        for name, mean, label, depths in (("needle loss", "needle_loss", "mean", "needle_loss_by_depth"),
+                                          ("passkey", "passkey", "all depths", "passkey_by_depth")):
+            add(name, label, step, e.get(mean))
             for depth, value in sorted((e.get(depths) or {}).items(), key=lambda kv: float(kv[0])):
                 add(name, f"depth {float(depth):g}", step, value)
     return curves

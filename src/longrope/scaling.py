@@ -593,7 +593,7 @@ def seen_distance(scaling: Scaling, dim: int, base: float, original_length: int,
     partial = unturned_pairs(dim, base, original_length)
     if not bool(partial.any()):
         return math.inf
-    lam = rope_inv_freq(dim, base) / scaling.inv_freq(dim, base, seq_len)
+    lam = equivalent_factors(scaling, dim, base, seq_len)
     return float(((original_length - 1) * lam[partial]).min())
 
 

@@ -133,7 +133,7 @@ class SearchSpace:
     def n_hats(self) -> tuple[int, ...]:
         return n_hat_choices(self.original_length)
 
-    @property
+    @cached_property  # read for every child and candidate in the search loop
     def floors(self) -> tuple[int, ...]:
         """Each factor's smallest grid step: 0, or with keep_angles_seen s's (rounded up) for the
         pairs that never turned fully in pretraining."""

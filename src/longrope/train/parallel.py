@@ -427,16 +427,16 @@ def local_lm_loss(model, input_ids: torch.Tensor, group: distributed.Group, chun
     with `answers` (batch, n), held whole too, the answer term of the answer tokens among its
     targets."""
     batch, n = input_ids.shape
-    index, scored, hidden = _local_hidden(model, input_ids, group, position_ids)
-    target_ids = input_ids[:, index[scored] + 1]
+    at, hidden = _local_hidden(model, input_ids, group, position_ids)
+    target_ids = input_ids[:, at]
     total = nll.summed_nll(model, hidden, target_ids, chunk, torch.float32)
     targets = batch * (n - 1)
     if teacher is not None and distill_weight:
         with torch.no_grad():
-            taught = _local_hidden(teacher, input_ids, group, position_ids)[2]
+            taught = _local_hidden(teacher, input_ids, group, position_ids)[1]
         total = total + distill_weight * nll.summed_kl(model, hidden, teacher, taught, chunk, torch.float32)
     if answers is not None and answer_weight and answers[:, 1:].any():
-        mine = answers[:, index[scored] + 1]  # this rank's targets that are answer tokens
+        mine = answers[:, at]  # this rank's targets that are answer tokens
         answer_nll = nll.summed_nll(model, hidden[mine], target_ids[mine], chunk, torch.float32)
         total = total + _answer_scale(answers, targets, answer_weight) * answer_nll
     return total, targets
@@ -446,17 +446,17 @@ def local_marked_nll(model, input_ids: torch.Tensor, marked: torch.Tensor, group
                      chunk: int) -> tuple[torch.Tensor, int]:
     """(this rank's summed NLL of the tokens `marked` (batch, n) among its targets, how many are
     marked in all): the ranks' sums add up to the marked tokens' NLL (a needle's answer)."""
-    index, scored, hidden = _local_hidden(model, input_ids, group)
-    mine = marked[:, index[scored] + 1]
-    total = nll.summed_nll(model, hidden[mine], input_ids[:, index[scored] + 1][mine], chunk, torch.float32)
+    at, hidden = _local_hidden(model, input_ids, group)
+    mine = marked[:, at]
+    total = nll.summed_nll(model, hidden[mine], input_ids[:, at][mine], chunk, torch.float32)
     return total, int(marked[:, 1:].sum())
 
 
 def _local_hidden(model, input_ids: torch.Tensor, group: distributed.Group,
                   position_ids: torch.Tensor | None = None):
-    """(this rank's positions, which of them predict a token, the final hidden states there) of a
-    [batch, n] batch every rank holds whole, at the global positions (or `position_ids`, restarting
-    per packed document) and the regime of the whole length."""
+    """(the positions of the tokens this rank's positions predict, the final hidden states that
+    predict them) of a [batch, n] batch every rank holds whole, at the global positions (or
+    `position_ids`, restarting per packed document) and the regime of the whole length."""
     batch, n = input_ids.shape
     ranges = shard_chunks(n, group.world, group.rank)
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(input_ids.device)
@@ -465,7 +465,7 @@ def _local_hidden(model, input_ids: torch.Tensor, group: distributed.Group,
     set_documents(position_ids, group)
     with global_regime(model, n):
         hidden = _final_hidden(model, input_ids[:, index], positions)[:, scored]
-    return index, scored, hidden
+    return index[scored] + 1, hidden
 
 
 def iter_full_gradients(model):
