@@ -39,6 +39,31 @@ def test_export_with_scaling_file_and_n_hat_note(tiny_model_dir, tmp_path, capsy
     assert code == 0 and "n_hat=4: transformers' config cannot express this" in stdout
 
 
+def test_export_carry_to_takes_the_model_s_own_factors_to_a_new_length(tiny_model_dir, tmp_path, capsys):
+    """A model exported with LongRoPE factors for 4·L, exported again with --carry-to 16·L: the
+    factors squared (λ^(ln 16/ln 4)), the temperature of the new scale, the context 16·L; the same
+    from --scaling on the base model. A model without LongRoPE factors is refused in one line."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(GOOD))
+    first = tmp_path / "first"
+    assert run(capsys, "export", "--model", tiny_model_dir, "--scaling", path, "--out", first, "--device", "cpu")[0] == 0
+    for argv in (["--model", first], ["--model", tiny_model_dir, "--scaling", path]):
+        out = tmp_path / "carried"
+        code, stdout, err = run(capsys, "export", *argv, "--carry-to", 16 * ORIGINAL, "--out", out, "--device", "cpu",
+                                "--force")
+        assert code == 0, err
+        config = AutoConfig.from_pretrained(out)
+        rope = config.rope_parameters
+        assert rope["long_factor"] == pytest.approx([v * v for v in GOOD["long_factor"]]) and rope["factor"] == 16
+        assert rope["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(16) / math.log(ORIGINAL)))
+        assert config.max_position_embeddings == 16 * ORIGINAL
+    plain = tmp_path / "plain"
+    code, _, err = run(capsys, "export", "--model", tiny_model_dir, "--carry-to", 16 * ORIGINAL, "--out", plain)
+    assert code == 2 and err.count("\n") == 1 and "--carry-to: the model" in err and "no LongRoPE factors" in err
+    code, _, err = run(capsys, "export", "--model", first, "--carry-to", ORIGINAL, "--out", plain)
+    assert code == 2 and f"--carry-to {ORIGINAL}: the target length" in err and not plain.exists()
+
+
 BAD_SCALINGS = [
     ({**GOOD, "long_factor": GOOD["long_factor"][:5]}, "long_factor"),
     ({**GOOD, "long_factor": [math.nan] + GOOD["long_factor"][1:]}, "long_factor"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -73,6 +74,7 @@ def test_parse_stages():
     ("search", "not KIND:LENGTH"), ("search:64k:3:1", "not KIND:LENGTH"),
     ("search:64k:0", "evaluations must be a positive integer"), ("search:lots", "not a length"),
     ("finetune:64k:x", "steps must be a positive integer"), ("search:0", "not a length"),
+    ("carry:128k:2", "not KIND:LENGTH"),
 ])
 def test_parse_stages_rejects_bad_plans(bad, message):
     with pytest.raises(UsageError, match=message):
@@ -87,6 +89,10 @@ def test_check_plan():
         pipeline.check_plan(parse_stages("search:512"), 64, 256)
     with pytest.raises(UsageError, match="last stage .* must be at --target-length"):
         pipeline.check_plan(parse_stages("search:256,search:128"), 64, 256)
+    pipeline.check_plan(parse_stages("finetune:128,carry:256"), 64, 256)
+    with pytest.raises(UsageError, match="carry:256 carries an earlier stage's factors; put a search or finetune stage "
+                                         "before it, e.g. finetune:128,carry:256"):
+        pipeline.check_plan(parse_stages("carry:256"), 64, 256)
     assert pipeline.default_report_lengths(64, 256) == (64, 128, 256)
     long = pipeline.default_report_lengths(4096, 2 * 1024 * 1024)
     assert len(long) == pipeline.MAX_REPORT_LENGTHS and long[0] == 4096 and long[-1] == 2 * 1024 * 1024
@@ -325,7 +331,8 @@ def test_cli_extend_finetune_stages_take_retrieval_exercises_and_the_schedule(ti
 def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(tiny_model_dir, docs_file, tmp_path,
                                                                               capsys, monkeypatch):
     """--keep-angles-seen in a finetune stage: the stage trains and exports the raised factors, and
-    the pipeline's current scaling afterwards is that one (what the report and later stages use)."""
+    the pipeline's current scaling afterwards is that one (what the report and later stages use);
+    a carry stage after it takes them to twice the length, λ^(ln 20/ln 10), into the final export."""
     low = sc.LongRoPEScaling(long_factor=[1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.2], factor=640 / ORIGINAL,
                              original_max_position_embeddings=ORIGINAL)
     monkeypatch.setattr(pipeline.stages, "stage_scaling", lambda ctx, length: low)
@@ -333,8 +340,8 @@ def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(t
     real = pipeline.stages.RUNNERS["finetune"]
     monkeypatch.setitem(pipeline.stages.RUNNERS, "finetune", lambda *a: carried.append(real(*a)) or carried[-1])
     out = tmp_path / "ext"
-    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 640,
-                       "--stages", "finetune:640:1", "--out", out, "--device", "cpu", "--no-readjust",
+    code, _, err = run(capsys, "extend", "--model", tiny_model_dir, "--data", docs_file, "--target-length", 1280,
+                       "--stages", "finetune:640:1,carry:1280", "--out", out, "--device", "cpu", "--no-readjust",
                        "--keep-angles-seen", "--seen-margin", "1.2", *SMALL)
     assert code == 0, err
     record = next(out.glob(f"**/{train.FT_RECORD}"))
@@ -342,6 +349,11 @@ def test_cli_extend_finetune_stages_keep_angles_seen_and_carry_that_scaling_on(t
     assert json.loads(record.read_text())["config"]["keep_angles_seen"] is True
     assert json.loads((record.parent / "config.json").read_text())["rope_scaling"]["long_factor"] == raised
     assert list(carried[0].scaling.long_factor) == raised
+    final = json.loads((out / "model" / "config.json").read_text())["rope_scaling"]
+    power = math.log(20) / math.log(10)
+    assert final["long_factor"] == pytest.approx([v ** power for v in raised]) and final["factor"] == 20
+    assert final["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(20) / math.log(ORIGINAL)))
+    assert "carry:1280 | factors carried from scale 10 to 20, no search" in (out / "report.md").read_text()
     assert (record.parent / "training.png").read_bytes()[:4] == b"\x89PNG"  # the stage's curves, from its log
 
 

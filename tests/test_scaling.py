@@ -199,3 +199,23 @@ def test_keep_angles_seen_with_a_margin_raises_the_unturned_pairs_to_margin_time
     for bad in (0.9, float("nan")):
         with pytest.raises(sc.ScalingError, match="the margin must be >= 1"):
             sc.keep_angles_seen(scaling, DIM, BASE, bad)
+
+
+def test_carry_takes_the_factors_to_a_new_scale_as_progressive_extension_does():
+    """λ' = λ^(ln s'/ln s), by hand for s = 4 -> s' = 16 (a power of exactly 2), the temperature
+    re-derived for s', the rest kept; factors kept at margin·s stay at margin·s' or above."""
+    scaling = sc.LongRoPEScaling(long_factor=LONG, short_factor=SHORT, factor=4.0, original_max_position_embeddings=ORIGINAL,
+                                 attention_setting=1.3, n_hat=4, short_attention_factor=1.0)
+    carried = sc.carry(scaling, 16 * ORIGINAL)
+    assert carried.long_factor == pytest.approx([v * v for v in LONG])  # 4 -> 16: squared
+    assert carried.factor == 16.0 and carried.target_length == 16 * ORIGINAL
+    assert carried.attention_factor(16 * ORIGINAL) == pytest.approx(math.sqrt(1 + math.log(16) / math.log(ORIGINAL)))
+    assert (carried.short_factor, carried.n_hat, carried.attention_factor(ORIGINAL)) == (tuple(SHORT), 4, 1.0)
+    assert sc.carry(scaling, 4 * ORIGINAL).long_factor == pytest.approx(LONG)  # to its own length: unchanged
+    kept = sc.keep_angles_seen(scaling, DIM, BASE, 1.25)
+    assert sc.seen_distance(sc.carry(kept, 16 * ORIGINAL), DIM, BASE, ORIGINAL, 16 * ORIGINAL) == \
+        pytest.approx(25.0 * (ORIGINAL - 1))  # (1.25·4)² = 25 >= 1.25·16
+    with pytest.raises(sc.ScalingError, match="must be above the original context"):
+        sc.carry(scaling, ORIGINAL)
+    with pytest.raises(sc.ScalingError, match="needs a LongRoPE scaling"):
+        sc.carry(sc.LinearScaling(factor=4.0), 16 * ORIGINAL)

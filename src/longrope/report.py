@@ -332,6 +332,8 @@ def extend_markdown(report: dict) -> str:
         s = stage["summary"]
         if "final_loss" in s:
             what = f"loss {s['first_loss']:.4g} -> {s['final_loss']:.4g} in {s['steps']} steps"
+        elif "from_factor" in s:
+            what = f"factors carried from scale {s['from_factor']:g} to {s['factor']:g}, no search"
         elif "all_ones_fitness" in s:
             what = f"perplexity at L₀ {s['fitness']:.4g} (all-ones short factors {s['all_ones_fitness']:.4g})"
         else:

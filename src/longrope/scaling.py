@@ -18,6 +18,7 @@ import numbers
 import re
 from pathlib import Path
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -610,6 +611,32 @@ def keep_angles_seen(scaling: "LongRoPEScaling", dim: int, base: float, margin: 
     floor = margin * scaling.factor
     factors = [max(f, floor) if p else f for f, p in zip(scaling.long_factor, partial)]
     return scaling.replace(long_factor=tuple(factors)).validate(dim)
+
+
+def rescale_factors(long_factor: Sequence[float], factor: float, new_factor: float) -> tuple[float, ...]:
+    """Carry factors made for scale s to scale s' > 1: λ' = λ^(ln s' / ln s), which keeps
+    λ = 1 (unscaled high frequencies) at 1, maps λ = s to s', and keeps the vector's order."""
+    if factor <= 1 or new_factor <= 1:
+        raise ValueError(f"rescale_factors: scales must be > 1, got {factor} and {new_factor}")
+    power = math.log(new_factor) / math.log(factor)
+    return tuple(float(max(1.0, v) ** power) for v in long_factor)
+
+
+def carry(scaling: "LongRoPEScaling", target_length: int) -> "LongRoPEScaling":
+    """`scaling` carried to `target_length` as progressive extension carries a stage's factors to
+    the next (LongRoPE §3.3; the seed of `search:L`): long factors λ^(ln s'/ln s) and the
+    temperature sqrt(1 + ln s'/ln L) for the new scale s'; n̂, the short factors and the short
+    regime's attention factor kept. A factor that was raised to keep the angles seen at s
+    (`keep_angles_seen`, λ >= margin·s) stays >= margin·s' (the power is > 1 when s' > s), so
+    the carried scaling keeps them at the new length too."""
+    if not isinstance(scaling, LongRoPEScaling):
+        raise ScalingError(f"carry: needs a LongRoPE scaling, got {scaling.rope_type}")
+    original = scaling.original_max_position_embeddings
+    if target_length <= original:
+        raise ScalingError(f"carry: the target length {target_length} must be above the original context {original}")
+    new_factor = target_length / original
+    return scaling.replace(long_factor=rescale_factors(scaling.long_factor, scaling.factor, new_factor),
+                           factor=new_factor, attention_setting="su")
 
 
 def pi_factors(dim: int, base: float, factor: float) -> torch.Tensor:

@@ -7,9 +7,11 @@ A plan is a list of stages run in order, e.g. ``search:64k,finetune:64k,search:2
 - ``search:L`` searches LongRoPE factors for L tokens on the current model (the base model, or
   the last fine-tuned one). Its initial population holds PI, NTK and YaRN and, after the first
   stage, the previous stage's factors as they are and carried to the new scale
-  (`search.rescale_factors`), evaluated first. ``search:L:EVALS`` caps that stage's evaluations
+  (`scaling.rescale_factors`), evaluated first. ``search:L:EVALS`` caps that stage's evaluations
   (at 2M tokens each candidate is minutes of GPU time: ``search:2048k:2`` tries the previous
   factors as they are and carried to the new scale, and keeps the better).
+- ``carry:L`` carries the current factors to L without a search (`scaling.carry`: λ^(ln s'/ln s),
+  the temperature for s'): the progressive seed taken as it is, e.g. ``finetune:64k,carry:128k``.
 - ``finetune:L`` (or ``finetune:L:STEPS``) fine-tunes the current model at L tokens with the
   current scaling (when it targets L; otherwise LongRoPE with YaRN's factors for L), and the
   stages after it use the fine-tuned model.
@@ -39,8 +41,9 @@ from .measure import evaluate_lengths, first_tokens, measure_report
 from .plan import (DONE, MARKER, MAX_REPORT_LENGTHS, MODEL_DIR, PLAN, READJUST_ATTENTION, REPORT_JSON, SILENT,
                    STAGE_KINDS, PipelineConfig, ProgressHooks, SilentBar, Stage, check_plan, default_report_lengths,
                    format_length, parse_length, parse_stages, silent_bar)
-from .stages import (RUNNERS, Context, ExtendResult, StageOutcome, documents_digest, extend, run_finetune_stage,
-                     run_readjust_stage, run_search_stage, search_on_documents, stage_scaling, validate_inputs)
+from .stages import (RUNNERS, Context, ExtendResult, StageOutcome, documents_digest, extend, run_carry_stage,
+                     run_finetune_stage, run_readjust_stage, run_search_stage, search_on_documents, stage_scaling,
+                     validate_inputs)
 
 __all__ = [
     "DONE", "MARKER", "MAX_REPORT_LENGTHS", "MODEL_DIR", "PLAN", "READJUST_ATTENTION", "REPORT_JSON", "RUNNERS",
@@ -48,5 +51,5 @@ __all__ = [
     "Context", "ExtendResult", "PipelineConfig", "ProgressHooks", "SilentBar", "Stage", "StageOutcome",
     "check_plan", "default_report_lengths", "documents_digest", "evaluate_lengths", "extend", "first_tokens",
     "format_length", "measure_report", "parse_length", "parse_stages", "run_finetune_stage", "run_readjust_stage",
-    "run_search_stage", "search_on_documents", "silent_bar", "stage_scaling", "validate_inputs",
+    "run_carry_stage", "run_search_stage", "search_on_documents", "silent_bar", "stage_scaling", "validate_inputs",
 ]

@@ -13,7 +13,7 @@ from .. import train
 from ..search import SHORT_CAP, SearchConfig
 from ..errors import UsageError
 
-STAGE_KINDS = ("search", "finetune")
+STAGE_KINDS = ("search", "finetune", "carry")
 MARKER = "stage.json"  # written last into a finished stage's folder
 PLAN, DONE = "plan.json", "extend.json"
 MODEL_DIR, REPORT_JSON = "model", "report.json"  # (report.md and report.png: `report.write_extend_report`)
@@ -34,7 +34,7 @@ def format_length(n: int) -> str:
 
 @dataclass(frozen=True)
 class Stage:
-    kind: str  # "search", "finetune" (or "readjust", added by the pipeline)
+    kind: str  # "search", "finetune", "carry" (or "readjust", added by the pipeline)
     length: int
     steps: int | None = None  # finetune: optimizer steps; search: most evaluations (None: the pipeline's default)
 
@@ -61,7 +61,7 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
         if kind not in STAGE_KINDS:
             raise UsageError(f"--stages: unknown stage {parts[0]!r} in {item.strip()!r}; kinds: "
                              f"{', '.join(STAGE_KINDS)}; {hint}")
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3) or (kind == "carry" and len(parts) == 3):
             raise UsageError(f"--stages: {item.strip()!r} is not KIND:LENGTH (or finetune:LENGTH:STEPS, "
                              f"search:LENGTH:EVALS); {hint}")
         try:
@@ -87,6 +87,9 @@ def check_plan(stages: Sequence[Stage], original_length: int, target_length: int
         if not original_length < stage.length <= target_length:
             raise UsageError(f"--stages: {stage.label} must be above the model's context {original_length} and "
                              f"at most --target-length {target_length}")
+    if stages[0].kind == "carry":
+        raise UsageError(f"--stages: {stages[0].label} carries an earlier stage's factors; put a search or finetune "
+                         f"stage before it, e.g. finetune:{format_length(stages[0].length // 2)},{stages[0].label}")
     if stages[-1].length != target_length:
         raise UsageError(f"--stages: the last stage ({stages[-1].label}) must be at --target-length "
                          f"{format_length(target_length)}")

@@ -1,10 +1,11 @@
-"""The stages (search, finetune, readjust) and `extend`, which runs them in order, resumably."""
+"""The stages (search, finetune, carry, readjust) and `extend`, which runs them in order, resumably."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -193,8 +194,23 @@ def run_readjust_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome
                                                "evals": result.summary["evals"]})
 
 
+def run_carry_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
+    """The current factors carried to the stage's length (`scaling.carry`) with no search: what
+    `search:L` evaluates first, taken as it is. SmolLM2 fine-tuned at 64k retrieves at 128k with
+    its factors carried there (docs/BENCHMARKS.md), where a search by perplexity need not pick them."""
+    if not isinstance(ctx.scaling, sc.LongRoPEScaling):  # (check_plan puts a search or finetune first)
+        raise UsageError(f"{stage.label} needs a LongRoPE scaling from an earlier stage")
+    carried = sc.carry(ctx.scaling, stage.length)
+    info = ctx.info
+    seen = sc.seen_distance(carried, info.dim, info.base, info.original_length, stage.length)
+    ctx.log(f"  {stage.label}: factors carried from scale {ctx.scaling.factor:g} to {carried.factor:g}")
+    return StageOutcome(carried, None, {"from_factor": ctx.scaling.factor, "factor": carried.factor,
+                                        "seen_distance": seen if math.isfinite(seen) else None})
+
+
 RUNNERS: dict[str, Callable[[Context, Stage, Path], StageOutcome]] = {
-    "search": run_search_stage, "finetune": run_finetune_stage, "readjust": run_readjust_stage}
+    "search": run_search_stage, "finetune": run_finetune_stage, "carry": run_carry_stage,
+    "readjust": run_readjust_stage}
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Extend --model's context to --target-length following a plan of stages (LongRoPE
 search:L searches LongRoPE factors for L tokens on the current model (seeded with PI, NTK, YaRN
 and the previous stage's factors, carried to the new scale; search:L:EVALS caps its evaluations);
 finetune:L[:STEPS] fine-tunes the current model at L tokens with the current scaling, and later
-stages use the fine-tuned model.
+stages use the fine-tuned model. carry:L carries the current factors to L with no search
+(λ^(ln s'/ln s), the temperature for the new scale), e.g. finetune:64k,carry:128k.
 Then short_factor is readjusted at the model's original context (factors in [1, --readjust-cap],
 long_factor kept; never worse than all-ones there on the search documents), the checkpoint is
 exported to OUT/model and OUT/report.md gives perplexity and passkey accuracy at a few lengths.
@@ -40,8 +41,8 @@ def register(sub) -> None:
     p.add_argument("--eval-data", default=None, help="documents for the final report, kept apart from --data "
                                                      "(default: --data, which the report then says)")
     p.add_argument("--target-length", type=parse_length, required=True, help="context to extend to, e.g. 2048k")
-    p.add_argument("--stages", help="the plan, e.g. search:64k,finetune:64k,search:256k,search:2048k "
-                                    "(default: search:TARGET)")
+    p.add_argument("--stages", help="the plan, e.g. search:64k,finetune:64k,search:256k,search:2048k or "
+                                    "finetune:64k,carry:128k (default: search:TARGET)")
     p.add_argument("--out", required=True, help="output folder (also what --resume continues)")
     p.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     p.add_argument("--max-stages", type=int, default=None,

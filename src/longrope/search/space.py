@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import scaling as sc
 from ..errors import UsageError
-from ..scaling import LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
+from ..scaling import (LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, rescale_factors,
+                       yarn_factors)
 
 GRID_STEP = 0.01
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
@@ -420,15 +421,6 @@ class CriticalDimSpace(SearchSpace):
 # the spaces a search is started with by name (--algorithm, and "algorithm" in a search's identity)
 SPACES: dict[str, type[SearchSpace]] = {"evolution": SearchSpace, "critical-dim": CriticalDimSpace}
 ALGORITHMS = tuple(SPACES)
-
-
-def rescale_factors(long_factor: Sequence[float], factor: float, new_factor: float) -> tuple[float, ...]:
-    """Carry factors searched for scale s to scale s' > 1: λ' = λ^(ln s' / ln s), which keeps
-    λ = 1 (unscaled high frequencies) at 1, maps λ = s to s', and keeps the vector's order."""
-    if factor <= 1 or new_factor <= 1:
-        raise ValueError(f"rescale_factors: scales must be > 1, got {factor} and {new_factor}")
-    power = math.log(new_factor) / math.log(factor)
-    return tuple(float(max(1.0, v) ** power) for v in long_factor)
 
 
 def seeds_from(scaling: LongRoPEScaling, target_length: int,
