@@ -23,7 +23,8 @@
 # COMPILE=1 adds --compile-layers (each decoder layer compiled: a faster step, which 200 steps do not repay);
 # PHASE=train or PHASE=eval runs one half (default: both); BASELINES=0 evaluates the fine-tuned model alone
 # (for a second run beside a first that measured the base and the scaling).
-# A CPU smoke with the bundled model: SCALING=... L=1k SHORT=256 MID=512 LONG=2k STEPS=2 TRIALS=1 SAMPLES=1.
+# A CPU smoke with the bundled model: SCALING=(a LongRoPE file for 2k) L=2k SHORT=1k MID=1536 LONG=4k STEPS=2
+# TRIALS=1 SAMPLES=1 RETRIEVAL=0 BASELINES=0 (the RULER suite's byte-level prompts need about 600 tokens).
 set -euo pipefail
 MODEL=$1; DATA=$2; OUT=$3
 LR="python3 -m longrope"
