@@ -11,6 +11,8 @@ side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (one
   (attention too), or selectively at every length;
 - ours, compiled: the same as ours with `--compile-layers` (each decoder layer compiled by inductor; the
   warm-up step compiles);
+- ours, compiled, fused loss: that with `--fused-loss` too (Liger's fused linear cross-entropy; only
+  where liger-kernel is installed);
 - ours, cuDNN first: the same as ours with SDPA preferring cuDNN's attention kernel (--sdpa-backends);
 - attention alone: only the model's 30 causal SDPA calls (bf16, GQA) forward and backward, once
   each, nothing else: the floor of any step that runs these kernels at this length, whatever
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from _common import (DEVICE, SHAPES, SMOKE, TINY, environment, fmt_len, measured, random_llama, ratio, require_cuda,
                      sync, write_json)
-from longrope import lean, models, train
+from longrope import lean, models, nll, train
 from longrope import scaling as sc
 from longrope.cli import parse_lengths
 from longrope.train.finetune import checkpointing_keeps_attention
@@ -49,7 +51,7 @@ def stock_step(model, optimizer, ids) -> None:
 
 def our_step(model, optimizer, ids, cfg) -> None:
     with train.loop.autocast(ids.device, cfg.dtype):
-        summed, targets = train.chunked_lm_loss(model, ids, cfg.loss_chunk)
+        summed, targets = train.chunked_lm_loss(model, ids, cfg.loss_chunk, fused=cfg.fused_loss)
     (summed / targets).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -83,15 +85,16 @@ def stock(length: int, steps: int) -> dict:
         del model, optimizer
 
 
-def build_ours(length: int, steps: int, keep_attention: bool | None = None, compiled: bool = False):
+def build_ours(length: int, steps: int, keep_attention: bool | None = None, compiled: bool = False,
+               fused: bool = False):
     """(model, optimizer, step, config) of our fine-tuning step; keep_attention None: as `longrope
-    finetune` chooses for `length`; compiled: with --compile-layers."""
+    finetune` chooses for `length`; compiled: with --compile-layers; fused: with --fused-loss."""
     if keep_attention is None:
         keep_attention = checkpointing_keeps_attention(length)
     model = random_llama("smollm2", torch.float32)
     info = models.rope_info(model.config)
     cfg = train.FinetuneConfig(seq_len=length, steps=steps, device=str(DEVICE()),
-                               dtype="float32" if SMOKE else "bfloat16").validate()
+                               dtype="float32" if SMOKE else "bfloat16", fused_loss=fused).validate()
     cfg = cfg.for_model(sum(p.numel() for p in model.parameters()))  # the default lr, as `finetune` resolves it
     if length > info.original_length:
         models.attach(model, sc.make("longrope", info.original_length, length, dim=info.dim, base=info.base))
@@ -107,10 +110,10 @@ def build_ours(length: int, steps: int, keep_attention: bool | None = None, comp
 
 
 def ours(length: int, steps: int, keep_attention: bool | None = None, backends: str | None = None,
-         compiled: bool = False) -> dict:
+         compiled: bool = False, fused: bool = False) -> dict:
     """One of our steps; keep_attention None: as `longrope finetune` chooses for `length`. The
     warm-up step of a compiled one compiles."""
-    model, optimizer, step, cfg = build_ours(length, steps, keep_attention, compiled)
+    model, optimizer, step, cfg = build_ours(length, steps, keep_attention, compiled, fused)
     try:
         with lean.sdpa_preference(backends, DEVICE()):
             return {**timed_steps(step, steps), "loss_chunk": cfg.loss_chunk}
@@ -129,14 +132,14 @@ def kind_of(name: str) -> str:
     return next((kind for kind, marks in KINDS.items() if any(m in low for m in marks)), "other")
 
 
-def profile_ours(length: int, top: int = 40, compiled: bool = False) -> dict:
+def profile_ours(length: int, top: int = 40, compiled: bool = False, fused: bool = False) -> dict:
     """Where one of our steps spends its time: torch.profiler over one step after a warm-up. On CUDA
     the kernels (each op's own device time would count them twice), on the CPU the ops, by their
     own time: the largest `top`, and the sums by kind (attention, matmul, other)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    model, optimizer, step, _ = build_ours(length, 1, compiled=compiled)
+    model, optimizer, step, _ = build_ours(length, 1, compiled=compiled, fused=fused)
     cuda = DEVICE().type == "cuda"
     try:
         step()
@@ -194,6 +197,11 @@ def main() -> None:
     require_cuda("finetune_step")
     variants = {"ours": {}, "ours, whole layers": {"keep_attention": False},
                 "ours, attention kept": {"keep_attention": True}, "ours, compiled": {"compiled": True}}
+    fused = nll.fused_nll_available() is None  # Liger installed, on CUDA
+    if fused:
+        variants["ours, compiled, fused loss"] = {"compiled": True, "fused": True}
+    else:
+        print(f"no 'ours, compiled, fused loss' row: --fused-loss {nll.fused_nll_available()}")
     if args.sdpa_backends:
         variants["ours, cuDNN first"] = {"backends": args.sdpa_backends}
     rows = []
@@ -219,8 +227,10 @@ def main() -> None:
         print("; ".join(line), flush=True)
     payload = {"environment": environment(), "steps": args.steps, "rows": rows}
     if args.profile:
-        for name, compiled in (("profile", False), ("profile, compiled", True)):
-            prof = payload[name] = profile_ours(max(args.lengths), compiled=compiled)
+        profiles = [("profile", False, False), ("profile, compiled", True, False)]
+        profiles += [("profile, compiled, fused loss", True, True)] if fused else []
+        for name, compiled, fused_loss in profiles:
+            prof = payload[name] = profile_ours(max(args.lengths), compiled=compiled, fused=fused_loss)
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in prof["ms_by_kind"].items())
             print(f"{name} of ours at {fmt_len(prof['length'])}: {prof['total_ms']:.1f} ms of {prof['timer']} time "
                   f"({kinds})")

@@ -29,6 +29,10 @@ def test_finetune_step_bench_smoke(tmp_path):
                      "attention alone"):
             seconds = row[name]["seconds_per_step"]
             assert seconds > 0 and abs(row[name]["time_ratio"] - seconds / stock) < 1e-3 * seconds / stock, name
+    from longrope import nll
+    fused = nll.fused_nll_available() is None  # Liger's row only where its kernels run
+    assert all(("ours, compiled, fused loss" in row) == fused for row in result["rows"])
+    assert fused or "no 'ours, compiled, fused loss' row: --fused-loss needs" in proc.stdout
     assert result["profile, compiled"]["ms_by_kind"]["matmul"] > 0  # the compiled step profiled too
     prof = result["profile"]
     assert prof["length"] == 256 and prof["timer"] == "cpu (ops)"

@@ -261,6 +261,8 @@ def test_cli_notes_unseen_angles_and_keep_angles_seen_trains_without_them(tiny_m
     (["--steps", "0"], "--steps must be positive"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--target-length", "32"], "target_length: must be greater than the model's context 64"),
+    # here: liger-kernel is not installed; where it is, --device cpu is what is refused
+    (["--fused-loss", "--device", "cpu"], "--fused-loss: needs "),
 ])
 def test_cli_finetune_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, extra, message):
     data = write_data(tmp_path / "docs.jsonl")
@@ -324,8 +326,34 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, monkeypatch, keep_fro
     assert len(needle_losses(results[True])) == 2
 
 
-def test_compile_layers_is_refused_under_torchrun(monkeypatch):
+def test_the_fused_loss_scores_the_sequence_and_leaves_the_answers_and_the_kl_chunked(monkeypatch):
+    """chunked_lm_loss(fused=True) hands the whole sequence's hidden states to
+    `nll.summed_nll_fused` once (Liger's kernel needs CUDA: a stand-in here computes the chunked sum),
+    and the total equals the unfused one; the answers' extra term stays chunked."""
+    from longrope import nll
+    from longrope.train.parallel import chunked_lm_loss
+
+    calls = []
+
+    def stand_in(model, hidden, targets):
+        calls.append(tuple(hidden.shape))
+        return nll.summed_nll(model, hidden, targets, 7, torch.float32)
+
+    monkeypatch.setattr(nll, "summed_nll_fused", stand_in)
+    model, ids = tiny_model(), torch.tensor(packed_data()[:1])
+    answers = torch.zeros_like(ids, dtype=torch.bool)
+    answers[0, -3:] = True
+    objective = dict(answers=answers, answer_weight=2.0)
+    plain, n = chunked_lm_loss(model, ids, 16, **objective)
+    fused, m = chunked_lm_loss(model, ids, 16, fused=True, **objective)
+    assert calls == [(1, ids.shape[1] - 1, model.config.hidden_size)] and n == m
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_compile_layers_and_the_fused_loss_are_refused_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--compile-layers: one process only"):
         config(compile_layers=True).validate()
+    with pytest.raises(UsageError, match="--fused-loss: one process only"):
+        config(fused_loss=True).validate()
     config().validate()  # the rest of the configuration is fine there

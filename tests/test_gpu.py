@@ -1,7 +1,10 @@
 """GPU-only checks (skipped without CUDA): the lean forward against the plain model at 32k tokens
-in bf16, with transformers' own LongRoPE implementation as the reference."""
+in bf16, with transformers' own LongRoPE implementation as the reference; the fused training loss
+(Liger, where installed) against the chunked one and a float64 sum of float32 logits."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -114,3 +117,34 @@ def check_prefill_against_transformers(length, device):
             assert err_ours <= 1.5 * err_theirs + 1e-3, (i, name, err_ours, err_theirs)
     if cuda:
         assert ours_peak < theirs_peak, (ours_peak, theirs_peak)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_fused_loss_gives_the_chunked_loss_and_its_gradients():
+    """`nll.summed_nll_fused` (Liger's fused linear cross-entropy) against `nll.summed_nll` as
+    training runs it (float32 weights, bf16 autocast) and both against a float32 reference without
+    autocast: the summed NLL, and its gradients with respect to the hidden states and to the
+    output projection."""
+    from longrope import nll
+
+    model = _model({"rope_type": "default", "rope_theta": 10000.0}, 8192).float().train()
+    hidden = torch.randn(1, 8192, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    hidden.requires_grad_(True)
+    targets = torch.randint(0, 32000, (1, 8192), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    head = model.get_output_embeddings()
+
+    def run(score, autocast=True):
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = score()
+        loss.backward()
+        return loss.item(), hidden.grad.clone(), head.weight.grad.clone()
+
+    reference = run(lambda: nll.summed_nll(model, hidden, targets, 1024, torch.float64), autocast=False)
+    chunked = run(lambda: nll.summed_nll(model, hidden, targets, 1024, torch.float32))
+    fused = run(lambda: nll.summed_nll_fused(model, hidden, targets))
+    for name, got in (("chunked", chunked), ("fused", fused)):
+        assert got[0] == pytest.approx(reference[0], rel=2e-3), name
+        for grad, want in zip(got[1:], reference[1:]):
+            assert (grad - want).norm() / want.norm() < 2e-2, name
+    assert fused[0] == pytest.approx(chunked[0], rel=2e-3)

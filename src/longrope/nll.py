@@ -6,6 +6,7 @@ to a teacher's next-token distributions (fine-tuning's distillation).
 Long inputs never get a (tokens × vocab) logits tensor: positions are projected and scored a
 chunk at a time in float32. With autograd on, each chunk runs under activation checkpointing, so
 its logits are freed at once and recomputed in the backward pass (peak: one chunk's logits).
+`summed_nll_fused` is the training loss through Liger's fused kernel instead (CUDA, optional).
 """
 
 from __future__ import annotations
@@ -79,6 +80,38 @@ def summed_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 
     scale, cap = _output_transform(model)
     return _sum_over_chunks(lambda h, t: _chunk_nll(head, h, t, scale, cap), (hidden, targets.to(hidden.device)),
                             chunk, dtype)
+
+
+def fused_nll_available() -> str | None:
+    """None when `summed_nll_fused` can run here, else why not (a line for the user)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "needs liger-kernel (pip install liger-kernel, or longrope[liger])"
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (Liger's kernels are Triton)"
+    return None
+
+
+def summed_nll_fused(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`summed_nll` for training through Liger's fused linear cross-entropy (CUDA): it projects a
+    chunk of positions, takes the softmax and the chunk's gradients in one pass and frees the
+    logits, so the backward recomputes nothing. bf16 inputs (the projection's precision under
+    autocast, as in `summed_nll`) with float32 accumulation; summed in float32. The config's
+    soft-capping is Liger's `softcap`; a logits scaling is refused (ValueError: not supported)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    scale, cap = _output_transform(model)
+    if scale:
+        raise ValueError("summed_nll_fused: a model with logits_scaling is not supported; use summed_nll")
+    head = model.get_output_embeddings()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    bias = None if head.bias is None else head.bias.to(torch.bfloat16)
+    with torch.autocast(hidden.device.type, enabled=False):  # its kernels take the dtypes they are given
+        loss = liger_fused_linear_cross_entropy(flat.to(torch.bfloat16), head.weight.to(torch.bfloat16),
+                                                targets.reshape(-1).to(hidden.device), bias, reduction="sum",
+                                                softcap=cap, accum_dtype=torch.float32)
+    return loss.float()
 
 
 def summed_kl(model, hidden: torch.Tensor, teacher, teacher_hidden: torch.Tensor, chunk: int = DEFAULT_CHUNK,

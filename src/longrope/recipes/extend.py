@@ -58,7 +58,8 @@ def register(sub) -> None:
                    help=f"steps of a finetune:L stage without its own (default {FINETUNE.steps})")
     add_config_options(f, FINETUNE, ("lr", "schedule", "warmup", "min_lr_ratio", "batch_size", "grad_accum",
                                      "checkpoint_every", "short_share", "distill_weight", "doc_mask",
-                                     "retrieval_share", "answer_weight", "seen_margin", "compile_layers"))
+                                     "retrieval_share", "answer_weight", "seen_margin", "compile_layers",
+                                     "fused_loss"))
     p.add_argument("--keep-angles-seen", action="store_true", default=None,
                    help="every stage keeps the frequency pairs that never turned fully in pretraining at factors >= s "
                         "(no angle pretraining never showed within a stage's length): searches search them in "

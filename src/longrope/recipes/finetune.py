@@ -65,7 +65,7 @@ def register(sub) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--save-dtype", choices=train.SAVE_DTYPES,
                    help="dtype of the saved weights (default: bfloat16 on GPU, float32 on CPU)")
-    add_config_options(r, train.FinetuneConfig, ("loss_chunk", "gradient_checkpointing", "compile_layers",
+    add_config_options(r, train.FinetuneConfig, ("loss_chunk", "gradient_checkpointing", "compile_layers", "fused_loss",
                                                  "checkpoint_every", "log_every"))
     r.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     r.add_argument("--force", action="store_true", help="delete an existing --out and start over")

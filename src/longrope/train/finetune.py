@@ -102,12 +102,15 @@ class FinetuneConfig(loop.TrainConfig):
         "help": "compile each decoder layer with torch.compile, which fuses the small kernels around the matmuls and "
                 "attention (SmolLM2 at 64k on an H200: 0.86x the step time); compiling first takes a while and needs "
                 "a C/C++ compiler on the CPU, Triton on CUDA; one process only"})
+    fused_loss: bool = field(default=False, metadata={
+        "help": "the training loss through Liger's fused linear cross-entropy kernel (CUDA, pip install "
+                "liger-kernel): no logits recomputed in the backward; one process only"})
     loss_chunk: int = field(default=nll.DEFAULT_CHUNK, metadata={"help": "positions projected to logits at a time"})
     checkpoint_every: int = 100
     log_every: int = 1
     save_dtype: str = "float32"
 
-    RUN_FIELDS = loop.TrainConfig.RUN_FIELDS + ("gradient_checkpointing", "loss_chunk", "compile_layers")
+    RUN_FIELDS = loop.TrainConfig.RUN_FIELDS + ("gradient_checkpointing", "loss_chunk", "compile_layers", "fused_loss")
 
     def default_warmup(self) -> int:
         return min(20, self.steps // 10)
@@ -150,6 +153,12 @@ class FinetuneConfig(loop.TrainConfig):
         # context parallel attention gathers keys and values across ranks inside each layer: not compiled
         loop.need(not (self.compile_layers and distributed.world_size() > 1),
                   "--compile-layers: one process only, not under torchrun; drop it there")
+        if self.fused_loss:  # (FSDP shards the output projection that Liger's kernel reads whole)
+            loop.need(distributed.world_size() == 1, "--fused-loss: one process only, not under torchrun; drop it there")
+            why = nll.fused_nll_available()
+            loop.need(why is None, f"--fused-loss: {why}; or drop --fused-loss")
+            loop.need(str(self.device).startswith("cuda"),
+                      f"--fused-loss: needs --device cuda (Liger's kernels are Triton), got {self.device}")
         return self
 
 
@@ -262,7 +271,7 @@ def finetune(model, tokenizer, scaling, packed: np.ndarray | Sequence[np.ndarray
         raise UsageError("--doc-mask: the tokenizer has no BOS token to mark where documents start")
     if cfg.needle_every and not needles:
         raise UsageError("--needle-every: needs needle samples (--needle-data)")
-    ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk)
+    ranks = parallel.strategy(models.resolve_device(cfg.device), cfg.seq_len, cfg.loss_chunk, cfg.fused_loss)
     if ranks.world > 1:  # what else runs context parallel must split into its chunks too
         if cfg.short_share:
             parallel.check_splits(short_len, ranks.world, "--short-share: the original length")

@@ -51,7 +51,8 @@ _PREFIX = "model."  # ContextParallelLM holds the model as `.model`
 
 def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHUNK, *,
                     position_ids: torch.Tensor | None = None, teacher=None, distill_weight: float = 0.0,
-                    answers: torch.Tensor | None = None, answer_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+                    answers: torch.Tensor | None = None, answer_weight: float = 0.0,
+                    fused: bool = False) -> tuple[torch.Tensor, int]:
     """(summed next-token cross entropy, number of targets) of a [batch, seq] batch, without ever
     building (tokens × vocab) logits: the decoder's final hidden states are scored `chunk`
     positions at a time (`nll.summed_nll`; under autograd each chunk is recomputed in the backward
@@ -60,11 +61,16 @@ def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = nll.DEFAULT_CHU
     per packed document, transformers masks attention across documents. `answers` (batch, seq)
     bool marks answer tokens (retrieval sequences): the sum adds their NLL scaled so that, in the
     mean over all targets, it counts answer_weight × the answers' mean NLL (a few answer tokens
-    would otherwise vanish among 64k others). `local_lm_loss` is its context-parallel twin."""
+    would otherwise vanish among 64k others). `fused`: the sequence's NLL through Liger's fused
+    kernel (`nll.summed_nll_fused`; the few answer tokens and the KL stay chunked).
+    `local_lm_loss` is its context-parallel twin."""
     hidden = _final_hidden(model, input_ids, position_ids)[:, :-1]
     batch, length = input_ids.shape
     targets = batch * (length - 1)
-    loss = nll.summed_nll(model, hidden, input_ids[:, 1:], chunk, torch.float32)
+    if fused:
+        loss = nll.summed_nll_fused(model, hidden, input_ids[:, 1:])
+    else:
+        loss = nll.summed_nll(model, hidden, input_ids[:, 1:], chunk, torch.float32)
     if teacher is not None and distill_weight:
         with torch.no_grad():
             taught = _final_hidden(teacher, input_ids, position_ids)[:, :-1]
@@ -105,8 +111,8 @@ class Local:
     world, is_main, loss_scale = 1, True, 1.0  # loss_scale: what the backward multiplies the loss by
     keeps_attention = True  # checkpointing may keep attention outputs (`models.enable_checkpointing`)
 
-    def __init__(self, device: torch.device, loss_chunk: int):
-        self.device, self.loss_chunk = device, loss_chunk
+    def __init__(self, device: torch.device, loss_chunk: int, fused_loss: bool = False):
+        self.device, self.loss_chunk, self.fused_loss = device, loss_chunk, fused_loss
 
     def open_out(self, out: Path, resume: bool, force: bool, record: str) -> dict | None:
         return loop.prepare_out(out, resume, force, record)
@@ -120,7 +126,7 @@ class Local:
     def nll(self, model, batch: torch.Tensor, **objective) -> torch.Tensor:
         """`objective`: chunked_lm_loss's position_ids, teacher, distill_weight, answers and
         answer_weight."""
-        return chunked_lm_loss(model, batch, self.loss_chunk, **objective)[0]
+        return chunked_lm_loss(model, batch, self.loss_chunk, fused=self.fused_loss, **objective)[0]
 
     def prepare_teacher(self, teacher):
         return teacher
@@ -228,11 +234,12 @@ class ContextParallel:
         return model
 
 
-def strategy(device: torch.device, seq_len: int, loss_chunk: int) -> Local | ContextParallel:
-    """`ContextParallel` under torchrun (WORLD_SIZE > 1), else `Local` on `device`."""
+def strategy(device: torch.device, seq_len: int, loss_chunk: int, fused_loss: bool = False) -> Local | ContextParallel:
+    """`ContextParallel` under torchrun (WORLD_SIZE > 1), else `Local` on `device` (`fused_loss`:
+    Liger's fused loss, one process only: `FinetuneConfig.validate`)."""
     if distributed.world_size() > 1:
         return ContextParallel(distributed.init(device.type), seq_len, loss_chunk)
-    return Local(device, loss_chunk)
+    return Local(device, loss_chunk, fused_loss)
 
 
 # --------------------------------------------------------------------------------------------
