@@ -20,6 +20,7 @@
 # extension's next stage without its search; a preset or file: that scaling; none: skipped) beside passkey at
 # LONG with the model's own factors;
 # TRIALS (passkey keys per depth, 4) and SAMPLES (niah_single needles per depth, 4);
+# SEED (0): the fine-tune's --seed (the order of its sequences and its seeded draws), for a repeat with another one;
 # COMPILE=1 adds --compile-layers (each decoder layer compiled: a faster step, which 200 steps do not repay);
 # PHASE=train or PHASE=eval runs one half (default: both); BASELINES=0 evaluates the fine-tuned model alone
 # (for a second run beside a first that measured the base and the scaling).
@@ -42,7 +43,7 @@ if [[ ${PHASE:-all} != eval ]]; then
       --lr ${LR_PEAK:-5e-5} --schedule cosine --min-lr-ratio 0.1 \
       --short-share 0.25 --distill-weight 0.5 --doc-mask --retrieval-share ${RETRIEVAL:-0.3} \
       --needle-every 20 --needle-data "$DATA/needle_valid.jsonl.gz" --passkey-every 40 \
-      --steps "$STEPS" --checkpoint-every 20 $KEEP_FLAG \
+      --steps "$STEPS" --checkpoint-every 20 --seed ${SEED:-0} $KEEP_FLAG \
       ${COMPILE:+--compile-layers} --out "$FT" --resume --no-progress \
       2>&1 | tee -a "$OUT/finetune.log"
 fi
