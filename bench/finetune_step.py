@@ -197,11 +197,12 @@ def main() -> None:
     require_cuda("finetune_step")
     variants = {"ours": {}, "ours, whole layers": {"keep_attention": False},
                 "ours, attention kept": {"keep_attention": True}, "ours, compiled": {"compiled": True}}
-    fused = nll.fused_nll_available() is None  # Liger installed, on CUDA
+    why_not_fused = nll.fused_nll_available()  # None: Liger installed, on CUDA
+    fused = why_not_fused is None
     if fused:
         variants["ours, compiled, fused loss"] = {"compiled": True, "fused": True}
     else:
-        print(f"no 'ours, compiled, fused loss' row: --fused-loss {nll.fused_nll_available()}")
+        print(f"no 'ours, compiled, fused loss' row: --fused-loss {why_not_fused}")
     if args.sdpa_backends:
         variants["ours, cuDNN first"] = {"backends": args.sdpa_backends}
     rows = []

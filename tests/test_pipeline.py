@@ -99,7 +99,7 @@ def test_check_plan():
 
 
 def test_rescaled_seed_keeps_ones_and_maps_s_to_new_s():
-    out = S.rescale_factors([1.0, 2.0, 4.0], 4.0, 16.0)
+    out = sc.rescale_factors([1.0, 2.0, 4.0], 4.0, 16.0)
     assert out == pytest.approx((1.0, 4.0, 16.0))
 
 
@@ -159,7 +159,7 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones_on_resume(tiny_mo
     history = S.read_history(out / "stage-03-search-256")
     space = S.SearchSpace(16, 10000.0, ORIGINAL, 256)
     assert history[0]["factors"] == list(space.lambdas(space.snap(first)))  # evaluated first
-    carried = S.rescale_factors(first, 128 / ORIGINAL, 256 / ORIGINAL)
+    carried = sc.rescale_factors(first, 128 / ORIGINAL, 256 / ORIGINAL)
     assert history[1]["factors"] == list(space.lambdas(space.snap(carried)))  # then carried to the new scale
     assert len(history) == 3  # search:256:3
 

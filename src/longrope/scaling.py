@@ -16,9 +16,9 @@ import json
 import math
 import numbers
 import re
-from pathlib import Path
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch

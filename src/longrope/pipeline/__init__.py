@@ -7,7 +7,7 @@ A plan is a list of stages run in order, e.g. ``search:64k,finetune:64k,search:2
 - ``search:L`` searches LongRoPE factors for L tokens on the current model (the base model, or
   the last fine-tuned one). Its initial population holds PI, NTK and YaRN and, after the first
   stage, the previous stage's factors as they are and carried to the new scale
-  (`scaling.rescale_factors`), evaluated first. ``search:L:EVALS`` caps that stage's evaluations
+  (`scaling.carry`), evaluated first. ``search:L:EVALS`` caps that stage's evaluations
   (at 2M tokens each candidate is minutes of GPU time: ``search:2048k:2`` tries the previous
   factors as they are and carried to the new scale, and keeps the better).
 - ``carry:L`` carries the current factors to L without a search (`scaling.carry`: λ^(ln s'/ln s),

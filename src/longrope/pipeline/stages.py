@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -198,14 +197,9 @@ def run_carry_stage(ctx: Context, stage: Stage, folder: Path) -> StageOutcome:
     """The current factors carried to the stage's length (`scaling.carry`) with no search: what
     `search:L` evaluates first, taken as it is. SmolLM2 fine-tuned at 64k retrieves at 128k with
     its factors carried there (docs/BENCHMARKS.md), where a search by perplexity need not pick them."""
-    if not isinstance(ctx.scaling, sc.LongRoPEScaling):  # (check_plan puts a search or finetune first)
-        raise UsageError(f"{stage.label} needs a LongRoPE scaling from an earlier stage")
-    carried = sc.carry(ctx.scaling, stage.length)
-    info = ctx.info
-    seen = sc.seen_distance(carried, info.dim, info.base, info.original_length, stage.length)
+    carried = sc.carry(ctx.scaling, stage.length)  # (check_plan puts a search or finetune stage first)
     ctx.log(f"  {stage.label}: factors carried from scale {ctx.scaling.factor:g} to {carried.factor:g}")
-    return StageOutcome(carried, None, {"from_factor": ctx.scaling.factor, "factor": carried.factor,
-                                        "seen_distance": seen if math.isfinite(seen) else None})
+    return StageOutcome(carried, None, {"from_factor": ctx.scaling.factor, "factor": carried.factor})
 
 
 RUNNERS: dict[str, Callable[[Context, Stage, Path], StageOutcome]] = {

@@ -23,7 +23,7 @@ from .evaluators import (DIST_TIMEOUT_MINUTES, FITNESSES, NEEDLE_DEPTHS, Batched
                          term_evaluator, term_fitness)
 from .space import (ALGORITHMS, ATTENTION_TOP, GRID_STEP, N_HAT_CHOICES, SHORT_CAP, SPACES, CriticalDimSpace,
                     Genome, SearchSpace, ShortFactorSpace, crossover, init_seeds, load_longrope, mutate, n_hat_choices,
-                    rescale_factors, resumed_space, seeds_from, theoretical_critical_dim)
+                    resumed_space, seeds_from, theoretical_critical_dim)
 
 __all__ = [
     "ALGORITHMS", "ATTENTION_TOP", "DIST_TIMEOUT_MINUTES", "FITNESSES", "GRID_STEP", "HISTORY", "N_HAT_CHOICES",
@@ -34,6 +34,6 @@ __all__ = [
     "breed", "candidate_nlls", "check_out", "crossover", "fitness_windows", "init_distributed", "init_seeds",
     "initial_population", "load_longrope", "model_fitness", "mutate", "n_hat_choices", "planned_evals",
     "progress_hooks",
-    "rank_device", "read_history", "read_state", "rescale_factors", "resumed_space", "run", "run_distributed",
+    "rank_device", "read_history", "read_state", "resumed_space", "run", "run_distributed",
     "search_on_ranks", "seeds_from", "select", "serve", "theoretical_critical_dim",
 ]

@@ -19,8 +19,7 @@ import numpy as np
 
 from .. import scaling as sc
 from ..errors import UsageError
-from ..scaling import (LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, rescale_factors,
-                       yarn_factors)
+from ..scaling import LongRoPEScaling, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
 GRID_STEP = 0.01
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
@@ -426,7 +425,7 @@ ALGORITHMS = tuple(SPACES)
 def seeds_from(scaling: LongRoPEScaling, target_length: int,
                original_length: int | None = None) -> tuple[tuple[tuple[float, ...], int], ...]:
     """A searched scaling as seeds of a search at `target_length`: its factors as they are and
-    carried to the new scale (`rescale_factors`), each with its n̂: the paper's progressive
+    carried to the new scale (`scaling.carry`), each with its n̂: the paper's progressive
     extension, where the factors searched for a shorter length start the search for a longer one.
     With `original_length` (the model's context), an n̂ the search does not try is refused
     (UsageError)."""
@@ -434,8 +433,7 @@ def seeds_from(scaling: LongRoPEScaling, target_length: int,
         choices = n_hat_choices(original_length)
         if scaling.n_hat not in choices:
             raise UsageError(f"n_hat {scaling.n_hat} is not one the search uses ({', '.join(map(str, choices))})")
-    new_factor = target_length / scaling.original_max_position_embeddings
-    carried = rescale_factors(scaling.long_factor, scaling.factor, new_factor)
+    carried = sc.carry(scaling, target_length).long_factor
     return ((tuple(scaling.long_factor), scaling.n_hat), (carried, scaling.n_hat))
 
 
